@@ -1,0 +1,1 @@
+"""randygpt: small character-level GPT models in JAX."""

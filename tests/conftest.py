@@ -1,0 +1,61 @@
+"""Shared fixtures: small corpora, the jit/no-jit switch, and the CLI runner."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+needs_shakespeare = pytest.mark.skipif(
+    not SHAKESPEARE.exists(), reason=f"Tiny Shakespeare not found at {SHAKESPEARE}")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: long end-to-end cases (deselect with -m 'not slow')")
+
+
+def make_corpus(n_chars: int = 6000) -> str:
+  """A deterministic text with some structure to learn, including non-ASCII characters."""
+  lines = [f"{name}: the {thing} is {mood} today, {n} times over; né façon ünd ẞ."
+           for n, (name, thing, mood) in enumerate(
+               (("ANNA", "river", "quiet"), ("BORIS", "kettle", "loud"),
+                ("CLARA", "garden", "green"), ("DMITRI", "window", "open")) * 500)]
+  return "\n".join(lines)[:n_chars]
+
+
+@pytest.fixture
+def corpus_file(tmp_path) -> Path:
+  path = tmp_path / "corpus.txt"
+  path.write_text(make_corpus(), encoding="utf-8")
+  return path
+
+
+@pytest.fixture(params=[False, True], ids=["nojit", "jit"])
+def maybe_jit(request):
+  """Wraps a function with jax.jit or leaves it eager, so both paths are tested."""
+  def wrap(fn, **jit_kwargs):
+    return jax.jit(fn, **jit_kwargs) if request.param else fn
+  return wrap
+
+
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory):
+  env = dict(os.environ)
+  env["RANDYGPT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+  env.pop("JAX_PLATFORMS", None)
+  return env
+
+
+@pytest.fixture
+def run_cli(cli_env, tmp_path):
+  """Runs `python -m <module> args...` in tmp_path; returns the CompletedProcess."""
+  def run(*args, module="randygpt.main", timeout=600, env=None):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=tmp_path,
+                          env={**cli_env, "PYTHONPATH": str(REPO), **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+  return run

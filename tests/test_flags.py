@@ -1,0 +1,78 @@
+import dataclasses
+
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+
+from randygpt import flags as randygpt_flags
+
+FLAGS = flags.FLAGS
+
+
+def parse(*args):
+  FLAGS.unparse_flags()
+  FLAGS(["randygpt", *args])
+  return randygpt_flags.run_config()
+
+
+@pytest.fixture(autouse=True)
+def restore_flags():
+  with flagsaver.flagsaver():
+    yield
+  FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n_embd=100", "--n_head=8"], "divisible by --n_head"),
+    (["--n_layer=0"], "n_layer"),
+    (["--batch_size=-1"], "batch_size"),
+    (["--top_p=0"], "top_p must be in"),
+    (["--top_p=1.5"], "top_p must be in"),
+    (["--temperature=0"], "temperature must be > 0"),
+    (["--dropout=1.0"], "dropout must be below 1"),
+    (["--learning_rate=0"], "learning_rate must be > 0"),
+    (["--min_lr=1", "--learning_rate=0.1"], "min_lr must not exceed"),
+    (["--top_k=-3"], "top_k"),
+])
+def test_invalid_values_are_refused(args, message):
+  with pytest.raises(flags.IllegalFlagValueError, match=message):
+    parse(*args)
+
+
+def test_unknown_flag_is_refused():
+  with pytest.raises(flags.UnrecognizedFlagError):
+    parse("--n_embed=64")
+
+
+def test_every_flag_has_help():
+  for flag in FLAGS.get_flags_for_module(randygpt_flags.__name__):
+    assert flag.help and len(flag.help) > 10, flag.name
+
+
+def test_flags_cfg_repeats_the_run_without_its_location(tmp_path):
+  config = parse("--n_embd=64", "--n_head=4", "--prompt=A", "--prompt=B C",
+                 "--workdir=/somewhere", "--learning_rate=0.01")
+  assert "--workdir" not in config.flags_cfg
+  assert "--n_embd=64" in config.flags_cfg
+  flagfile = tmp_path / "flags.cfg"
+  flagfile.write_text(config.flags_cfg)
+  again = parse(f"--flagfile={flagfile}")
+  assert again.workdir == "runs/default"
+  assert dataclasses.replace(again, workdir="/somewhere") == config
+
+
+def test_command_line_overrides_flagfile(tmp_path):
+  flagfile = tmp_path / "preset.cfg"
+  flagfile.write_text("--n_embd=64\n--iters=5\n")
+  config = parse(f"--flagfile={flagfile}", "--iters=7")
+  assert (config.model.n_embd, config.train.iters) == (64, 7)
+
+
+def test_presets_parse_and_have_the_documented_shapes():
+  from conftest import REPO
+  shapes = {}
+  for name in ("tiny", "medium", "large", "shakespeare"):
+    config = parse(f"--flagfile={REPO / 'experiments' / (name + '.cfg')}")
+    shapes[name] = (config.model.n_embd, config.model.n_head, config.model.n_layer)
+  assert shapes == {"tiny": (64, 4, 2), "medium": (256, 8, 6), "large": (512, 16, 12),
+                    "shakespeare": (128, 8, 6)}

@@ -1,0 +1,94 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from randygpt import model
+from randygpt.config import ModelConfig
+
+CONFIG = ModelConfig(vocab_size=11, n_embd=32, n_head=4, n_layer=2, block_size=16, dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return model.init_params(jax.random.key(0), CONFIG)
+
+
+def tokens(batch=3, t=16, seed=1):
+  return jax.random.randint(jax.random.key(seed), (batch, t), 0, CONFIG.vocab_size)
+
+
+def test_default_shape_has_about_1_2m_params():
+  params = model.init_params(jax.random.key(0), ModelConfig(vocab_size=65))
+  assert model.count_params(params) == 1_204_480
+
+
+def test_init_std_scales_residual_projections(params):
+  block = params["blocks"][0]
+  assert np.std(np.asarray(block["attn"]["wqkv"])) == pytest.approx(0.02, rel=0.1)
+  assert np.std(np.asarray(block["mlp"]["w2"])) == pytest.approx(0.02 / 2, rel=0.1)
+
+
+def test_forward_shape(params):
+  assert model.forward(params, tokens(t=7), CONFIG).shape == (3, 7, CONFIG.vocab_size)
+
+
+def test_forward_jit_matches_eager(params, maybe_jit):
+  fwd = maybe_jit(model.forward, static_argnames=("config", "train"))
+  rng = jax.random.key(2)
+  for train in (False, True):
+    got = fwd(params, tokens(), CONFIG, train=train, rng=rng)
+    want = model.forward(params, tokens(), CONFIG, train=train, rng=rng)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_and_grad_jit_match_eager(params, maybe_jit):
+  batch = (tokens(), tokens(seed=3))
+  grad_fn = maybe_jit(jax.value_and_grad(model.loss_fn), static_argnames=("config",))
+  loss, grads = grad_fn(params, batch, CONFIG)
+  want_loss, want_grads = jax.value_and_grad(model.loss_fn)(params, batch, CONFIG)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+               grads, want_grads)
+
+
+def test_initial_loss_is_near_uniform(params):
+  loss = model.loss_fn(params, (tokens(), tokens(seed=3)), CONFIG)
+  assert abs(float(loss) - np.log(CONFIG.vocab_size)) < 0.1
+
+
+def test_causal_logits_do_not_depend_on_later_tokens(params):
+  t = 5
+  # Tokens are integers: differentiate with respect to the position embeddings instead.
+  x_1xT = tokens(batch=1)
+  def logits_from_embedding_noise(noise_TxD):
+    p = dict(params, wpe=params["wpe"] + noise_TxD)
+    return model.forward(p, x_1xT, CONFIG)[0, t]
+  jac_VxTxD = jax.jacobian(logits_from_embedding_noise)(jnp.zeros_like(params["wpe"]))
+  assert np.abs(np.asarray(jac_VxTxD[:, t + 1:])).max() == 0.0
+  assert np.abs(np.asarray(jac_VxTxD[:, :t + 1])).max() > 0.0
+  # And changing a later token leaves earlier logits untouched.
+  changed = x_1xT.at[0, t + 1:].set((x_1xT[0, t + 1:] + 1) % CONFIG.vocab_size)
+  np.testing.assert_array_equal(model.forward(params, x_1xT, CONFIG)[0, :t + 1],
+                                model.forward(params, changed, CONFIG)[0, :t + 1])
+
+
+def test_dropout_only_in_training(params):
+  x = tokens()
+  eval_a = model.forward(params, x, CONFIG, train=False, rng=jax.random.key(1))
+  eval_b = model.forward(params, x, CONFIG)
+  np.testing.assert_array_equal(eval_a, eval_b)
+  train_a = model.forward(params, x, CONFIG, train=True, rng=jax.random.key(1))
+  train_b = model.forward(params, x, CONFIG, train=True, rng=jax.random.key(2))
+  assert not np.allclose(train_a, train_b)
+
+
+def test_training_with_dropout_needs_rng(params):
+  with pytest.raises(ValueError, match="rng"):
+    model.forward(params, tokens(), CONFIG, train=True)
+
+
+def test_rmsnorm_has_unit_rms():
+  x = jax.random.normal(jax.random.key(0), (4, 32)) * 7.0
+  rms = jnp.sqrt(jnp.mean(model.rmsnorm(x) ** 2, axis=-1))
+  np.testing.assert_allclose(rms, 1.0, rtol=1e-4)

@@ -1,0 +1,96 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from randygpt import data, optim, train
+from randygpt.config import ModelConfig, TrainConfig
+from randygpt.errors import UserError
+
+from conftest import make_corpus
+
+CONFIG = ModelConfig(vocab_size=0, n_embd=32, n_head=4, n_layer=2, block_size=16, dropout=0.1)
+TRAIN = TrainConfig(batch_size=8, learning_rate=1e-2, warmup_iters=5, min_lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  text = make_corpus()
+  tok = data.CharTokenizer.from_text(text)
+  cfg = ModelConfig(**{**vars(CONFIG), "vocab_size": tok.vocab_size})
+  tokens = jnp.asarray(tok.encode(text))
+  optimizer = optim.make_optimizer(TRAIN, decay_iters=100)
+  return cfg, tokens, optimizer
+
+
+def fresh_state(setup):
+  cfg, _, optimizer = setup
+  return train.init_train_state(jax.random.key(0), cfg, optimizer)
+
+
+def test_train_step_jit_matches_eager(setup, maybe_jit):
+  cfg, tokens, optimizer = setup
+  step = functools.partial(train.train_step, model_config=cfg, optimizer=optimizer)
+  step_under_test = maybe_jit(step, donate_argnums=0)
+  state_a, state_b = fresh_state(setup), fresh_state(setup)
+  for i in range(3):
+    batch = data.get_batch(tokens, jax.random.key(i), TRAIN.batch_size, cfg.block_size)
+    state_a, metrics_a = step_under_test(state_a, batch, jax.random.key(100 + i))
+    state_b, metrics_b = step(state_b, batch, jax.random.key(100 + i))
+    np.testing.assert_allclose(metrics_a["loss"], metrics_b["loss"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               state_a, state_b)
+
+
+def test_train_step_advances_the_schedule_count(setup):
+  cfg, tokens, optimizer = setup
+  state = fresh_state(setup)
+  batch = data.get_batch(tokens, jax.random.key(0), TRAIN.batch_size, cfg.block_size)
+  for _ in range(2):
+    state, _ = train.train_step(state, batch, jax.random.key(1), model_config=cfg,
+                                optimizer=optimizer)
+  counts = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["opt"])
+            if "count" in jax.tree_util.keystr(path)]
+  assert counts and all(int(c) == 2 for c in counts)
+
+
+def test_training_lowers_the_loss(setup):
+  cfg, tokens, optimizer = setup
+  step = jax.jit(functools.partial(train.train_step, model_config=cfg, optimizer=optimizer))
+  evaluate = jax.jit(functools.partial(train.eval_loss, model_config=cfg, batch_size=8,
+                                       eval_iters=4))
+  state = fresh_state(setup)
+  before = float(evaluate(state["params"], tokens, jax.random.key(5)))
+  for i in range(60):
+    batch = data.get_batch(tokens, jax.random.key(i), TRAIN.batch_size, cfg.block_size)
+    state, _ = step(state, batch, jax.random.key(1000 + i))
+  after = float(evaluate(state["params"], tokens, jax.random.key(5)))
+  assert after < before - 1.0
+
+
+def test_eval_loss_jit_matches_eager(setup, maybe_jit):
+  cfg, tokens, _ = setup
+  params = fresh_state(setup)["params"]
+  evaluate = functools.partial(train.eval_loss, model_config=cfg, batch_size=4, eval_iters=3)
+  got = maybe_jit(evaluate)(params, tokens, jax.random.key(2))
+  np.testing.assert_allclose(got, evaluate(params, tokens, jax.random.key(2)), rtol=1e-5)
+
+
+TOKENIZER = data.CharTokenizer.from_text("hello world\nHELLO:")
+DEFAULT = ("ROMEO:",)
+
+
+def test_user_prompt_outside_vocabulary_is_an_error():
+  with pytest.raises(UserError, match="'Z'"):
+    train.check_prompts(("hello", "Zed"), TOKENIZER, DEFAULT, "hello")
+
+
+def test_default_prompt_outside_vocabulary_falls_back_to_newline(capsys):
+  assert train.check_prompts(DEFAULT, TOKENIZER, DEFAULT, "hello") == ("\n",)
+  assert "default prompt" in capsys.readouterr().out
+
+
+def test_prompts_that_fit_are_kept():
+  assert train.check_prompts(("HELLO:", "world"), TOKENIZER, DEFAULT, "x") == ("HELLO:", "world")
