@@ -11,6 +11,8 @@ from absl import logging
 
 from randygpt import flags as randygpt_flags
 
+flags.adopt_module_key_flags(randygpt_flags)  # --help lists randygpt's flags, not absl's.
+
 
 def cache_dir() -> Path:
   """Caches that outlive runs: $RANDYGPT_CACHE, else $XDG_CACHE_HOME/randygpt or ~/.cache/randygpt."""
