@@ -1,11 +1,17 @@
-"""Frozen configuration dataclasses: hashable, so jit can treat them as static."""
+"""Frozen configuration dataclasses: hashable, so jit can treat them as static.
+
+Field names are the flag names, so a run's configuration is also a flat {flag: value}
+dict (`to_flags` / `from_flags`): what flags.cfg holds and what a checkpoint stores.
+"""
 
 import dataclasses
+
+from randygpt.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  vocab_size: int = 0  # Set from the data's vocabulary.
+  vocab_size: int = 0  # Set from the data's vocabulary, not a flag.
   n_embd: int = 128
   n_head: int = 8
   n_layer: int = 6
@@ -32,12 +38,13 @@ class TrainConfig:
   eval_interval: int = 100
   eval_iters: int = 20
   log_interval: int = 10
+  checkpoint_interval: int = 100
   seed: int = 1337
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-  prompts: tuple[str, ...] = ("ROMEO:",)
+  prompt: tuple[str, ...] = ("ROMEO:",)
   max_new_tokens: int = 200
   temperature: float = 0.8
   top_p: float = 0.9
@@ -45,13 +52,74 @@ class SampleConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
-  """Everything one run needs; built from flags by `flags.run_config()`."""
-  model: ModelConfig
-  train: TrainConfig
-  sample: SampleConfig
+class DataConfig:
   data: str = "train.txt"
   data_url: str = ""
   data_encoding: str = "utf-8"
+
+
+@dataclasses.dataclass(frozen=True)
+class LocationConfig:
+  """Where a run lives and how it starts: not part of what the run is."""
   workdir: str = "runs/default"
-  flags_cfg: str = ""  # The project's flags as a flag file, written to <workdir>/flags.cfg.
+  resume: bool = False
+  resume_from: str = ""
+  overwrite: bool = False
+
+
+# What a resumed run takes from its checkpoint whatever the flags say.
+FIXED_ON_RESUME = ("n_embd", "n_head", "n_layer", "block_size", "seed")
+
+_SECTIONS = {"model": ModelConfig, "train": TrainConfig, "sample": SampleConfig,
+             "data": DataConfig, "location": LocationConfig}
+NOT_FLAGS = frozenset({"vocab_size"})
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  model: ModelConfig = ModelConfig()
+  train: TrainConfig = TrainConfig()
+  sample: SampleConfig = SampleConfig()
+  data: DataConfig = DataConfig()
+  location: LocationConfig = LocationConfig()
+  explicit: frozenset[str] = frozenset()  # Flags the user set, on the command line or in a file.
+
+  def to_flags(self, include_location: bool = False) -> dict:
+    """The run's flag values by name (the location flags only when asked)."""
+    values = {}
+    for name in _SECTIONS:
+      if name != "location" or include_location:
+        values |= dataclasses.asdict(getattr(self, name))
+    return {k: v for k, v in values.items() if k not in NOT_FLAGS}
+
+  @classmethod
+  def from_flags(cls, values: dict, explicit=frozenset()) -> "RunConfig":
+    """Unknown names are ignored, missing ones take the defaults."""
+    sections = {}
+    for name, section in _SECTIONS.items():
+      names = {f.name for f in dataclasses.fields(section)} - NOT_FLAGS
+      sections[name] = section(**{k: v for k, v in values.items() if k in names})
+    return cls(**sections, explicit=frozenset(explicit))
+
+  def flagfile(self) -> str:
+    """The run's flags in flag-file form: `--flagfile` of it repeats the run elsewhere."""
+    lines = []
+    for name, value in self.to_flags().items():
+      for item in (value if isinstance(value, (tuple, list)) else (value,)):
+        lines.append(f"--{name}={item}")
+    return "\n".join(lines) + "\n"
+
+  def resumed(self, saved: dict, checkpoint: str) -> "RunConfig":
+    """The checkpoint's flags, overridden by those the user set now. The model shape
+    and seed cannot be overridden: explicit flags that contradict them are refused."""
+    current = self.to_flags(include_location=True)
+    clashes = [f"{name}={saved[name]} (flag: {current[name]})" for name in FIXED_ON_RESUME
+               if name in self.explicit and saved.get(name) != current[name]]
+    if clashes:
+      raise UserError(f"Checkpoint {checkpoint} has {', '.join(clashes)}. A resumed run keeps "
+                      "the checkpoint's shape and seed: drop those flags, or start a new run "
+                      "in another --workdir.")
+    merged = {**saved, **{k: v for k, v in current.items()
+                          if k in self.explicit or k in LocationConfig.__dataclass_fields__}}
+    merged["prompt"] = tuple(merged["prompt"])
+    return RunConfig.from_flags(merged, self.explicit)

@@ -1,7 +1,9 @@
-"""What a run reports: the log line, metrics.jsonl and summary.json."""
+"""What a run reports: the log line, metrics.jsonl, summary.json, and throughput."""
 
 import json
 import math
+import sys
+import time
 from pathlib import Path
 
 
@@ -16,6 +18,12 @@ def format_duration(seconds: float) -> str:
 
 def format_rate(tokens_per_sec: float) -> str:
   return f"{tokens_per_sec / 1e3:.1f}k" if tokens_per_sec >= 1e3 else f"{tokens_per_sec:.0f}"
+
+
+def phase(message: str) -> None:
+  """A short line saying what the program is doing (tests wait for these). On a terminal
+  it is overwritten by the next line."""
+  print(message, end="\r" if sys.stdout.isatty() else "\n", flush=True)
 
 
 def log_line(record: dict, best: tuple[float, int] | None, eta_s: float | None) -> str:
@@ -35,11 +43,36 @@ def log_line(record: dict, best: tuple[float, int] | None, eta_s: float | None) 
   return " | ".join(parts)
 
 
-class MetricsFile:
-  """`metrics.jsonl`: one JSON object per logged iteration, flushed as it is written."""
+class Throughput:
+  """Training speed between marks; time spent outside training steps is excluded by
+  marking again after it."""
 
-  def __init__(self, path: Path):
-    self._file = open(path, "w", encoding="utf-8")
+  def __init__(self, tokens_per_step: int, step: int):
+    self.tokens_per_step = tokens_per_step
+    self.mark(step)
+
+  def mark(self, step: int) -> None:
+    self._time, self._step = time.perf_counter(), step
+
+  def since_mark(self, step: int) -> dict:
+    if step <= self._step:
+      return {}
+    seconds_per_step = (time.perf_counter() - self._time) / (step - self._step)
+    return {"ms_per_iter": 1e3 * seconds_per_step,
+            "tokens_per_sec": self.tokens_per_step / seconds_per_step}
+
+
+class MetricsFile:
+  """`metrics.jsonl`: one JSON object per logged iteration, flushed as it is written.
+
+  Opening it for a run that resumes at `start_iter` drops the records after that
+  iteration, so the file reads as one continuous run.
+  """
+
+  def __init__(self, path: Path, start_iter: int):
+    kept = [json.dumps(r) + "\n" for r in read_records(path) if r["iter"] <= start_iter]
+    write_text(path, "".join(kept))
+    self._file = open(path, "a", encoding="utf-8")
 
   def write(self, record: dict) -> None:
     self._file.write(json.dumps(record) + "\n")
@@ -49,8 +82,24 @@ class MetricsFile:
     self._file.close()
 
 
-def write_json(path: Path, obj: dict) -> None:
+def read_records(path: Path) -> list[dict]:
+  """The records of a metrics.jsonl; a line cut short by a killed run is skipped."""
+  records = []
+  if path.exists():
+    for line in path.read_text(encoding="utf-8").splitlines():
+      try:
+        records.append(json.loads(line))
+      except ValueError:
+        continue
+  return records
+
+
+def write_text(path: Path, text: str) -> None:
   """Write atomically, so a reader never sees half a file."""
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+  tmp.write_text(text, encoding="utf-8")
   tmp.replace(path)
+
+
+def write_json(path: Path, obj: dict) -> None:
+  write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

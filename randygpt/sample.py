@@ -1,58 +1,53 @@
-"""Sampling: temperature, top-k and top-p filtering, and jitted autoregressive generation."""
+"""Sample from a trained run without retraining:
+`python -m randygpt.sample --workdir=runs/x [--checkpoint=best|latest|PATH] --prompt=...`.
 
-import functools
+The model shape, vocabulary and seed come from the checkpoint alone; the training text is
+not needed. With the run's seed (the default), the samples match the run's samples.txt.
+"""
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+import dataclasses
+from pathlib import Path
 
-from randygpt import model
-from randygpt.config import ModelConfig, SampleConfig
+from absl import app
+from absl import flags
 
+from randygpt import cli
+from randygpt import flags as randygpt_flags
 
-def filter_logits(logits_BxV: jax.Array, temperature: float, top_k: int = 0,
-                  top_p: float = 1.0) -> jax.Array:
-  """Scaled logits with every token outside the top-k / top-p (nucleus) set at -inf."""
-  logits_BxV = logits_BxV / temperature
-  if 0 < top_k < logits_BxV.shape[-1]:
-    kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][..., -1:]
-    logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
-  if top_p < 1.0:
-    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[..., ::-1]
-    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-    # Keep a token while the probability mass before it is below top_p: the smallest
-    # set whose mass reaches top_p, and never empty.
-    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    kept_BxV = jnp.where(mass_before_BxV < top_p, sorted_BxV, jnp.inf)
-    threshold_Bx1 = jnp.min(kept_BxV, axis=-1, keepdims=True)
-    logits_BxV = jnp.where(logits_BxV < threshold_Bx1, -jnp.inf, logits_BxV)
-  return logits_BxV
+flags.DEFINE_string("checkpoint", "", "best, latest, or a checkpoint path (a step directory "
+                    "or a workdir); default: the best checkpoint, else the latest.")
+for _name in ("workdir", "prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed"):
+  flags.declare_key_flag(_name, flag_values=flags.FLAGS)
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "sample_config"))
-def generate(params, prompt_P: jax.Array, key: jax.Array, model_config: ModelConfig,
-             sample_config: SampleConfig) -> jax.Array:
-  """`max_new_tokens` tokens following `prompt_P`, the context cropped to the last block_size."""
-  n_prompt, n_new, block = prompt_P.shape[0], sample_config.max_new_tokens, model_config.block_size
-  buffer_L = jnp.zeros(max(n_prompt + n_new, block), jnp.int32).at[:n_prompt].set(prompt_P)
+def sample_from_checkpoint(spec: str, config) -> None:
+  import jax
 
-  def step(i, buffer_L):
-    pos = n_prompt + i  # Tokens known so far; the next one goes here.
-    start = jnp.maximum(pos - block, 0)
-    # Causal attention: positions after `pos` in the window cannot affect its logits.
-    window_1xT = jax.lax.dynamic_slice(buffer_L, (start,), (block,))[None]
-    logits_V = model.forward(params, window_1xT, model_config)[0, pos - 1 - start]
-    logits_1xV = filter_logits(logits_V[None], sample_config.temperature, sample_config.top_k,
-                               sample_config.top_p)
-    token = jax.random.categorical(jax.random.fold_in(key, i), logits_1xV)[0]
-    return buffer_L.at[pos].set(token)
+  from randygpt import checkpoint, data, generate, optim, train
+  from randygpt.config import RunConfig
 
-  buffer_L = jax.lax.fori_loop(0, n_new, step, buffer_L)
-  return buffer_L[n_prompt:n_prompt + n_new]
+  workdir = Path(config.location.workdir)
+  if not spec:
+    existing = checkpoint.Checkpoints(workdir).existing()
+    spec = "best" if "best" in existing else "latest"
+  path = checkpoint.resolve(spec, workdir)
+  meta = checkpoint.read_meta(path)
+  saved = RunConfig.from_flags(meta["config"])
+  tokenizer = data.CharTokenizer(tuple(meta["vocab"]))
+  prompts = train.check_prompts(config.sample.prompt, tokenizer)
+  model_config = dataclasses.replace(saved.model, vocab_size=tokenizer.vocab_size)
+  optimizer = optim.make_optimizer(saved.train, saved.train.lr_decay_iters)
+  state = train.restore_or_init(jax.random.key(0), model_config, optimizer, path)
+  seed = config.train.seed if "seed" in config.explicit else saved.train.seed
+  print(f"checkpoint: {path} (iteration {meta['iter']}; best val loss so far "
+        f"{meta['best_val_loss']})")
+  generate.write_samples(state["params"], tokenizer, prompts, seed, model_config,
+                         config.sample)
 
 
-def complete(params, tokenizer, prompt: str, key: jax.Array, model_config: ModelConfig,
-             sample_config: SampleConfig) -> str:
-  """The prompt's continuation as text."""
-  prompt_P = jnp.asarray(tokenizer.encode(prompt))
-  return tokenizer.decode(np.asarray(generate(params, prompt_P, key, model_config, sample_config)))
+def sample():
+  sample_from_checkpoint(flags.FLAGS.checkpoint, randygpt_flags.run_config())
+
+
+if __name__ == "__main__":
+  app.run(cli.entry_point(sample))

@@ -1,12 +1,14 @@
-"""The training loop: state, the jitted train and eval steps, logging, samples.
+"""The training loop: state, the jitted train and eval steps, checkpoints, samples.
 
 The train state is a plain dict `{"params", "opt"}`; the optimizer state carries the
-learning-rate schedule's step count. Data windows and dropout masks are pure
-functions of (seed, iteration), so a run is reproducible step by step.
+learning-rate schedule's step count. Data windows and dropout masks are pure functions
+of (seed, iteration), so a resumed run continues exactly as if it had never stopped.
 """
 
 import contextlib
+import dataclasses
 import functools
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -16,16 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from randygpt import data, metrics, model, optim, sample
+from randygpt import checkpoint, data, generate, metrics, model, optim
 from randygpt.config import ModelConfig, RunConfig
 from randygpt.errors import UserError
 
 # Independent random streams, each derived from the seed with `jax.random.fold_in`.
-INIT_STREAM, DATA_STREAM, DROPOUT_STREAM, EVAL_STREAM, SAMPLE_STREAM = range(5)
-
-
-class Diverged(Exception):
-  pass
+INIT_STREAM, DATA_STREAM, DROPOUT_STREAM, EVAL_STREAM = range(4)
 
 
 def init_train_state(key: jax.Array, model_config: ModelConfig,
@@ -54,17 +52,16 @@ def eval_loss(params, tokens: jax.Array, key: jax.Array, *, model_config: ModelC
   return jax.lax.map(batch_loss, jax.random.split(key, eval_iters)).mean()
 
 
-class _StopRequest:
+class StopRequest:
   """Turns SIGINT/SIGTERM into a request that the loop honours after the current step."""
 
   def __init__(self):
     self.signum = None
 
   def __call__(self, signum, frame):
-    if self.signum is not None:
-      return  # A second Ctrl-C while stopping changes nothing.
-    self.signum = signum
-    print(f"\n{signal.Signals(signum).name} received: stopping after this step.", flush=True)
+    if self.signum is None:  # A second Ctrl-C while stopping changes nothing.
+      self.signum = signum
+      print(f"\n{signal.Signals(signum).name} received: stopping after this step.", flush=True)
 
   @contextlib.contextmanager
   def installed(self):
@@ -76,161 +73,212 @@ class _StopRequest:
         signal.signal(s, handler)
 
 
-def check_prompts(prompts, tokenizer: data.CharTokenizer, default_prompts, text: str):
+def restore_or_init(key: jax.Array, model_config: ModelConfig,
+                    optimizer: optax.GradientTransformation, source: Path | None) -> dict:
+  """A fresh train state, or the one saved at `source`."""
+  init = functools.partial(init_train_state, model_config=model_config, optimizer=optimizer)
+  if source is None:
+    return init(key)
+  return checkpoint.restore_state(
+      source, checkpoint.abstract_like(jax.eval_shape(init, key), jax.devices()[0]))
+
+
+def check_prompts(prompts, tokenizer: data.CharTokenizer, default_prompts=("ROMEO:",)):
   """Prompts the vocabulary can encode: a user's prompt that cannot is an error; a
-  default that cannot falls back to a newline (or the data's first character)."""
+  default that cannot falls back to a newline (or the vocabulary's first character)."""
+  start = "\n" if "\n" in tokenizer.chars else tokenizer.chars[0]
   checked = []
   for prompt in prompts:
     missing = tokenizer.missing(prompt)
     if missing and tuple(prompts) == tuple(default_prompts):
-      start = "\n" if "\n" in tokenizer.chars else text[0]
       print(f"Note: the default prompt {prompt!r} has characters outside this data's "
             f"vocabulary; samples start from {start!r} instead.")
       prompt = start
     elif missing:
       raise UserError(f"--prompt={prompt!r} has characters that are not in the training "
                       f"text's vocabulary: {' '.join(repr(c) for c in missing)}.")
-    checked.append(prompt or ("\n" if "\n" in tokenizer.chars else text[0]))
+    checked.append(prompt or start)
   return tuple(checked)
 
 
-def run(config: RunConfig, default_prompts=("ROMEO:",)) -> dict:
-  """Train as `config` says, write the workdir, print samples; returns the summary."""
-  text, source = data.load_text(config.data, url=config.data_url,
-                                encoding=config.data_encoding)
-  tokenizer = data.CharTokenizer.from_text(text)
-  prompts = check_prompts(config.sample.prompts, tokenizer, default_prompts, text)
-  train_np, val_np = data.split(tokenizer.encode(text), config.model.block_size)
-  model_config = ModelConfig(**{**vars(config.model), "vocab_size": tokenizer.vocab_size})
-  tc = config.train
+def _check_vocab(saved_chars, tokenizer: data.CharTokenizer, path: Path, data_path: str):
+  if tuple(saved_chars) == tokenizer.chars:
+    return
+  if len(saved_chars) != tokenizer.vocab_size:
+    detail = f"Checkpoint vocab_size {len(saved_chars)} != data vocab_size {tokenizer.vocab_size}"
+  else:
+    detail = "Checkpoint vocabulary differs from the data's (same size, other characters)"
+  raise UserError(f"{detail}: {path} was trained on other text than --data={data_path}. "
+                  "Resume with the text it was trained on, or start a new run in another "
+                  "--workdir.")
 
-  workdir = Path(config.workdir)
+
+def run(config: RunConfig) -> dict:
+  """Train as `config` says, write the workdir, print samples; returns the summary."""
+  loc = config.location
+  workdir = Path(loc.workdir)
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"--workdir={workdir} is a file, not a directory.")
-  workdir.mkdir(parents=True, exist_ok=True)
-  tokenizer.save(workdir / "vocab.json")
-  (workdir / "flags.cfg").write_text(config.flags_cfg, encoding="utf-8")
+  source, discard = checkpoint.plan_start(workdir, loc.resume, loc.resume_from, loc.overwrite)
+  meta = checkpoint.read_meta(source) if source else None
+  if meta:
+    config = config.resumed(meta["config"], str(source))
+  start_iter = meta["iter"] if meta else 0
+  if start_iter >= config.train.iters:
+    print(f"Already at iteration {start_iter} (target {config.train.iters}). Nothing to "
+          f"train. Pass a higher --iters to train further.")
+    return {"status": "nothing to train"}
+
+  text, data_source = data.load_text(config.data.data, url=config.data.data_url,
+                                     encoding=config.data.data_encoding)
+  tokenizer = data.CharTokenizer.from_text(text)
+  if meta:
+    _check_vocab(meta["vocab"], tokenizer, source, config.data.data)
+  prompts = check_prompts(config.sample.prompt, tokenizer)
+  train_np, val_np = data.split(tokenizer.encode(text), config.model.block_size)
+  model_config = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
+  if not config.train.lr_decay_iters:  # The horizon is fixed at the first start.
+    config = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, lr_decay_iters=config.train.iters))
+  tc = config.train
 
   root = jax.random.key(tc.seed)
   stream = functools.partial(jax.random.fold_in, root)
-  decay_iters = tc.lr_decay_iters or tc.iters
-  optimizer = optim.make_optimizer(tc, decay_iters)
-  schedule = optim.lr_schedule(tc, decay_iters)
-  state = init_train_state(stream(INIT_STREAM), model_config, optimizer)
-  n_params = model.count_params(state["params"])
+  optimizer = optim.make_optimizer(tc, tc.lr_decay_iters)
+  schedule = optim.lr_schedule(tc, tc.lr_decay_iters)
+  state = restore_or_init(stream(INIT_STREAM), model_config, optimizer, source)
+  best = (meta["best_val_loss"], meta["best_iter"]) if meta and meta["best_iter"] is not None else None
+
+  for path in discard:
+    shutil.rmtree(path)
+  workdir.mkdir(parents=True, exist_ok=True)
+  tokenizer.save(workdir / "vocab.json")
+  metrics.write_text(workdir / "flags.cfg", config.flagfile())
+  checkpoints = checkpoint.Checkpoints(workdir)
   train_tokens, val_tokens = jnp.asarray(train_np), jnp.asarray(val_np)
   tokens_per_step = tc.batch_size * model_config.block_size
+  n_params = model.count_params(state["params"])
 
-  print(f"data: {source} | {len(text):,} characters | vocab {tokenizer.vocab_size} | "
+  print(f"data: {data_source} | {len(text):,} characters | vocab {tokenizer.vocab_size} | "
         f"train {len(train_np):,} / val {len(val_np):,} tokens")
   print(f"model: {model_config.n_layer} layers, {model_config.n_head} heads, "
         f"n_embd {model_config.n_embd}, block {model_config.block_size}, dropout "
         f"{model_config.dropout} | {n_params:,} parameters")
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform} | batch "
         f"{tc.batch_size} x {model_config.block_size} = {tokens_per_step:,} tokens/step | "
-        f"workdir: {workdir}", flush=True)
+        f"workdir: {workdir}")
+  if source:
+    print(f"Resumed from {source} at iteration {start_iter} (target {tc.iters}, learning "
+          f"rate horizon {tc.lr_decay_iters}).")
 
   get_batch = jax.jit(data.get_batch, static_argnums=(2, 3))
   step_fn = jax.jit(functools.partial(train_step, model_config=model_config,
                                       optimizer=optimizer), donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_loss, model_config=model_config,
                                        batch_size=tc.batch_size, eval_iters=tc.eval_iters))
+  eval_key = stream(EVAL_STREAM)  # The same eval windows every time: comparable estimates.
 
   def batch_for(step):
     return get_batch(train_tokens, jax.random.fold_in(stream(DATA_STREAM), step),
                      tc.batch_size, model_config.block_size)
 
-  print("Compiling train step...", end=" ", flush=True)
-  t0 = time.perf_counter()
-  step_fn = step_fn.lower(state, batch_for(1), stream(DROPOUT_STREAM)).compile()
-  print(f"done in {time.perf_counter() - t0:.1f}s", flush=True)
+  def meta_for(step):
+    best_val, best_iter = best or (None, None)
+    return {"format": checkpoint.FORMAT, "iter": step, "best_val_loss": best_val,
+            "best_iter": best_iter, "vocab": list(tokenizer.chars),
+            "config": config.to_flags()}
 
-  metrics_file = metrics.MetricsFile(workdir / "metrics.jsonl")
-  eval_key = stream(EVAL_STREAM)  # The same eval windows every time: comparable estimates.
-  best, last_record, status = None, None, "failed"
+  metrics_file = metrics.MetricsFile(workdir / "metrics.jsonl", start_iter)
+  stopper = StopRequest()
+  status, last_record, saved_step, save_ms = "failed", None, None, []
   run_start = time.perf_counter()
-  mark_time, mark_step = time.perf_counter(), 0
   eval_seconds = 0.0
-  stopper = _StopRequest()
+  with stopper.installed():
+    try:
+      print("Compiling train step...", end=" ", flush=True)
+      t0 = time.perf_counter()
+      step_fn = step_fn.lower(state, batch_for(start_iter + 1), stream(DROPOUT_STREAM)).compile()
+      print(f"done in {time.perf_counter() - t0:.1f}s", flush=True)
+      throughput = metrics.Throughput(tokens_per_step, start_iter)
 
-  def record(step, step_metrics, with_eval):
-    nonlocal best, mark_time, mark_step, eval_seconds, last_record
-    now = time.perf_counter()
-    loss = float(step_metrics["loss"])
-    if not np.isfinite(loss):
-      raise Diverged(f"Training diverged at iteration {step} (loss {loss}). "
-                     "Try a lower --learning_rate or --grad_clip.")
-    rec = {"iter": step, "train_loss": loss, "lr": float(schedule(step - 1)),
-           "grad_norm": float(step_metrics["grad_norm"])}
-    if step > mark_step:
-      seconds_per_step = (now - mark_time) / (step - mark_step)
-      rec["ms_per_iter"] = 1e3 * seconds_per_step
-      rec["tokens_per_sec"] = tokens_per_step / seconds_per_step
-    if with_eval:
-      t_eval = time.perf_counter()
-      rec["eval_train_loss"] = float(evaluate(state["params"], train_tokens,
-                                              jax.random.fold_in(eval_key, 0)))
-      rec["val_loss"] = float(evaluate(state["params"], val_tokens,
-                                       jax.random.fold_in(eval_key, 1)))
-      eval_seconds = time.perf_counter() - t_eval
-      if best is None or rec["val_loss"] < best[0]:
-        best = (rec["val_loss"], step)
-    rec["wall_s"] = time.perf_counter() - run_start
-    eta = None
-    if "ms_per_iter" in rec:
-      remaining = tc.iters - step
-      evals_left = remaining // tc.eval_interval + (tc.iters % tc.eval_interval != 0)
-      eta = remaining * rec["ms_per_iter"] / 1e3 + evals_left * eval_seconds
-    metrics_file.write(rec)
-    print(metrics.log_line(rec, best, eta), flush=True)
-    last_record = rec
-    mark_time, mark_step = time.perf_counter(), step
+      def record(step, step_metrics, with_eval):
+        nonlocal best, eval_seconds, last_record
+        loss = float(step_metrics["loss"])
+        if not np.isfinite(loss):
+          raise UserError(f"Training diverged at iteration {step} (loss {loss}). "
+                          "Try a lower --learning_rate or --grad_clip.")
+        rec = {"iter": step, "train_loss": loss, "lr": float(schedule(step - 1)),
+               "grad_norm": float(step_metrics["grad_norm"]), **throughput.since_mark(step)}
+        if with_eval:
+          metrics.phase(f"Evaluating at iteration {step}...")
+          t_eval = time.perf_counter()
+          rec["eval_train_loss"] = float(evaluate(state["params"], train_tokens,
+                                                  jax.random.fold_in(eval_key, 0)))
+          rec["val_loss"] = float(evaluate(state["params"], val_tokens,
+                                           jax.random.fold_in(eval_key, 1)))
+          eval_seconds = time.perf_counter() - t_eval
+          if best is None or rec["val_loss"] < best[0]:
+            best = (rec["val_loss"], step)
+            checkpoints.save("best", step, state, meta_for(step))
+        rec["wall_s"] = time.perf_counter() - run_start
+        eta = None
+        if "ms_per_iter" in rec:
+          left = tc.iters - step
+          evals_left = -(-left // tc.eval_interval)
+          eta = left * rec["ms_per_iter"] / 1e3 + evals_left * eval_seconds
+        metrics_file.write(rec)
+        print(metrics.log_line(rec, best, eta), flush=True)
+        last_record = rec
+        throughput.mark(step)
 
-  pending = None  # Metrics of the last dispatched step, read one step behind.
-  try:
-    with stopper.installed():
-      for step in range(1, tc.iters + 1):
+      pending = None  # Metrics of the last dispatched step, read one step behind.
+      for step in range(start_iter + 1, tc.iters + 1):
         state, step_metrics = step_fn(state, batch_for(step),
                                       jax.random.fold_in(stream(DROPOUT_STREAM), step))
-        if pending and (pending[0] % tc.log_interval == 0):
+        if pending and pending[0] % tc.log_interval == 0:
           record(*pending, with_eval=False)
         pending = (step, step_metrics)
-        if step % tc.eval_interval == 0 or step == tc.iters or stopper.signum:
-          record(step, step_metrics, with_eval=not stopper.signum)
+        stopping = stopper.signum is not None
+        if step % tc.eval_interval == 0 or step == tc.iters or stopping:
+          record(step, step_metrics, with_eval=not stopping)
           pending = None
-        if stopper.signum:
+        if step % tc.checkpoint_interval == 0 or step == tc.iters or stopping:
+          if stopping:
+            print(f"Interrupted at iteration {step}. Saving checkpoint...", flush=True)
+          save_ms.append(1e3 * checkpoints.save("latest", step, state, meta_for(step)))
+          saved_step = step
+          throughput.mark(step)
+        if stopping:
           break
       status = "interrupted" if stopper.signum else "completed"
-  except Diverged as e:
-    status = "diverged"
-    raise UserError(str(e)) from None
-  finally:
-    metrics_file.close()
-    summary = {
-        "status": status,
-        "iters": last_record["iter"] if last_record else 0,
-        "final_train_loss": last_record["train_loss"] if last_record else None,
-        "final_val_loss": last_record.get("val_loss") if last_record else None,
-        "best_val_loss": best[0] if best else None,
-        "best_iter": best[1] if best else None,
-        "tokens_per_sec": last_record.get("tokens_per_sec") if last_record else None,
-        "wall_s": time.perf_counter() - run_start,
-        "n_params": n_params,
-    }
-    metrics.write_json(workdir / "summary.json", summary)
+    except UserError as e:
+      status = "diverged" if "diverged" in str(e) else "failed"
+      raise
+    finally:
+      checkpoints.wait()
+      checkpoints.close()
+      metrics_file.close()
+      summary = {
+          "status": status,
+          "iters": last_record["iter"] if last_record else start_iter,
+          "final_train_loss": last_record["train_loss"] if last_record else None,
+          "final_val_loss": last_record.get("val_loss") if last_record else None,
+          "best_val_loss": best[0] if best else None,
+          "best_iter": best[1] if best else None,
+          "best_checkpoint": str(checkpoints.path("best") or "") or None,
+          "latest_checkpoint": str(checkpoints.path("latest") or "") or None,
+          "tokens_per_sec": last_record.get("tokens_per_sec") if last_record else None,
+          "wall_s": time.perf_counter() - run_start,
+          "n_params": n_params,
+          "checkpoint_blocked_ms_max": max(save_ms, default=None),
+      }
+      metrics.write_json(workdir / "summary.json", summary)
 
-  if stopper.signum:
-    return summary | {"signal": stopper.signum}
-  write_samples(state["params"], tokenizer, prompts, stream(SAMPLE_STREAM), model_config,
-                config, workdir)
-  return summary
-
-
-def write_samples(params, tokenizer, prompts, key, model_config, config, workdir):
-  print("Generating samples...", flush=True)
-  with open(workdir / "samples.txt", "w", encoding="utf-8") as out:
-    for i, prompt in enumerate(prompts):
-      text = prompt + sample.complete(params, tokenizer, prompt, jax.random.fold_in(key, i),
-                                      model_config, config.sample)
-      print(f"\n{text}\n", flush=True)
-      out.write(text + "\n\n")
+    if saved_step is not None:
+      print(f"Saved latest checkpoint: {summary['latest_checkpoint']}")
+      print(f"Best checkpoint: {summary['best_checkpoint']} (val {best[0]:.4f})" if best else
+            "No best checkpoint yet: no evaluation has run.", flush=True)
+    if not stopper.signum:
+      generate.write_samples(state["params"], tokenizer, prompts, tc.seed, model_config,
+                             config.sample, workdir / "samples.txt", stopper)
+  return summary | ({"signal": stopper.signum} if stopper.signum else {})

@@ -1,5 +1,3 @@
-import dataclasses
-
 import pytest
 from absl import flags
 from absl.testing import flagsaver
@@ -52,13 +50,26 @@ def test_every_flag_has_help():
 def test_flags_cfg_repeats_the_run_without_its_location(tmp_path):
   config = parse("--n_embd=64", "--n_head=4", "--prompt=A", "--prompt=B C",
                  "--workdir=/somewhere", "--learning_rate=0.01")
-  assert "--workdir" not in config.flags_cfg
-  assert "--n_embd=64" in config.flags_cfg
+  text = config.flagfile()
+  assert "--workdir" not in text and "--resume" not in text
+  assert "--n_embd=64" in text and "--prompt=B C" in text
   flagfile = tmp_path / "flags.cfg"
-  flagfile.write_text(config.flags_cfg)
+  flagfile.write_text(text)
   again = parse(f"--flagfile={flagfile}")
-  assert again.workdir == "runs/default"
-  assert dataclasses.replace(again, workdir="/somewhere") == config
+  assert again.location.workdir == "runs/default"
+  assert again.to_flags() == config.to_flags()
+
+
+def test_every_project_flag_is_a_config_field():
+  config = parse()
+  names = {f.name for f in FLAGS.get_flags_for_module(randygpt_flags.__name__)}
+  assert names == set(config.to_flags(include_location=True))
+
+
+def test_explicit_flags_are_remembered(tmp_path):
+  flagfile = tmp_path / "x.cfg"
+  flagfile.write_text("--n_embd=64\n")
+  assert parse(f"--flagfile={flagfile}", "--iters=3").explicit == {"n_embd", "iters"}
 
 
 def test_command_line_overrides_flagfile(tmp_path):

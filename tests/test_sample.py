@@ -1,99 +1,48 @@
-import jax
-import jax.numpy as jnp
-import numpy as np
+"""`python -m randygpt.sample`: samples from a checkpoint alone."""
+
 import pytest
 
-from randygpt import model, sample
-from randygpt.config import ModelConfig, SampleConfig
+from conftest import make_corpus
 
-CONFIG = ModelConfig(vocab_size=13, n_embd=16, n_head=2, n_layer=2, block_size=8)
-
-
-@pytest.fixture(scope="module")
-def params():
-  return model.init_params(jax.random.key(0), CONFIG)
+TINY = ["--n_embd=32", "--n_head=4", "--n_layer=2", "--block_size=16", "--batch_size=4",
+        "--eval_iters=2", "--eval_interval=10", "--seed=5"]
 
 
-def random_logits(seed=0, batch=64, vocab=50):
-  return jax.random.normal(jax.random.key(seed), (batch, vocab)) * 3.0
+@pytest.fixture
+def trained(run_cli, tmp_path):
+  (tmp_path / "c.txt").write_text(make_corpus(), encoding="utf-8")
+  result = run_cli("--data=c.txt", *TINY, "--iters=20", "--prompt=ANNA:", "--prompt=né",
+                   "--max_new_tokens=30", "--workdir=w")
+  assert result.returncode == 0, result.stderr
+  (tmp_path / "c.txt").unlink()  # Sampling must not need the training text.
+  return tmp_path / "w"
 
 
-def kept(logits):
-  return np.isfinite(np.asarray(logits))
+def test_reproduces_the_runs_samples_without_the_data(run_cli, trained):
+  result = run_cli("--workdir=w", "--checkpoint=latest", "--prompt=ANNA:", "--prompt=né",
+                   "--max_new_tokens=30", module="randygpt.sample")
+  assert result.returncode == 0, result.stderr
+  assert "checkpoint: w/checkpoints/latest/20 (iteration 20" in result.stdout
+  for sample in (trained / "samples.txt").read_text(encoding="utf-8").split("\n\n")[:2]:
+    assert sample in result.stdout
 
 
-def test_top_k_keeps_exactly_the_k_largest(maybe_jit):
-  logits = random_logits()
-  filtered = maybe_jit(sample.filter_logits, static_argnums=(1, 2, 3))(logits, 1.0, 5, 1.0)
-  assert (kept(filtered).sum(axis=-1) == 5).all()
-  top5 = np.argsort(-np.asarray(logits), axis=-1)[:, :5]
-  assert np.take_along_axis(kept(filtered), top5, axis=-1).all()
+def test_sampling_flags_and_default_checkpoint(run_cli, trained):
+  result = run_cli("--workdir=w", "--prompt=BORIS", "--max_new_tokens=50", "--top_k=1",
+                   "--seed=9", module="randygpt.sample")
+  assert result.returncode == 0, result.stderr
+  assert "checkpoint: w/checkpoints/best/" in result.stdout
+  printed = result.stdout.split("Generating samples...\n\n")[1]
+  assert printed.startswith("BORIS") and len(printed) == len("BORIS") + 50 + len("\n\n")
 
 
-def test_top_p_keeps_the_smallest_set_reaching_p(maybe_jit):
-  logits = random_logits(1)
-  top_p = 0.7
-  filtered = maybe_jit(sample.filter_logits, static_argnums=(1, 2, 3))(logits, 1.0, 0, top_p)
-  probs = np.asarray(jax.nn.softmax(logits))
-  for p_row, keep_row in zip(probs, kept(filtered)):
-    order = np.argsort(-p_row)
-    n_keep = keep_row.sum()
-    assert keep_row[order[:n_keep]].all()  # The kept set is a prefix of the sorted tokens...
-    assert p_row[order[:n_keep]].sum() >= top_p - 1e-6  # ...that reaches top_p...
-    assert p_row[order[:n_keep - 1]].sum() < top_p  # ...and is the smallest such prefix.
-
-
-def test_top_p_never_drops_the_most_likely_token():
-  logits = jnp.array([[10.0, 0.0, 0.0]])
-  filtered = sample.filter_logits(logits, 1.0, 0, 0.01)
-  np.testing.assert_array_equal(kept(filtered), [[True, False, False]])
-
-
-def test_sampling_never_draws_an_excluded_token():
-  logits = random_logits(2, batch=4)
-  filtered = sample.filter_logits(logits, 0.8, 10, 0.5)
-  draws = jax.random.categorical(jax.random.key(3), filtered[:, None, :], shape=(4, 2000))
-  allowed = kept(filtered)
-  for row in range(4):
-    assert allowed[row, np.asarray(draws[row])].all()
-
-
-def test_temperature_scales_logits():
-  logits = random_logits(4)
-  np.testing.assert_allclose(sample.filter_logits(logits, 0.5), logits * 2.0, rtol=1e-6)
-
-
-def test_generate_goes_past_the_context_window(params):
-  cfg = SampleConfig(max_new_tokens=3 * CONFIG.block_size, temperature=1.0, top_p=1.0)
-  out = sample.generate(params, jnp.array([1, 2, 3]), jax.random.key(0), CONFIG, cfg)
-  assert out.shape == (3 * CONFIG.block_size,)
-  assert int(out.min()) >= 0 and int(out.max()) < CONFIG.vocab_size
-
-
-def test_generate_is_deterministic_for_a_key(params):
-  cfg = SampleConfig(max_new_tokens=20, temperature=1.0, top_p=1.0)
-  prompt = jnp.array([4, 5])
-  a = sample.generate(params, prompt, jax.random.key(7), CONFIG, cfg)
-  b = sample.generate(params, prompt, jax.random.key(7), CONFIG, cfg)
-  c = sample.generate(params, prompt, jax.random.key(8), CONFIG, cfg)
-  np.testing.assert_array_equal(a, b)
-  assert not np.array_equal(a, c)
-
-
-def test_greedy_generation_matches_argmax_of_a_cropped_forward(params):
-  cfg = SampleConfig(max_new_tokens=20, temperature=1.0, top_k=1)
-  prompt = [3, 1, 4, 1, 5]
-  out = sample.generate(params, jnp.array(prompt), jax.random.key(0), CONFIG, cfg)
-  seq = list(prompt)
-  for _ in range(cfg.max_new_tokens):
-    context = jnp.array(seq[-CONFIG.block_size:])[None]
-    seq.append(int(jnp.argmax(model.forward(params, context, CONFIG)[0, -1])))
-  assert np.asarray(out).tolist() == seq[len(prompt):]
-
-
-def test_generate_with_a_prompt_longer_than_the_window(params):
-  cfg = SampleConfig(max_new_tokens=5, temperature=1.0, top_k=1)
-  prompt = list(range(CONFIG.vocab_size)) * 2  # 26 tokens > block_size 8.
-  out = sample.generate(params, jnp.array(prompt), jax.random.key(0), CONFIG, cfg)
-  context = jnp.array(prompt[-CONFIG.block_size:])[None]
-  assert int(out[0]) == int(jnp.argmax(model.forward(params, context, CONFIG)[0, -1]))
+@pytest.mark.parametrize("args, message", [
+    (["--workdir=w", "--prompt=QX"], "not in the training text's vocabulary: 'Q' 'X'"),
+    (["--workdir=nowhere"], "nowhere has no latest checkpoint"),
+    (["--workdir=w", "--checkpoint=w/nothing"], "Checkpoint w/nothing does not exist"),
+    (["--workdir=w", "--temperature=0"], "--temperature must be > 0"),
+])
+def test_mistakes_get_a_short_error(run_cli, trained, args, message):
+  result = run_cli(*args, module="randygpt.sample")
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert message in result.stderr, result.stderr

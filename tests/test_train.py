@@ -82,15 +82,19 @@ TOKENIZER = data.CharTokenizer.from_text("hello world\nHELLO:")
 DEFAULT = ("ROMEO:",)
 
 
+def test_default_prompt_without_newline_in_vocabulary_starts_from_first_character():
+  assert train.check_prompts(DEFAULT, data.CharTokenizer.from_text("abc")) == ("a",)
+
+
 def test_user_prompt_outside_vocabulary_is_an_error():
   with pytest.raises(UserError, match="'Z'"):
-    train.check_prompts(("hello", "Zed"), TOKENIZER, DEFAULT, "hello")
+    train.check_prompts(("hello", "Zed"), TOKENIZER)
 
 
 def test_default_prompt_outside_vocabulary_falls_back_to_newline(capsys):
-  assert train.check_prompts(DEFAULT, TOKENIZER, DEFAULT, "hello") == ("\n",)
+  assert train.check_prompts(DEFAULT, TOKENIZER) == ("\n",)
   assert "default prompt" in capsys.readouterr().out
 
 
 def test_prompts_that_fit_are_kept():
-  assert train.check_prompts(("HELLO:", "world"), TOKENIZER, DEFAULT, "x") == ("HELLO:", "world")
+  assert train.check_prompts(("HELLO:", "world"), TOKENIZER) == ("HELLO:", "world")

@@ -1,0 +1,157 @@
+"""Checkpoints: two Orbax managers per workdir, `checkpoints/latest/<iter>` and
+`checkpoints/best/<iter>`, each keeping one step.
+
+A checkpoint holds the train state `{params, opt}` (the optax state includes the Adam
+moments and the schedule's step count) and JSON metadata: the iteration, the best val
+loss so far, the vocabulary and the run's flags, seed and learning-rate horizon
+included. The data windows and dropout masks are pure functions of (seed, iteration),
+so these are the whole random state. Orbax writes to a temporary directory and renames
+it when complete, so a killed save never leaves something that looks like a checkpoint.
+"""
+
+import contextlib
+import io
+import time
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from randygpt.errors import UserError
+
+KINDS = ("latest", "best")
+FORMAT = "randygpt-checkpoint-1"
+
+
+def _manager(directory: Path) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(directory.absolute(), options=options,
+                               item_names=("state", "meta"))
+
+
+def _restore(path: Path, **items):
+  """Restores the named items of the checkpoint at `path`; any failure means it is broken."""
+  try:
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
+        path.absolute(), args=ocp.args.Composite(**items))
+  except Exception as e:  # Orbax and tensorstore raise many kinds; all mean the same here.
+    # The aborted reads finish in the background and report to the event loop Orbax has
+    # closed, printing tracebacks: give them a moment, out of the user's sight.
+    with contextlib.redirect_stderr(io.StringIO()):
+      time.sleep(0.5)
+    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    others = [p for p in Checkpoints(path.parent.parent.parent).existing().values()
+              if p != path]
+    hint = f" The checkpoint {others[0]} may be used instead: --resume_from={others[0]}" if others else ""
+    raise UserError(f"Checkpoint {path} is corrupt or incomplete ({reason}).{hint}") from None
+
+
+def _steps(directory: Path) -> list[int]:
+  """Finished checkpoint steps in one manager directory (temporary ones excluded)."""
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+class Checkpoints:
+  """The latest and best checkpoints of one workdir."""
+
+  def __init__(self, workdir: Path):
+    self.root = Path(workdir) / "checkpoints"
+    self._managers = {}  # Made on first save: looking never creates directories.
+
+  def path(self, kind: str) -> Path | None:
+    steps = _steps(self.root / kind)
+    return self.root / kind / str(steps[-1]) if steps else None
+
+  def existing(self) -> dict[str, Path]:
+    return {kind: path for kind in KINDS if (path := self.path(kind))}
+
+  def save(self, kind: str, step: int, state, meta: dict) -> float:
+    """Starts an async save; returns the seconds it blocked the caller."""
+    start = time.perf_counter()
+    if kind not in self._managers:
+      self._managers[kind] = _manager(self.root / kind)
+    self._managers[kind].save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    return time.perf_counter() - start
+
+  def wait(self) -> None:
+    for manager in self._managers.values():
+      manager.wait_until_finished()
+
+  def close(self) -> None:
+    for manager in self._managers.values():
+      manager.close()
+    self._managers.clear()
+
+
+def resolve(spec: str, workdir: Path) -> Path:
+  """The step directory `spec` names: `latest` / `best` (in `workdir`), a step directory,
+  a latest/ or best/ directory, a checkpoints/ directory, or a workdir."""
+  if spec in KINDS:
+    path = Checkpoints(workdir).path(spec)
+    if path is None:
+      raise UserError(f"{workdir} has no {spec} checkpoint.")
+    return path
+  path = Path(spec).expanduser()
+  if not path.exists():
+    raise UserError(f"Checkpoint {path} does not exist.")
+  for candidate in (path, path / "latest", path / "checkpoints" / "latest"):
+    if candidate.name.isdigit() and (candidate / "meta").is_dir():
+      return candidate
+    if (steps := _steps(candidate)):
+      return candidate / str(steps[-1])
+  raise UserError(f"{path} is not a randygpt checkpoint (expected a step directory such as "
+                  "runs/NAME/checkpoints/latest/1000, or a workdir that holds one).")
+
+
+def read_meta(path: Path) -> dict:
+  meta = _restore(path, meta=ocp.args.JsonRestore())["meta"]
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise UserError(f"{path} is not a randygpt checkpoint (its metadata has no {FORMAT!r}).")
+  return meta
+
+
+def restore_state(path: Path, abstract_state):
+  """The train state at `path`, shaped and placed like `abstract_state` (ShapeDtypeStructs)."""
+  return _restore(path, state=ocp.args.StandardRestore(abstract_state))["state"]
+
+
+def abstract_like(state_shapes, device: jax.Device):
+  """ShapeDtypeStructs placed on `device`, the restore target Orbax asks for."""
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      state_shapes)
+
+
+def plan_start(workdir: Path, resume: bool, resume_from: str, overwrite: bool):
+  """Which checkpoint a run starts from (None: fresh) and which existing ones it discards.
+
+  Refuses, rather than silently destroying checkpoints: a fresh start in a workdir that
+  has them, or resuming from an older one while newer ones exist, needs --overwrite.
+  """
+  checkpoints = Checkpoints(workdir)
+  existing = checkpoints.existing()
+  source = None
+  if resume_from:
+    source = resolve(resume_from, workdir)
+  elif resume:
+    source = existing.get("latest") or existing.get("best")
+    if source is None:
+      print(f"No checkpoint in {workdir}: starting fresh.", flush=True)
+  inside = source is not None and checkpoints.root.resolve() in source.resolve().parents
+  if inside:
+    newer = [p for p in existing.values() if int(p.name) > int(source.name)]
+    if newer and not overwrite:
+      raise UserError(
+          f"Resuming {workdir} from iteration {source.name} would discard its newer "
+          f"checkpoint {newer[0]}. Pass --overwrite to discard it, or continue in a new "
+          f"--workdir (a fork keeps both).")
+    return source, newer
+  if existing and not overwrite:
+    latest = existing.get("latest") or existing.get("best")
+    raise UserError(
+        f"{workdir} already holds checkpoints (latest: iteration {latest.name}). Use --resume "
+        "to continue from it, --overwrite to start over (deleting them), or another --workdir.")
+  return source, list(existing.values())

@@ -1,0 +1,53 @@
+"""What every randygpt command does around its work: quiet logs, the compilation cache,
+short errors instead of tracebacks, and ending by the signal that stopped it."""
+
+import logging as pylogging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from absl import flags
+from absl import logging
+
+
+def cache_dir() -> Path:
+  """Caches that outlive runs: $RANDYGPT_CACHE, else $XDG_CACHE_HOME/randygpt or ~/.cache/randygpt."""
+  if os.environ.get("RANDYGPT_CACHE"):
+    return Path(os.environ["RANDYGPT_CACHE"])
+  return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "randygpt"
+
+
+def _quiet_shutdown() -> None:
+  """After a reported error, work abandoned in background threads (e.g. the reads of a
+  corrupt checkpoint) must not print tracebacks while the process ends."""
+  sys.unraisablehook = lambda unraisable: None
+  threading.excepthook = lambda args: None
+  pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL)
+
+
+def entry_point(work):
+  """An absl `main` that runs `work()`; `work` may return {"signal": signum} to end by it."""
+  def main(argv):
+    if len(argv) > 1:
+      sys.exit(f"Error: Unexpected arguments: {' '.join(argv[1:])} "
+               "(flags are written --name=value).")
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)  # JAX's INFO lines about absent backends are noise.
+    import jax  # After flag parsing: --help and flag errors stay fast.
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
+    from randygpt.errors import UserError
+
+    try:
+      result = work() or {}
+    except UserError as e:
+      _quiet_shutdown()
+      sys.exit(f"Error: {e}")
+    except KeyboardInterrupt:
+      sys.exit(128 + signal.SIGINT)
+    if "signal" in result:
+      # End by the signal itself, so that a shell loop running a sweep stops too.
+      signal.signal(result["signal"], signal.SIG_DFL)
+      os.kill(os.getpid(), result["signal"])
+  return main

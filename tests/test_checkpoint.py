@@ -1,0 +1,292 @@
+"""Checkpoints: the module in-process, then resume and interruption through the real CLI."""
+
+import functools
+import json
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from randygpt import checkpoint, data, optim, train
+from randygpt.config import ModelConfig, TrainConfig
+from randygpt.errors import UserError
+
+from conftest import REPO, make_corpus
+
+CONFIG = ModelConfig(vocab_size=20, n_embd=16, n_head=2, n_layer=1, block_size=8)
+TRAIN = TrainConfig(batch_size=4)
+OPTIMIZER = optim.make_optimizer(TRAIN, 100)
+META = {"format": checkpoint.FORMAT, "iter": 3, "vocab": ["é", "\n", "a"], "config": {}}
+
+
+def new_state():
+  return train.init_train_state(jax.random.key(0), CONFIG, OPTIMIZER)
+
+
+def restore(path):
+  return train.restore_or_init(jax.random.key(0), CONFIG, OPTIMIZER, path)
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def save(workdir, kind, step, state, meta=META):
+  checkpoints = checkpoint.Checkpoints(workdir)
+  checkpoints.save(kind, step, state, {**meta, "iter": step})
+  checkpoints.wait()
+  checkpoints.close()
+  return workdir / "checkpoints" / kind / str(step)
+
+
+def test_round_trip_is_exact(tmp_path):
+  state = new_state()
+  path = save(tmp_path, "latest", 3, state)
+  assert_trees_equal(restore(path), state)
+  assert checkpoint.read_meta(path) == META
+
+
+def test_keeps_one_checkpoint_of_each_kind(tmp_path):
+  for step in (1, 2, 3):
+    save(tmp_path, "latest", step, new_state())
+  save(tmp_path, "best", 2, new_state())
+  assert {k: p.name for k, p in checkpoint.Checkpoints(tmp_path).existing().items()} == {
+      "latest": "3", "best": "2"}
+
+
+def test_async_save_is_not_disturbed_by_training_on(tmp_path):
+  """The loop donates the state to the next step while Orbax still writes it."""
+  tokens = jax.numpy.asarray(np.arange(200) % CONFIG.vocab_size, dtype=np.int32)
+  step = jax.jit(functools.partial(train.train_step, model_config=CONFIG, optimizer=OPTIMIZER),
+                 donate_argnums=0)
+  state = new_state()
+  batch = data.get_batch(tokens, jax.random.key(1), 4, CONFIG.block_size)
+  state, _ = step(state, batch, jax.random.key(2))
+  expected = jax.tree.map(np.array, state)
+  checkpoints = checkpoint.Checkpoints(tmp_path)
+  checkpoints.save("latest", 1, state, META)
+  for i in range(5):
+    state, _ = step(state, batch, jax.random.key(3 + i))
+  checkpoints.wait()
+  checkpoints.close()
+  assert_trees_equal(restore(tmp_path / "checkpoints" / "latest" / "1"), expected)
+
+
+def test_unfinished_saves_are_not_checkpoints(tmp_path):
+  (tmp_path / "checkpoints" / "latest" / "7.orbax-checkpoint-tmp-123").mkdir(parents=True)
+  assert checkpoint.Checkpoints(tmp_path).existing() == {}
+
+
+def test_resolve_accepts_every_way_of_naming_a_checkpoint(tmp_path):
+  latest = save(tmp_path, "latest", 5, new_state())
+  best = save(tmp_path, "best", 4, new_state())
+  assert checkpoint.resolve("latest", tmp_path) == latest
+  assert checkpoint.resolve("best", tmp_path) == best
+  for spec in (latest, tmp_path, tmp_path / "checkpoints", latest.parent):
+    assert checkpoint.resolve(str(spec), tmp_path) == latest
+  assert checkpoint.resolve(str(best.parent), tmp_path) == best
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("missing/dir", "does not exist"),
+    (".", "is not a randygpt checkpoint"),
+    ("best", "has no best checkpoint"),
+])
+def test_resolve_refuses_what_is_not_a_checkpoint(tmp_path, monkeypatch, spec, message):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(UserError, match=message):
+    checkpoint.resolve(spec, tmp_path)
+
+
+def truncate_data_files(path):
+  for f in (path / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(f.read_bytes()[:50])
+
+
+# Orbax's aborted reads report to a closed event loop when collected; that is expected here.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_corrupt_checkpoint_is_refused_naming_the_other_one(tmp_path):
+  latest = save(tmp_path, "latest", 5, new_state())
+  best = save(tmp_path, "best", 4, new_state())
+  truncate_data_files(latest)
+  with pytest.raises(UserError, match=f"corrupt or incomplete.*--resume_from={best}"):
+    restore(latest)
+  assert_trees_equal(restore(best), new_state())
+
+
+def test_metadata_of_another_program_is_refused(tmp_path):
+  path = save(tmp_path, "latest", 1, new_state(), meta={"something": "else"})
+  with pytest.raises(UserError, match="not a randygpt checkpoint"):
+    checkpoint.read_meta(path)
+
+
+def test_plan_start(tmp_path, capsys):
+  assert checkpoint.plan_start(tmp_path, resume=True, resume_from="", overwrite=False) == (
+      None, [])
+  assert "starting fresh" in capsys.readouterr().out
+  latest = save(tmp_path, "latest", 9, new_state())
+  best = save(tmp_path, "best", 5, new_state())
+  with pytest.raises(UserError, match="already holds checkpoints.*--resume"):
+    checkpoint.plan_start(tmp_path, resume=False, resume_from="", overwrite=False)
+  assert checkpoint.plan_start(tmp_path, False, "", overwrite=True) == (None, [latest, best])
+  assert checkpoint.plan_start(tmp_path, True, "", False) == (latest, [])
+  with pytest.raises(UserError, match="would discard its newer checkpoint"):
+    checkpoint.plan_start(tmp_path, False, "best", overwrite=False)
+  assert checkpoint.plan_start(tmp_path, False, "best", overwrite=True) == (best, [latest])
+  fork = tmp_path / "fork"
+  assert checkpoint.plan_start(fork, False, str(best), overwrite=False) == (best, [])
+
+
+# Through the CLI.
+
+TINY = ["--n_embd=32", "--n_head=4", "--n_layer=2", "--block_size=16", "--batch_size=4",
+        "--max_new_tokens=20", "--eval_iters=2", "--log_interval=5", "--eval_interval=10",
+        "--checkpoint_interval=10"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+  (tmp_path / "c.txt").write_text(make_corpus(), encoding="utf-8")
+  return "--data=c.txt"
+
+
+def losses(workdir):
+  return [{k: r.get(k) for k in ("iter", "train_loss", "val_loss", "eval_train_loss", "lr")}
+          for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())]
+
+
+def restored_params(workdir, kind="latest"):
+  path = checkpoint.Checkpoints(workdir).path(kind)
+  meta = checkpoint.read_meta(path)
+  config = ModelConfig(**{k: meta["config"][k] for k in ("n_embd", "n_head", "n_layer",
+                                                          "block_size")},
+                       vocab_size=len(meta["vocab"]))
+  tc = TrainConfig(**{k: meta["config"][k] for k in ("learning_rate", "min_lr")})
+  optimizer = optim.make_optimizer(tc, meta["config"]["lr_decay_iters"])
+  return train.restore_or_init(jax.random.key(0), config, optimizer, path)
+
+
+def test_resume_is_bit_exact(run_cli, corpus, tmp_path):
+  """README recipe: 40 in one go == 20, stop, then --resume to 40."""
+  one = run_cli(corpus, *TINY, "--iters=40", "--lr_decay_iters=40", "--workdir=one")
+  assert one.returncode == 0, one.stderr
+  first = run_cli(corpus, *TINY, "--iters=20", "--lr_decay_iters=40", "--workdir=two")
+  assert first.returncode == 0, first.stderr
+  second = run_cli("--iters=40", "--resume", "--workdir=two")
+  assert second.returncode == 0, second.stderr
+  assert "Resumed from two/checkpoints/latest/20 at iteration 20" in second.stdout
+  assert losses(tmp_path / "two") == losses(tmp_path / "one")
+  assert_trees_equal(restored_params(tmp_path / "two"), restored_params(tmp_path / "one"))
+  assert ((tmp_path / "two" / "samples.txt").read_text()
+          == (tmp_path / "one" / "samples.txt").read_text())
+  again = run_cli("--iters=40", "--resume", "--workdir=two")
+  assert again.returncode == 0 and "Already at iteration 40 (target 40). Nothing to train." in (
+      again.stdout)
+
+
+def start(tmp_path, cli_env, *args):
+  return subprocess.Popen([sys.executable, "-m", "randygpt.main", *args], cwd=tmp_path,
+                          env={**cli_env, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc, prefix):
+  for line in proc.stdout:
+    if line.startswith(prefix):
+      return line
+  raise AssertionError(f"no line starting with {prefix!r}; stderr: {proc.stderr.read()}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_resumable_checkpoint(run_cli, cli_env, corpus, tmp_path, signum):
+  proc = start(tmp_path, cli_env, corpus, *TINY, "--iters=100000", "--log_interval=1",
+               "--eval_interval=5", "--workdir=w")
+  wait_for(proc, "iter    6")  # After an evaluation, so there is a best checkpoint too.
+  proc.send_signal(signum)
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == -signum, stderr  # Ended by the signal: a shell sees 128+signum.
+  assert "Traceback" not in stderr
+  assert "Interrupted at iteration" in stdout and "Saved latest checkpoint: w/checkpoints/latest/" in stdout
+  assert "Best checkpoint: w/checkpoints/best/" in stdout
+  summary = json.loads((tmp_path / "w" / "summary.json").read_text())
+  assert summary["status"] == "interrupted"
+  stopped_at = summary["iters"]
+  assert checkpoint.Checkpoints(tmp_path / "w").path("latest").name == str(stopped_at)
+  resumed = run_cli(f"--iters={stopped_at + 3}", "--resume", "--workdir=w")
+  assert resumed.returncode == 0, resumed.stderr
+  assert json.loads((tmp_path / "w" / "summary.json").read_text())["status"] == "completed"
+  assert [r["iter"] for r in losses(tmp_path / "w")][-1] == stopped_at + 3
+
+
+def test_interrupt_before_any_evaluation_has_no_best(cli_env, corpus, tmp_path):
+  proc = start(tmp_path, cli_env, corpus, *TINY, "--iters=100000", "--log_interval=1",
+               "--eval_interval=100000", "--workdir=w")
+  wait_for(proc, "iter")
+  proc.send_signal(signal.SIGINT)
+  stdout, _ = proc.communicate(timeout=120)
+  assert "No best checkpoint yet: no evaluation has run." in stdout
+  assert proc.returncode == -signal.SIGINT
+
+
+@pytest.fixture
+def trained(run_cli, corpus, tmp_path):
+  result = run_cli(corpus, *TINY, "--iters=20", "--workdir=w")
+  assert result.returncode == 0, result.stderr
+  return tmp_path / "w"
+
+
+def tree_bytes(path):
+  return {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--iters=30"], "w already holds checkpoints (latest: iteration 20). Use --resume"),
+    (["--iters=30", "--resume", "--data=other.txt"], "Checkpoint vocab_size"),
+    (["--iters=30", "--resume", "--n_layer=3"], "has n_layer=2 (flag: 3)"),
+    (["--iters=30", "--resume_from=w/checkpoints/latest/99"], "does not exist"),
+    (["--iters=30", "--resume_from=c.txt"], "is not a randygpt checkpoint"),
+])
+def test_refusals_leave_the_checkpoints_untouched(run_cli, trained, tmp_path, args, message):
+  (tmp_path / "other.txt").write_text("a different text " * 100)
+  before = tree_bytes(trained / "checkpoints")
+  result = run_cli(*args, "--workdir=w")
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert message in result.stderr, result.stderr
+  assert tree_bytes(trained / "checkpoints") == before
+
+
+def test_corrupt_latest_is_refused_and_best_still_resumes(run_cli, trained, tmp_path):
+  latest = checkpoint.Checkpoints(trained).path("latest")
+  best = checkpoint.Checkpoints(trained).path("best")
+  truncate_data_files(latest)
+  result = run_cli("--iters=30", "--resume", "--workdir=w")
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert f"Checkpoint {latest.relative_to(tmp_path)} is corrupt or incomplete" in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
+  result = run_cli("--iters=30", f"--resume_from={best}", "--workdir=w", "--overwrite")
+  assert result.returncode == 0, result.stderr
+
+
+def test_overwrite_starts_over(run_cli, corpus, trained):
+  result = run_cli(corpus, *TINY, "--iters=10", "--workdir=w", "--overwrite")
+  assert result.returncode == 0, result.stderr
+  assert checkpoint.Checkpoints(trained).path("latest").name == "10"
+  assert [r["iter"] for r in losses(trained)] == [5, 10]
+
+
+def test_resume_without_checkpoint_starts_fresh(run_cli, corpus, tmp_path):
+  result = run_cli(corpus, *TINY, "--iters=5", "--resume", "--workdir=new")
+  assert result.returncode == 0, result.stderr
+  assert "No checkpoint in new: starting fresh." in result.stdout
+
+
+def test_fork_from_best_into_a_new_workdir(run_cli, trained, tmp_path):
+  result = run_cli("--iters=25", "--resume_from=w/checkpoints/best", "--workdir=fork")
+  assert result.returncode == 0, result.stderr
+  assert checkpoint.Checkpoints(tmp_path / "fork").path("latest").name == "25"
+  assert [r["iter"] for r in losses(tmp_path / "fork")] == [25]

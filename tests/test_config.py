@@ -1,0 +1,43 @@
+import dataclasses
+
+import pytest
+
+from randygpt.config import ModelConfig, RunConfig, TrainConfig
+from randygpt.errors import UserError
+
+SAVED = RunConfig(model=ModelConfig(n_embd=64, n_head=4), train=TrainConfig(
+    iters=20, learning_rate=0.01, lr_decay_iters=40, seed=7)).to_flags()
+
+
+def test_configs_are_hashable_for_jit():
+  assert hash(ModelConfig(vocab_size=3)) == hash(ModelConfig(vocab_size=3))
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    ModelConfig().n_embd = 3
+
+
+def test_flags_round_trip():
+  config = RunConfig.from_flags(SAVED)
+  assert config.to_flags() == SAVED
+  assert "workdir" not in SAVED and "vocab_size" not in SAVED
+
+
+def test_resume_takes_the_checkpoints_flags_unless_given():
+  now = RunConfig.from_flags({"iters": 40, "workdir": "w", "resume": True},
+                             explicit={"iters", "workdir", "resume"})
+  resumed = now.resumed(SAVED, "ckpt")
+  assert resumed.train.iters == 40  # Given now.
+  assert resumed.train.learning_rate == 0.01 and resumed.train.lr_decay_iters == 40
+  assert resumed.model.n_embd == 64 and resumed.train.seed == 7
+  assert resumed.location.workdir == "w" and resumed.location.resume
+
+
+def test_resume_refuses_flags_that_contradict_the_shape_or_seed():
+  now = RunConfig.from_flags({"n_embd": 128, "n_layer": 2, "seed": 7},
+                             explicit={"n_embd", "n_layer", "seed"})
+  with pytest.raises(UserError, match=r"n_embd=64 \(flag: 128\), n_layer=6 \(flag: 2\)"):
+    now.resumed(SAVED, "ckpt")
+
+
+def test_resume_accepts_flags_equal_to_the_checkpoint():
+  now = RunConfig.from_flags(SAVED, explicit=set(SAVED))
+  assert now.resumed(SAVED, "ckpt").to_flags() == SAVED
