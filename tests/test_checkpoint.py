@@ -171,6 +171,7 @@ def restored_params(workdir, kind="latest"):
   return train.restore_or_init(jax.random.key(0), config, optimizer, path)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(run_cli, corpus, tmp_path):
   """README recipe: 40 in one go == 20, stop, then --resume to 40."""
   one = run_cli(corpus, *TINY, "--iters=40", "--lr_decay_iters=40", "--workdir=one")
@@ -202,6 +203,7 @@ def wait_for(proc, prefix):
   raise AssertionError(f"no line starting with {prefix!r}; stderr: {proc.stderr.read()}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_a_resumable_checkpoint(run_cli, cli_env, corpus, tmp_path, signum):
   proc = start(tmp_path, cli_env, corpus, *TINY, "--iters=100000", "--log_interval=1",

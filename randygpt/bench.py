@@ -1,0 +1,174 @@
+"""Speed and cost, measured: `python -m randygpt.bench --flagfile=experiments/shakespeare.cfg`.
+
+Times the real jitted train step after compilation and warm-up, the loss estimate, the
+generation loop and an async checkpoint save (how long it blocks the training loop, and
+that cost spread over --checkpoint_interval steps). Prints a table, or one JSON line.
+"""
+
+import dataclasses
+import functools
+import itertools
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+from absl import app
+from absl import flags
+
+from randygpt import cli
+from randygpt import flags as randygpt_flags
+
+flags.DEFINE_integer("steps", 50, "Timed training steps (after warm-up).", lower_bound=1)
+flags.DEFINE_integer("warmup_steps", 5, "Untimed steps after compilation.", lower_bound=0)
+flags.DEFINE_integer("saves", 5, "Timed checkpoint saves (one every 10 steps).",
+                     lower_bound=1)
+flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
+flags.adopt_module_key_flags(randygpt_flags)
+
+SAVE_EVERY = 10  # Steps between timed checkpoint saves.
+
+
+def _timed(fn, *args):
+  start = time.perf_counter()
+  out = fn(*args)
+  jax_block(out)
+  return out, time.perf_counter() - start
+
+
+def jax_block(tree):
+  import jax
+  jax.block_until_ready(tree)
+
+
+def _percentile(values, q):
+  import numpy as np
+  return float(np.percentile(values, q))
+
+
+def measure(config, *, steps: int, warmup_steps: int, saves: int) -> dict:
+  import jax
+
+  from randygpt import checkpoint, data, generate, model, optim, train
+
+  text, _ = data.load_text(config.data.data, url=config.data.data_url,
+                           encoding=config.data.data_encoding)
+  tokenizer = data.CharTokenizer.from_text(text)
+  tokens = jax.numpy.asarray(tokenizer.encode(text))
+  model_config = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
+  tc = config.train
+  optimizer = optim.make_optimizer(tc, tc.lr_decay_iters or tc.iters)
+  state = train.init_train_state(jax.random.key(0), model_config, optimizer)
+  batch = data.get_batch(tokens, jax.random.key(1), tc.batch_size, model_config.block_size)
+  tokens_per_step = tc.batch_size * model_config.block_size
+
+  step = jax.jit(functools.partial(train.train_step, model_config=model_config,
+                                   optimizer=optimizer), donate_argnums=0)
+  start = time.perf_counter()
+  step = step.lower(state, batch, jax.random.key(2)).compile()
+  compile_s = time.perf_counter() - start
+  for i in range(warmup_steps):
+    state, _ = step(state, batch, jax.random.key(i))
+  step_seconds = []
+  for i in range(steps):
+    (state, _), seconds = _timed(step, state, batch, jax.random.key(i))
+    step_seconds.append(seconds)
+  ms_per_step = 1e3 * _percentile(step_seconds, 50)
+
+  evaluate = jax.jit(functools.partial(train.eval_loss, model_config=model_config,
+                                       batch_size=tc.batch_size, eval_iters=tc.eval_iters))
+  _timed(evaluate, state["params"], tokens, jax.random.key(3))
+  _, eval_s = _timed(evaluate, state["params"], tokens, jax.random.key(4))
+
+  prompt = jax.numpy.asarray(tokenizer.encode(text[:1]))
+  _timed(generate.generate, state["params"], prompt, jax.random.key(5), model_config,
+         config.sample)
+  _, generate_s = _timed(generate.generate, state["params"], prompt, jax.random.key(6),
+                         model_config, config.sample)
+
+  # Checkpoints: the time a save blocks the loop (its state computed), and the whole cost
+  # (background writing competes for the same cores) from timed runs with and without saves.
+  save_steps = itertools.count(1)
+
+  def run_steps(state, n, checkpoints=None):
+    blocked = []
+    start = time.perf_counter()
+    for i in range(n):
+      state, _ = step(state, batch, jax.random.key(i))
+      if checkpoints and i % SAVE_EVERY == 0:
+        jax_block(state)
+        blocked.append(checkpoints.save("latest", next(save_steps), state,
+                                        {"format": checkpoint.FORMAT}))
+    if checkpoints:
+      checkpoints.wait()
+    jax_block(state)
+    return state, time.perf_counter() - start, blocked
+
+  n_save_steps = SAVE_EVERY * saves
+  with tempfile.TemporaryDirectory() as tmp:
+    checkpoints = checkpoint.Checkpoints(Path(tmp))
+    state, _, _ = run_steps(state, SAVE_EVERY, checkpoints)  # Creates the Orbax manager.
+    state, with_saves_s, blocked = run_steps(state, n_save_steps, checkpoints)
+    checkpoints.close()
+  state, without_saves_s, _ = run_steps(state, n_save_steps)
+  save_ms = 1e3 * _percentile(blocked, 50)
+  save_cost_ms = 1e3 * max(with_saves_s - without_saves_s, 0.0) / len(blocked)
+  interval_ms = tc.checkpoint_interval * ms_per_step
+
+  return {
+      "shape": f"{model_config.n_layer}x{model_config.n_embd}/{model_config.n_head}h, "
+               f"block {model_config.block_size}, batch {tc.batch_size}",
+      "n_params": model.count_params(state["params"]),
+      "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
+      "compile_s": compile_s,
+      "ms_per_step": ms_per_step,
+      "ms_per_step_p10": 1e3 * _percentile(step_seconds, 10),
+      "ms_per_step_p90": 1e3 * _percentile(step_seconds, 90),
+      "tokens_per_sec": tokens_per_step / (ms_per_step / 1e3),
+      "eval_tokens_per_sec": tc.eval_iters * tokens_per_step / eval_s,
+      "generate_tokens_per_sec": config.sample.max_new_tokens / generate_s,
+      "checkpoint_save_blocked_ms": save_ms,
+      "checkpoint_save_blocked_ms_max": 1e3 * max(blocked),
+      "checkpoint_save_total_cost_ms": save_cost_ms,
+      "checkpoint_interval": tc.checkpoint_interval,
+      "checkpoint_blocked_overhead_pct": 100 * save_ms / interval_ms,
+      "checkpoint_total_overhead_pct": 100 * save_cost_ms / interval_ms,
+      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+  }
+
+
+
+
+
+def bench():
+  result = measure(randygpt_flags.run_config(), steps=flags.FLAGS.steps,
+                   warmup_steps=flags.FLAGS.warmup_steps, saves=flags.FLAGS.saves)
+  if flags.FLAGS.json:
+    print(json.dumps(result))
+    return
+  rows = [
+      ("shape", result["shape"]),
+      ("parameters", f"{result['n_params']:,}"),
+      ("devices", result["devices"]),
+      ("compile train step", f"{result['compile_s']:.2f} s"),
+      ("train step (median, p10-p90)", f"{result['ms_per_step']:.1f} ms "
+       f"({result['ms_per_step_p10']:.1f}-{result['ms_per_step_p90']:.1f})"),
+      ("training throughput", f"{result['tokens_per_sec']:,.0f} tokens/s"),
+      ("loss estimate throughput", f"{result['eval_tokens_per_sec']:,.0f} tokens/s"),
+      ("generation", f"{result['generate_tokens_per_sec']:,.0f} tokens/s"),
+      ("checkpoint save blocks the loop", f"{result['checkpoint_save_blocked_ms']:.1f} ms "
+       f"(max {result['checkpoint_save_blocked_ms_max']:.1f}) = "
+       f"{result['checkpoint_blocked_overhead_pct']:.3f}% at --checkpoint_interval="
+       f"{result['checkpoint_interval']}"),
+      ("checkpoint save, whole cost", f"{result['checkpoint_save_total_cost_ms']:.1f} ms = "
+       f"{result['checkpoint_total_overhead_pct']:.3f}% (with vs without saves)"),
+      ("peak resident memory", f"{result['peak_rss_mb']:.0f} MB"),
+  ]
+  width = max(len(name) for name, _ in rows)
+  for name, value in rows:
+    print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+  app.run(cli.entry_point(bench))
