@@ -4,6 +4,7 @@
 #   ./launch.sh test [pytest args]        run the test suite
 #   ./launch.sh FLAGFILE.cfg [flags]      train with a flag file, e.g. experiments/shakespeare.cfg
 #   ./launch.sh [flags]                   train with flags alone
+#   ./launch.sh --processes=N ...         the same, as N local processes training one model
 # Works with macOS's bash 3.2. Set PYTHON to choose the interpreter (3.10 or newer).
 set -eu
 
@@ -35,6 +36,14 @@ if ! cmp -s "$root/requirements.txt" "$venv/requirements.installed"; then
 fi
 
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+entry="randygpt.main"
+case "${1:-}" in
+  --processes=*)
+    entry="randygpt.launch"
+    processes=$1
+    shift
+    ;;
+esac
 case "${1:-}" in
   test)
     shift
@@ -44,9 +53,9 @@ case "${1:-}" in
   *.cfg)
     flagfile=$1
     shift
-    exec "$venv/bin/python" -m randygpt.main "--flagfile=$flagfile" ${1+"$@"}
+    exec "$venv/bin/python" -m $entry ${processes:-} "--flagfile=$flagfile" ${1+"$@"}
     ;;
   *)
-    exec "$venv/bin/python" -m randygpt.main ${1+"$@"}
+    exec "$venv/bin/python" -m $entry ${processes:-} ${1+"$@"}
     ;;
 esac

@@ -24,7 +24,12 @@ FORMAT = "randygpt-checkpoint-1"
 
 
 def _manager(directory: Path) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=1, cleanup_tmp_directories=True)
+  # Latest and best may save the same step at once: their cross-process barriers need
+  # distinct names.
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=1, cleanup_tmp_directories=True,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix=directory.name))
   return ocp.CheckpointManager(directory.absolute(), options=options,
                                item_names=("state", "meta"))
 
@@ -118,9 +123,8 @@ def restore_state(path: Path, abstract_state):
   return _restore(path, state=ocp.args.StandardRestore(abstract_state))["state"]
 
 
-def abstract_like(state_shapes, device: jax.Device):
-  """ShapeDtypeStructs placed on `device`, the restore target Orbax asks for."""
-  sharding = jax.sharding.SingleDeviceSharding(device)
+def abstract_like(state_shapes, sharding: jax.sharding.Sharding):
+  """ShapeDtypeStructs placed with `sharding`, the restore target Orbax asks for."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                       state_shapes)
 

@@ -36,9 +36,17 @@ def entry_point(work):
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)  # JAX's INFO lines about absent backends are noise.
     import jax  # After flag parsing: --help and flag errors stay fast.
+    from randygpt import devices
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
+    devices.set_cpu_device_count(flags.FLAGS.num_cpu_devices)
     from randygpt.errors import UserError
-
+    try:
+      devices.join_cluster(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+                           flags.FLAGS.process_id, flags.FLAGS.distributed_timeout)
+    except UserError as e:
+      sys.exit(f"Error: {e}")
+    if not devices.is_main_process():
+      sys.stdout = open(os.devnull, "w")  # One log stream: process 0 speaks for the run.
     try:
       result = work() or {}
     except UserError as e:

@@ -60,11 +60,16 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LocationConfig:
-  """Where a run lives and how it starts: not part of what the run is."""
+  """Where a run lives, how it starts and on what it runs: not part of what the run is."""
   workdir: str = "runs/default"
   resume: bool = False
   resume_from: str = ""
   overwrite: bool = False
+  num_cpu_devices: int = 1
+  coordinator_address: str = ""
+  num_processes: int = 1
+  process_id: int = 0
+  distributed_timeout: int = 60
 
 
 # What a resumed run takes from its checkpoint whatever the flags say.

@@ -27,6 +27,18 @@ flags.DEFINE_string("resume_from", "", "Continue from this checkpoint: a step di
 flags.DEFINE_bool("overwrite", False, "Allow starting over in a --workdir that holds "
                   "checkpoints, or resuming it from an older one (newer checkpoints are "
                   "deleted).")
+flags.DEFINE_integer("num_cpu_devices", 1, "Split the CPU into this many XLA devices and "
+                     "train data-parallel across them (the batch must divide evenly). Same "
+                     "results on any count, up to float32 rounding.", lower_bound=1)
+flags.DEFINE_string(
+    "coordinator_address", "", "host:port of process 0 for a multi-process run (with "
+    "--num_processes and --process_id); `auto` lets jax.distributed.initialize() discover "
+    "the cluster itself (SLURM, TPU pods). launch.sh --processes=N sets all three.")
+flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.", lower_bound=1)
+flags.DEFINE_integer("process_id", 0, "This process's rank, 0 to --num_processes - 1.",
+                     lower_bound=0)
+flags.DEFINE_integer("distributed_timeout", 60, "Seconds to wait for the other processes "
+                     "at start-up, and for a missing one before giving up.", lower_bound=1)
 
 # Model shape.
 flags.DEFINE_integer("n_embd", 128, "Embedding width.", lower_bound=1)
@@ -81,6 +93,9 @@ flags.register_validator("learning_rate", lambda v: v > 0.0, "--learning_rate mu
 flags.register_multi_flags_validator(
     ["n_embd", "n_head"], lambda f: f["n_embd"] % f["n_head"] == 0,
     "--n_embd must be divisible by --n_head.")
+flags.register_multi_flags_validator(
+    ["process_id", "num_processes"], lambda f: f["process_id"] < f["num_processes"],
+    "--process_id must be below --num_processes.")
 flags.register_multi_flags_validator(
     ["min_lr", "learning_rate"], lambda f: f["min_lr"] <= f["learning_rate"],
     "--min_lr must not exceed --learning_rate.")

@@ -69,17 +69,22 @@ class MetricsFile:
   iteration, so the file reads as one continuous run.
   """
 
-  def __init__(self, path: Path, start_iter: int):
-    kept = [json.dumps(r) + "\n" for r in read_records(path) if r["iter"] <= start_iter]
-    write_text(path, "".join(kept))
-    self._file = open(path, "a", encoding="utf-8")
+  def __init__(self, path: Path | None, start_iter: int):
+    """With `path` None (processes other than 0) nothing is written."""
+    self._file = None
+    if path is not None:
+      kept = [json.dumps(r) + "\n" for r in read_records(path) if r["iter"] <= start_iter]
+      write_text(path, "".join(kept))
+      self._file = open(path, "a", encoding="utf-8")
 
   def write(self, record: dict) -> None:
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    if self._file:
+      self._file.write(json.dumps(record) + "\n")
+      self._file.flush()
 
   def close(self) -> None:
-    self._file.close()
+    if self._file:
+      self._file.close()
 
 
 def read_records(path: Path) -> list[dict]:

@@ -37,7 +37,8 @@ def sample_from_checkpoint(spec: str, config) -> None:
   prompts = train.check_prompts(config.sample.prompt, tokenizer)
   model_config = dataclasses.replace(saved.model, vocab_size=tokenizer.vocab_size)
   optimizer = optim.make_optimizer(saved.train, saved.train.lr_decay_iters)
-  state = train.restore_or_init(jax.random.key(0), model_config, optimizer, path)
+  state = train.restore_or_init(jax.random.key(0), model_config, optimizer, path,
+                                jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   seed = config.train.seed if "seed" in config.explicit else saved.train.seed
   print(f"checkpoint: {path} (iteration {meta['iter']}; best val loss so far "
         f"{meta['best_val_loss']})")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from randygpt import checkpoint, data, generate, metrics, model, optim
+from randygpt import checkpoint, data, devices, generate, metrics, model, optim
 from randygpt.config import ModelConfig, RunConfig
 from randygpt.errors import UserError
 
@@ -74,13 +74,14 @@ class StopRequest:
 
 
 def restore_or_init(key: jax.Array, model_config: ModelConfig,
-                    optimizer: optax.GradientTransformation, source: Path | None) -> dict:
-  """A fresh train state, or the one saved at `source`."""
+                    optimizer: optax.GradientTransformation, source: Path | None,
+                    sharding: jax.sharding.Sharding) -> dict:
+  """A fresh train state, or the one saved at `source`, placed with `sharding`."""
   init = functools.partial(init_train_state, model_config=model_config, optimizer=optimizer)
   if source is None:
-    return init(key)
+    return jax.device_put(init(key), sharding)
   return checkpoint.restore_state(
-      source, checkpoint.abstract_like(jax.eval_shape(init, key), jax.devices()[0]))
+      source, checkpoint.abstract_like(jax.eval_shape(init, key), sharding))
 
 
 def check_prompts(prompts, tokenizer: data.CharTokenizer, default_prompts=("ROMEO:",)):
@@ -142,20 +143,26 @@ def run(config: RunConfig) -> dict:
         config.train, lr_decay_iters=config.train.iters))
   tc = config.train
 
+  mesh = devices.data_mesh()
+  devices.check_batch_divides(tc.batch_size, mesh.size)
+  replicated, batch_sharded = devices.replicated(mesh), devices.batch_sharded(mesh)
   root = jax.random.key(tc.seed)
   stream = functools.partial(jax.random.fold_in, root)
   optimizer = optim.make_optimizer(tc, tc.lr_decay_iters)
   schedule = optim.lr_schedule(tc, tc.lr_decay_iters)
-  state = restore_or_init(stream(INIT_STREAM), model_config, optimizer, source)
+  state = restore_or_init(stream(INIT_STREAM), model_config, optimizer, source, replicated)
   best = (meta["best_val_loss"], meta["best_iter"]) if meta and meta["best_iter"] is not None else None
 
-  for path in discard:
-    shutil.rmtree(path)
-  workdir.mkdir(parents=True, exist_ok=True)
-  tokenizer.save(workdir / "vocab.json")
-  metrics.write_text(workdir / "flags.cfg", config.flagfile())
+  is_main = devices.is_main_process()  # Only process 0 writes the run's files.
+  if is_main:
+    for path in discard:
+      shutil.rmtree(path)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(workdir / "vocab.json")
+    metrics.write_text(workdir / "flags.cfg", config.flagfile())
+  devices.sync("workdir ready")
   checkpoints = checkpoint.Checkpoints(workdir)
-  train_tokens, val_tokens = jnp.asarray(train_np), jnp.asarray(val_np)
+  train_tokens, val_tokens = jax.device_put((train_np, val_np), replicated)
   tokens_per_step = tc.batch_size * model_config.block_size
   n_params = model.count_params(state["params"])
 
@@ -164,16 +171,18 @@ def run(config: RunConfig) -> dict:
   print(f"model: {model_config.n_layer} layers, {model_config.n_head} heads, "
         f"n_embd {model_config.n_embd}, block {model_config.block_size}, dropout "
         f"{model_config.dropout} | {n_params:,} parameters")
-  print(f"devices: {jax.device_count()} x {jax.devices()[0].platform} | batch "
+  print(f"devices: {mesh.size} x {jax.devices()[0].platform} (data-parallel) | batch "
         f"{tc.batch_size} x {model_config.block_size} = {tokens_per_step:,} tokens/step | "
         f"workdir: {workdir}")
   if source:
     print(f"Resumed from {source} at iteration {start_iter} (target {tc.iters}, learning "
           f"rate horizon {tc.lr_decay_iters}).")
 
-  get_batch = jax.jit(data.get_batch, static_argnums=(2, 3))
+  get_batch = jax.jit(data.get_batch, static_argnums=(2, 3),
+                      out_shardings=(batch_sharded, batch_sharded))
   step_fn = jax.jit(functools.partial(train_step, model_config=model_config,
-                                      optimizer=optimizer), donate_argnums=0)
+                                      optimizer=optimizer),
+                    out_shardings=(replicated, replicated), donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_loss, model_config=model_config,
                                        batch_size=tc.batch_size, eval_iters=tc.eval_iters))
   eval_key = stream(EVAL_STREAM)  # The same eval windows every time: comparable estimates.
@@ -188,7 +197,8 @@ def run(config: RunConfig) -> dict:
             "best_iter": best_iter, "vocab": list(tokenizer.chars),
             "config": config.to_flags()}
 
-  metrics_file = metrics.MetricsFile(workdir / "metrics.jsonl", start_iter)
+  metrics_file = metrics.MetricsFile(workdir / "metrics.jsonl" if is_main else None,
+                                     start_iter)
   stopper = StopRequest()
   status, last_record, saved_step, save_ms = "failed", None, None, []
   run_start = time.perf_counter()
@@ -232,13 +242,14 @@ def run(config: RunConfig) -> dict:
         throughput.mark(step)
 
       pending = None  # Metrics of the last dispatched step, read one step behind.
+      stopping = False
       for step in range(start_iter + 1, tc.iters + 1):
         state, step_metrics = step_fn(state, batch_for(step),
                                       jax.random.fold_in(stream(DROPOUT_STREAM), step))
         if pending and pending[0] % tc.log_interval == 0:
           record(*pending, with_eval=False)
         pending = (step, step_metrics)
-        stopping = stopper.signum is not None
+        stopping = devices.any_process(stopper.signum is not None)
         if step % tc.eval_interval == 0 or step == tc.iters or stopping:
           record(step, step_metrics, with_eval=not stopping)
           pending = None
@@ -250,7 +261,7 @@ def run(config: RunConfig) -> dict:
           throughput.mark(step)
         if stopping:
           break
-      status = "interrupted" if stopper.signum else "completed"
+      status = "interrupted" if stopping else "completed"
     except UserError as e:
       status = "diverged" if "diverged" in str(e) else "failed"
       raise
@@ -272,13 +283,17 @@ def run(config: RunConfig) -> dict:
           "n_params": n_params,
           "checkpoint_blocked_ms_max": max(save_ms, default=None),
       }
-      metrics.write_json(workdir / "summary.json", summary)
+      if is_main:
+        metrics.write_json(workdir / "summary.json", summary)
 
     if saved_step is not None:
       print(f"Saved latest checkpoint: {summary['latest_checkpoint']}")
       print(f"Best checkpoint: {summary['best_checkpoint']} (val {best[0]:.4f})" if best else
             "No best checkpoint yet: no evaluation has run.", flush=True)
-    if not stopper.signum:
-      generate.write_samples(state["params"], tokenizer, prompts, tc.seed, model_config,
+    if is_main and status == "completed":
+      local_params = jax.tree.map(lambda x: x.addressable_data(0), state["params"])
+      generate.write_samples(local_params, tokenizer, prompts, tc.seed, model_config,
                              config.sample, workdir / "samples.txt", stopper)
-  return summary | ({"signal": stopper.signum} if stopper.signum else {})
+  if status == "interrupted" or stopper.signum:
+    return summary | {"signal": stopper.signum or signal.SIGINT}
+  return summary

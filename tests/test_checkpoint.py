@@ -19,6 +19,7 @@ from conftest import REPO, make_corpus
 CONFIG = ModelConfig(vocab_size=20, n_embd=16, n_head=2, n_layer=1, block_size=8)
 TRAIN = TrainConfig(batch_size=4)
 OPTIMIZER = optim.make_optimizer(TRAIN, 100)
+DEVICE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 META = {"format": checkpoint.FORMAT, "iter": 3, "vocab": ["é", "\n", "a"], "config": {}}
 
 
@@ -27,7 +28,7 @@ def new_state():
 
 
 def restore(path):
-  return train.restore_or_init(jax.random.key(0), CONFIG, OPTIMIZER, path)
+  return train.restore_or_init(jax.random.key(0), CONFIG, OPTIMIZER, path, DEVICE)
 
 
 def assert_trees_equal(a, b):
@@ -168,7 +169,7 @@ def restored_params(workdir, kind="latest"):
                        vocab_size=len(meta["vocab"]))
   tc = TrainConfig(**{k: meta["config"][k] for k in ("learning_rate", "min_lr")})
   optimizer = optim.make_optimizer(tc, meta["config"]["lr_decay_iters"])
-  return train.restore_or_init(jax.random.key(0), config, optimizer, path)
+  return train.restore_or_init(jax.random.key(0), config, optimizer, path, DEVICE)
 
 
 @pytest.mark.slow
