@@ -50,7 +50,7 @@ def _percentile(values, q):
 def measure(config, *, steps: int, warmup_steps: int, saves: int) -> dict:
   import jax
 
-  from randygpt import checkpoint, data, generate, model, optim, train
+  from randygpt import checkpoint, data, devices, generate, model, optim, train
 
   text, _ = data.load_text(config.data.data, url=config.data.data_url,
                            encoding=config.data.data_encoding)
@@ -59,12 +59,14 @@ def measure(config, *, steps: int, warmup_steps: int, saves: int) -> dict:
   model_config = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
   tc = config.train
   optimizer = optim.make_optimizer(tc, tc.lr_decay_iters or tc.iters)
-  state = train.init_train_state(jax.random.key(0), model_config, optimizer)
-  batch = data.get_batch(tokens, jax.random.key(1), tc.batch_size, model_config.block_size)
+  mesh = devices.data_mesh()
+  devices.check_batch_divides(tc.batch_size, mesh.size)
+  state = jax.device_put(train.init_train_state(jax.random.key(0), model_config, optimizer),
+                         devices.replicated(mesh))
+  get_batch, step = train.jit_data_parallel(model_config, optimizer, mesh)
+  tokens = jax.device_put(tokens, devices.replicated(mesh))
+  batch = get_batch(tokens, jax.random.key(1), tc.batch_size, model_config.block_size)
   tokens_per_step = tc.batch_size * model_config.block_size
-
-  step = jax.jit(functools.partial(train.train_step, model_config=model_config,
-                                   optimizer=optimizer), donate_argnums=0)
   start = time.perf_counter()
   step = step.lower(state, batch, jax.random.key(2)).compile()
   compile_s = time.perf_counter() - start
@@ -82,9 +84,10 @@ def measure(config, *, steps: int, warmup_steps: int, saves: int) -> dict:
   _, eval_s = _timed(evaluate, state["params"], tokens, jax.random.key(4))
 
   prompt = jax.numpy.asarray(tokenizer.encode(text[:1]))
-  _timed(generate.generate, state["params"], prompt, jax.random.key(5), model_config,
+  local_params = jax.tree.map(lambda x: x.addressable_data(0), state["params"])
+  _timed(generate.generate, local_params, prompt, jax.random.key(5), model_config,
          config.sample)
-  _, generate_s = _timed(generate.generate, state["params"], prompt, jax.random.key(6),
+  _, generate_s = _timed(generate.generate, local_params, prompt, jax.random.key(6),
                          model_config, config.sample)
 
   # Checkpoints: the time a save blocks the loop (its state computed), and the whole cost
@@ -120,7 +123,7 @@ def measure(config, *, steps: int, warmup_steps: int, saves: int) -> dict:
       "shape": f"{model_config.n_layer}x{model_config.n_embd}/{model_config.n_head}h, "
                f"block {model_config.block_size}, batch {tc.batch_size}",
       "n_params": model.count_params(state["params"]),
-      "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
+      "devices": f"{mesh.size} x {jax.devices()[0].platform} (data-parallel)",
       "compile_s": compile_s,
       "ms_per_step": ms_per_step,
       "ms_per_step_p10": 1e3 * _percentile(step_seconds, 10),

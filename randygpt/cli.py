@@ -38,7 +38,8 @@ def entry_point(work):
     import jax  # After flag parsing: --help and flag errors stay fast.
     from randygpt import devices
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
-    devices.set_cpu_device_count(flags.FLAGS.num_cpu_devices)
+    devices.set_cpu_device_count(devices.cpu_device_count(
+        flags.FLAGS.num_cpu_devices, flags.FLAGS.batch_size, flags.FLAGS.num_processes))
     from randygpt.errors import UserError
     try:
       devices.join_cluster(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,

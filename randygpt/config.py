@@ -65,7 +65,7 @@ class LocationConfig:
   resume: bool = False
   resume_from: str = ""
   overwrite: bool = False
-  num_cpu_devices: int = 1
+  num_cpu_devices: int = 0  # 0: decided from the cores and the batch size.
   coordinator_address: str = ""
   num_processes: int = 1
   process_id: int = 0

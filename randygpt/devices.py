@@ -6,6 +6,7 @@ global batch). Random numbers are drawn for the global shape (`jax_threefry_part
 so data windows and dropout masks do not depend on the device count.
 """
 
+import os
 import socket
 import time
 
@@ -15,6 +16,18 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from randygpt.errors import UserError
+
+
+AUTO_MAX_DEVICES = 2  # Measured best on 2 cores; see WORKSPACE.md.
+
+
+def cpu_device_count(requested: int, batch_size: int, num_processes: int = 1) -> int:
+  """`requested`, or for 0 (auto) the largest count up to min(cores, 2) dividing the batch;
+  one per process in a multi-process run."""
+  if requested or num_processes > 1:
+    return requested or 1
+  top = min(os.cpu_count() or 1, AUTO_MAX_DEVICES)
+  return max(n for n in range(1, top + 1) if batch_size % n == 0)
 
 
 def set_cpu_device_count(n: int) -> None:

@@ -27,9 +27,10 @@ flags.DEFINE_string("resume_from", "", "Continue from this checkpoint: a step di
 flags.DEFINE_bool("overwrite", False, "Allow starting over in a --workdir that holds "
                   "checkpoints, or resuming it from an older one (newer checkpoints are "
                   "deleted).")
-flags.DEFINE_integer("num_cpu_devices", 1, "Split the CPU into this many XLA devices and "
-                     "train data-parallel across them (the batch must divide evenly). Same "
-                     "results on any count, up to float32 rounding.", lower_bound=1)
+flags.DEFINE_integer("num_cpu_devices", 0, "Split the CPU into this many XLA devices and "
+                     "train data-parallel across them (the batch must divide evenly); 0 picks "
+                     "the largest count up to min(cores, 2) that divides --batch_size. Same "
+                     "results on any count, up to float32 rounding.", lower_bound=0)
 flags.DEFINE_string(
     "coordinator_address", "", "host:port of process 0 for a multi-process run (with "
     "--num_processes and --process_id); `auto` lets jax.distributed.initialize() discover "

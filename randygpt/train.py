@@ -52,6 +52,18 @@ def eval_loss(params, tokens: jax.Array, key: jax.Array, *, model_config: ModelC
   return jax.lax.map(batch_loss, jax.random.split(key, eval_iters)).mean()
 
 
+def jit_data_parallel(model_config: ModelConfig, optimizer: optax.GradientTransformation,
+                      mesh: jax.sharding.Mesh):
+  """The jitted batch sampler and train step over `mesh`: batches split along `data`, the
+  state replicated (XLA all-reduces the gradients)."""
+  replicated, batch_sharded = devices.replicated(mesh), devices.batch_sharded(mesh)
+  get_batch = jax.jit(data.get_batch, static_argnums=(2, 3),
+                      out_shardings=(batch_sharded, batch_sharded))
+  step = jax.jit(functools.partial(train_step, model_config=model_config, optimizer=optimizer),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+  return get_batch, step
+
+
 class StopRequest:
   """Turns SIGINT/SIGTERM into a request that the loop honours after the current step."""
 
@@ -145,7 +157,7 @@ def run(config: RunConfig) -> dict:
 
   mesh = devices.data_mesh()
   devices.check_batch_divides(tc.batch_size, mesh.size)
-  replicated, batch_sharded = devices.replicated(mesh), devices.batch_sharded(mesh)
+  replicated = devices.replicated(mesh)
   root = jax.random.key(tc.seed)
   stream = functools.partial(jax.random.fold_in, root)
   optimizer = optim.make_optimizer(tc, tc.lr_decay_iters)
@@ -178,11 +190,7 @@ def run(config: RunConfig) -> dict:
     print(f"Resumed from {source} at iteration {start_iter} (target {tc.iters}, learning "
           f"rate horizon {tc.lr_decay_iters}).")
 
-  get_batch = jax.jit(data.get_batch, static_argnums=(2, 3),
-                      out_shardings=(batch_sharded, batch_sharded))
-  step_fn = jax.jit(functools.partial(train_step, model_config=model_config,
-                                      optimizer=optimizer),
-                    out_shardings=(replicated, replicated), donate_argnums=0)
+  get_batch, step_fn = jit_data_parallel(model_config, optimizer, mesh)
   evaluate = jax.jit(functools.partial(eval_loss, model_config=model_config,
                                        batch_size=tc.batch_size, eval_iters=tc.eval_iters))
   eval_key = stream(EVAL_STREAM)  # The same eval windows every time: comparable estimates.

@@ -64,3 +64,13 @@ def test_uneven_batch_is_refused_naming_both_numbers(run_cli, tmp_path):
   result = run_cli("--data=c.txt", *TINY, "--iters=2", "--num_cpu_devices=3")
   assert result.returncode == 1 and "Traceback" not in result.stderr
   assert "--batch_size=8 does not divide evenly across 3 devices" in result.stderr
+
+
+def test_auto_device_count_divides_the_batch(monkeypatch):
+  monkeypatch.setattr("os.cpu_count", lambda: 2)
+  assert devices.cpu_device_count(0, 32) == 2
+  assert devices.cpu_device_count(0, 5) == 1
+  assert devices.cpu_device_count(3, 5) == 3  # Asked for: checked later, with an error.
+  assert devices.cpu_device_count(0, 32, num_processes=2) == 1
+  monkeypatch.setattr("os.cpu_count", lambda: 1)
+  assert devices.cpu_device_count(0, 32) == 1
