@@ -264,6 +264,8 @@ def run(config: RunConfig) -> dict:
         if step % tc.checkpoint_interval == 0 or step == tc.iters or stopping:
           if stopping:
             print(f"Interrupted at iteration {step}. Saving checkpoint...", flush=True)
+          else:
+            metrics.phase(f"Saving checkpoint at iteration {step}...")
           save_ms.append(1e3 * checkpoints.save("latest", step, state, meta_for(step)))
           saved_step = step
           throughput.mark(step)

@@ -226,6 +226,23 @@ def test_signal_saves_a_resumable_checkpoint(run_cli, cli_env, corpus, tmp_path,
   assert [r["iter"] for r in losses(tmp_path / "w")][-1] == stopped_at + 3
 
 
+@pytest.mark.slow
+def test_sigkill_during_a_save_leaves_a_usable_checkpoint(run_cli, cli_env, corpus, tmp_path):
+  proc = start(tmp_path, cli_env, corpus, *TINY, "--iters=100000", "--log_interval=1",
+               "--checkpoint_interval=2", "--workdir=w")
+  for _ in range(3):
+    wait_for(proc, "Saving checkpoint at iteration")
+  proc.kill()  # Most likely while Orbax is still writing in the background.
+  proc.communicate(timeout=60)
+  latest = checkpoint.Checkpoints(tmp_path / "w").path("latest")
+  assert latest is not None  # The last finished save, whatever was in flight.
+  resumed = run_cli(f"--iters={int(latest.name) + 2}", "--resume", "--workdir=w")
+  assert resumed.returncode == 0, resumed.stderr
+  assert f"Resumed from {latest.relative_to(tmp_path)}" in resumed.stdout
+  leftovers = [p.name for p in (tmp_path / "w" / "checkpoints" / "latest").iterdir()]
+  assert all(name.isdigit() for name in leftovers), leftovers  # Temporary dirs cleaned up.
+
+
 def test_interrupt_before_any_evaluation_has_no_best(cli_env, corpus, tmp_path):
   proc = start(tmp_path, cli_env, corpus, *TINY, "--iters=100000", "--log_interval=1",
                "--eval_interval=100000", "--workdir=w")
