@@ -47,7 +47,8 @@ def _restore(path: Path, **items):
     reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
     others = [p for p in Checkpoints(path.parent.parent.parent).existing().values()
               if p != path]
-    hint = f" The checkpoint {others[0]} may be used instead: --resume_from={others[0]}" if others else ""
+    hint = (f" The checkpoint {others[0]} may be used instead: --resume_from={others[0]}"
+            if others else "")
     raise UserError(f"Checkpoint {path} is corrupt or incomplete ({reason}).{hint}") from None
 
 

@@ -13,7 +13,7 @@ from absl import logging
 
 
 def cache_dir() -> Path:
-  """Caches that outlive runs: $RANDYGPT_CACHE, else $XDG_CACHE_HOME/randygpt or ~/.cache/randygpt."""
+  """Caches that outlive runs: $RANDYGPT_CACHE, else $XDG_CACHE_HOME/randygpt (~/.cache)."""
   if os.environ.get("RANDYGPT_CACHE"):
     return Path(os.environ["RANDYGPT_CACHE"])
   return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "randygpt"

@@ -163,7 +163,9 @@ def run(config: RunConfig) -> dict:
   optimizer = optim.make_optimizer(tc, tc.lr_decay_iters)
   schedule = optim.lr_schedule(tc, tc.lr_decay_iters)
   state = restore_or_init(stream(INIT_STREAM), model_config, optimizer, source, replicated)
-  best = (meta["best_val_loss"], meta["best_iter"]) if meta and meta["best_iter"] is not None else None
+  best = None  # (val loss, iteration) of the best evaluation so far.
+  if meta and meta["best_iter"] is not None:
+    best = (meta["best_val_loss"], meta["best_iter"])
 
   is_main = devices.is_main_process()  # Only process 0 writes the run's files.
   if is_main:

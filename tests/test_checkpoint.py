@@ -214,7 +214,8 @@ def test_signal_saves_a_resumable_checkpoint(run_cli, cli_env, corpus, tmp_path,
   stdout, stderr = proc.communicate(timeout=120)
   assert proc.returncode == -signum, stderr  # Ended by the signal: a shell sees 128+signum.
   assert "Traceback" not in stderr
-  assert "Interrupted at iteration" in stdout and "Saved latest checkpoint: w/checkpoints/latest/" in stdout
+  assert "Interrupted at iteration" in stdout
+  assert "Saved latest checkpoint: w/checkpoints/latest/" in stdout
   assert "Best checkpoint: w/checkpoints/best/" in stdout
   summary = json.loads((tmp_path / "w" / "summary.json").read_text())
   assert summary["status"] == "interrupted"
@@ -243,14 +244,19 @@ def test_sigkill_during_a_save_leaves_a_usable_checkpoint(run_cli, cli_env, corp
   assert all(name.isdigit() for name in leftovers), leftovers  # Temporary dirs cleaned up.
 
 
-def test_interrupt_before_any_evaluation_has_no_best(cli_env, corpus, tmp_path):
+def test_two_ctrl_c_in_a_row_before_any_evaluation(run_cli, cli_env, corpus, tmp_path):
   proc = start(tmp_path, cli_env, corpus, *TINY, "--iters=100000", "--log_interval=1",
                "--eval_interval=100000", "--workdir=w")
   wait_for(proc, "iter")
   proc.send_signal(signal.SIGINT)
-  stdout, _ = proc.communicate(timeout=120)
+  wait_for(proc, "Interrupted at iteration")
+  proc.send_signal(signal.SIGINT)  # While it saves: changes nothing.
+  stdout, stderr = proc.communicate(timeout=120)
   assert "No best checkpoint yet: no evaluation has run." in stdout
-  assert proc.returncode == -signal.SIGINT
+  assert proc.returncode == -signal.SIGINT and "Traceback" not in stderr
+  latest = checkpoint.Checkpoints(tmp_path / "w").path("latest")
+  resumed = run_cli(f"--iters={int(latest.name) + 1}", "--resume", "--workdir=w")
+  assert resumed.returncode == 0, resumed.stderr
 
 
 @pytest.fixture
