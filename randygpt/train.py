@@ -210,7 +210,7 @@ def run(config: RunConfig) -> dict:
   metrics_file = metrics.MetricsFile(workdir / "metrics.jsonl" if is_main else None,
                                      start_iter)
   stopper = StopRequest()
-  status, last_record, saved_step, save_ms = "failed", None, None, []
+  status, last_record, save_ms = "failed", None, []  # save_ms: how long each save blocked.
   run_start = time.perf_counter()
   eval_seconds = 0.0
   with stopper.installed():
@@ -269,7 +269,6 @@ def run(config: RunConfig) -> dict:
           else:
             metrics.phase(f"Saving checkpoint at iteration {step}...")
           save_ms.append(1e3 * checkpoints.save("latest", step, state, meta_for(step)))
-          saved_step = step
           throughput.mark(step)
         if stopping:
           break
@@ -298,7 +297,7 @@ def run(config: RunConfig) -> dict:
       if is_main:
         metrics.write_json(workdir / "summary.json", summary)
 
-    if saved_step is not None:
+    if save_ms:
       print(f"Saved latest checkpoint: {summary['latest_checkpoint']}")
       print(f"Best checkpoint: {summary['best_checkpoint']} (val {best[0]:.4f})" if best else
             "No best checkpoint yet: no evaluation has run.", flush=True)
