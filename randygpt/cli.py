@@ -1,6 +1,7 @@
 """What every randygpt command does around its work: quiet logs, the compilation cache,
 short errors instead of tracebacks, and ending by the signal that stopped it."""
 
+import io
 import logging as pylogging
 import os
 import signal
@@ -19,20 +20,23 @@ def cache_dir() -> Path:
   return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "randygpt"
 
 
-def _quiet_shutdown() -> None:
-  """After a reported error, work abandoned in background threads (e.g. the reads of a
-  corrupt checkpoint) must not print tracebacks while the process ends."""
+def _exit_with_error(message: str) -> None:
+  """Prints the one-line error and exits 1. Work abandoned in background threads (e.g. the
+  reads of a corrupt checkpoint) may still report late, with tracebacks: they go nowhere."""
+  print(f"Error: {message}", file=sys.stderr, flush=True)
+  sys.stderr = io.StringIO()
   sys.unraisablehook = lambda unraisable: None
   threading.excepthook = lambda args: None
   pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL)
+  sys.exit(1)
 
 
 def entry_point(work):
   """An absl `main` that runs `work()`; `work` may return {"signal": signum} to end by it."""
   def main(argv):
     if len(argv) > 1:
-      sys.exit(f"Error: Unexpected arguments: {' '.join(argv[1:])} "
-               "(flags are written --name=value).")
+      _exit_with_error(f"Unexpected arguments: {' '.join(argv[1:])} "
+                       "(flags are written --name=value).")
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)  # JAX's INFO lines about absent backends are noise.
     import jax  # After flag parsing: --help and flag errors stay fast.
@@ -45,14 +49,13 @@ def entry_point(work):
       devices.join_cluster(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
                            flags.FLAGS.process_id, flags.FLAGS.distributed_timeout)
     except UserError as e:
-      sys.exit(f"Error: {e}")
+      _exit_with_error(str(e))
     if not devices.is_main_process():
       sys.stdout = open(os.devnull, "w")  # One log stream: process 0 speaks for the run.
     try:
       result = work() or {}
     except UserError as e:
-      _quiet_shutdown()
-      sys.exit(f"Error: {e}")
+      _exit_with_error(str(e))
     except KeyboardInterrupt:
       sys.exit(128 + signal.SIGINT)
     if "signal" in result:
