@@ -84,7 +84,7 @@ def measure(config, *, steps: int, warmup_steps: int, saves: int) -> dict:
   _, eval_s = _timed(evaluate, state["params"], tokens, jax.random.key(4))
 
   prompt = jax.numpy.asarray(tokenizer.encode(text[:1]))
-  local_params = jax.tree.map(lambda x: x.addressable_data(0), state["params"])
+  local_params = devices.local_copy(state["params"])
   _timed(generate.generate, local_params, prompt, jax.random.key(5), model_config,
          config.sample)
   _, generate_s = _timed(generate.generate, local_params, prompt, jax.random.key(6),

@@ -92,6 +92,11 @@ def any_process(flag: bool) -> bool:
   return bool(multihost_utils.process_allgather(np.int32(flag)).any())
 
 
+def local_copy(tree):
+  """Each array's replica on one of this process's devices (for work outside the mesh)."""
+  return jax.tree.map(lambda x: x.addressable_data(0), tree)
+
+
 def data_mesh() -> Mesh:
   return Mesh(np.array(jax.devices()), ("data",))
 

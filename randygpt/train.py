@@ -302,9 +302,9 @@ def run(config: RunConfig) -> dict:
       print(f"Best checkpoint: {summary['best_checkpoint']} (val {best[0]:.4f})" if best else
             "No best checkpoint yet: no evaluation has run.", flush=True)
     if is_main and status == "completed":
-      local_params = jax.tree.map(lambda x: x.addressable_data(0), state["params"])
-      generate.write_samples(local_params, tokenizer, prompts, tc.seed, model_config,
-                             config.sample, workdir / "samples.txt", stopper)
+      generate.write_samples(devices.local_copy(state["params"]), tokenizer, prompts,
+                             tc.seed, model_config, config.sample, workdir / "samples.txt",
+                             stopper)
   if status == "interrupted" or stopper.signum:
     return summary | {"signal": stopper.signum or signal.SIGINT}
   return summary
