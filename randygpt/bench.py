@@ -28,6 +28,8 @@ flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
 flags.adopt_module_key_flags(randygpt_flags)
 
 SAVE_EVERY = 10  # Steps between timed checkpoint saves.
+GENERATION_STREAMS = 8  # Parallel samples in the batched generation timing.
+LONG_GENERATION = 500  # New tokens in the generation timing that runs past the window.
 
 
 def _timed(fn, *args):
@@ -47,10 +49,34 @@ def _percentile(values, q):
   return float(np.percentile(values, q))
 
 
+def measure_generation(params, model_config, sample_config) -> dict:
+  """Generated tokens/s (all streams together) for 1 and GENERATION_STREAMS streams: within
+  the context window with and without the key/value cache, and for LONG_GENERATION tokens."""
+  import jax
+  import numpy as np
+
+  from randygpt import generate
+
+  results = {}
+  for streams in (1, GENERATION_STREAMS):
+    prompt_BxP = np.zeros((streams, 1), np.int32)
+    cases = {"window_cached": (model_config.block_size, True),
+             "window_uncached": (model_config.block_size, False),
+             f"{LONG_GENERATION}_cached": (LONG_GENERATION, True)}
+    for name, (n_new, use_cache) in cases.items():
+      config = dataclasses.replace(sample_config, max_new_tokens=n_new)
+      run = functools.partial(generate.generate, params, prompt_BxP, model_config=model_config,
+                              sample_config=config, use_cache=use_cache)
+      _timed(run, jax.random.key(0))  # Compiles.
+      seconds = min(_timed(run, jax.random.key(i))[1] for i in range(1, 4))
+      results[f"generate_{name}_x{streams}_tokens_per_sec"] = streams * n_new / seconds
+  return results
+
+
 def measure(config, *, steps: int, warmup_steps: int, saves: int) -> dict:
   import jax
 
-  from randygpt import checkpoint, data, devices, generate, model, optim, train
+  from randygpt import checkpoint, data, devices, generate, model, optim, platforms, train
 
   text, _ = data.load_text(config.data.data, url=config.data.data_url,
                            encoding=config.data.data_encoding)
@@ -59,7 +85,8 @@ def measure(config, *, steps: int, warmup_steps: int, saves: int) -> dict:
   model_config = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
   tc = config.train
   optimizer = optim.make_optimizer(tc, tc.lr_decay_iters or tc.iters)
-  mesh = devices.data_mesh()
+  placement = platforms.place(config.location.train_platform, config.location.eval_platform)
+  mesh = devices.data_mesh(placement.train_devices)
   devices.check_batch_divides(tc.batch_size, mesh.size)
   state = jax.device_put(train.init_train_state(jax.random.key(0), model_config, optimizer),
                          devices.replicated(mesh))
@@ -78,17 +105,12 @@ def measure(config, *, steps: int, warmup_steps: int, saves: int) -> dict:
     step_seconds.append(seconds)
   ms_per_step = 1e3 * _percentile(step_seconds, 50)
 
-  evaluate = jax.jit(functools.partial(train.eval_loss, model_config=model_config,
-                                       batch_size=tc.batch_size, eval_iters=tc.eval_iters))
-  _timed(evaluate, state["params"], tokens, jax.random.key(3))
-  _, eval_s = _timed(evaluate, state["params"], tokens, jax.random.key(4))
-
-  prompt = jax.numpy.asarray(tokenizer.encode(text[:1]))
-  local_params = devices.local_copy(state["params"])
-  _timed(generate.generate, local_params, prompt, jax.random.key(5), model_config,
-         config.sample)
-  _, generate_s = _timed(generate.generate, local_params, prompt, jax.random.key(6),
-                         model_config, config.sample)
+  evaluate = train.jit_eval_loss(tc, model_config, placement.eval_device.platform)
+  eval_params = placement.for_eval(state["params"])
+  eval_tokens = jax.device_put(tokens, placement.eval_device)
+  _timed(evaluate, eval_params, eval_tokens, jax.random.key(3))
+  _, eval_s = _timed(evaluate, eval_params, eval_tokens, jax.random.key(4))
+  generation = measure_generation(eval_params, model_config, config.sample)
 
   # Checkpoints: the time a save blocks the loop (its state computed), and the whole cost
   # (background writing competes for the same cores) from timed runs with and without saves.
@@ -123,14 +145,15 @@ def measure(config, *, steps: int, warmup_steps: int, saves: int) -> dict:
       "shape": f"{model_config.n_layer}x{model_config.n_embd}/{model_config.n_head}h, "
                f"block {model_config.block_size}, batch {tc.batch_size}",
       "n_params": model.count_params(state["params"]),
-      "devices": f"{mesh.size} x {jax.devices()[0].platform} (data-parallel)",
+      "devices": f"{mesh.size} x {mesh.devices.flat[0].platform} (data-parallel)",
+      "eval_device": f"{placement.eval_device.platform}:{placement.eval_device.id}",
       "compile_s": compile_s,
       "ms_per_step": ms_per_step,
       "ms_per_step_p10": 1e3 * _percentile(step_seconds, 10),
       "ms_per_step_p90": 1e3 * _percentile(step_seconds, 90),
       "tokens_per_sec": tokens_per_step / (ms_per_step / 1e3),
       "eval_tokens_per_sec": tc.eval_iters * tokens_per_step / eval_s,
-      "generate_tokens_per_sec": config.sample.max_new_tokens / generate_s,
+      **generation,
       "checkpoint_save_blocked_ms": save_ms,
       "checkpoint_save_blocked_ms_max": 1e3 * max(blocked),
       "checkpoint_save_total_cost_ms": save_cost_ms,
@@ -142,6 +165,21 @@ def measure(config, *, steps: int, warmup_steps: int, saves: int) -> dict:
 
 
 
+
+
+def generation_rows(result) -> list:
+  rows = []
+  for streams in (1, GENERATION_STREAMS):
+    speeds = {case: result[f"generate_{case}_x{streams}_tokens_per_sec"]
+              for case in ("window_cached", "window_uncached", f"{LONG_GENERATION}_cached")}
+    rows += [
+        (f"generation in the window, {streams} stream(s)",
+         f"{speeds['window_cached']:,.0f} tokens/s cached, {speeds['window_uncached']:,.0f} "
+         f"uncached ({speeds['window_cached'] / speeds['window_uncached']:.1f}x)"),
+        (f"generation of {LONG_GENERATION} tokens, {streams} stream(s)",
+         f"{speeds[f'{LONG_GENERATION}_cached']:,.0f} tokens/s"),
+    ]
+  return rows
 
 
 def bench():
@@ -159,7 +197,8 @@ def bench():
        f"({result['ms_per_step_p10']:.1f}-{result['ms_per_step_p90']:.1f})"),
       ("training throughput", f"{result['tokens_per_sec']:,.0f} tokens/s"),
       ("loss estimate throughput", f"{result['eval_tokens_per_sec']:,.0f} tokens/s"),
-      ("generation", f"{result['generate_tokens_per_sec']:,.0f} tokens/s"),
+      ("evaluation and generation on", result["eval_device"]),
+      *generation_rows(result),
       ("checkpoint save blocks the loop", f"{result['checkpoint_save_blocked_ms']:.1f} ms "
        f"(max {result['checkpoint_save_blocked_ms_max']:.1f}) = "
        f"{result['checkpoint_blocked_overhead_pct']:.3f}% at --checkpoint_interval="

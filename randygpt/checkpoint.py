@@ -11,6 +11,7 @@ it when complete, so a killed save never leaves something that looks like a chec
 
 import contextlib
 import io
+import sys
 import time
 from pathlib import Path
 
@@ -35,13 +36,18 @@ def _manager(directory: Path) -> ocp.CheckpointManager:
 
 
 def _restore(path: Path, **items):
-  """Restores the named items of the checkpoint at `path`; any failure means it is broken."""
+  """Restores the named items of the checkpoint at `path`; any failure means it is broken.
+
+  When a read fails, Orbax closes its event loop while other reads are still running; they
+  report to the closed loop with tracebacks, during the restore and for a moment after it.
+  What the restore writes to stderr is held back, and shown only if it succeeds.
+  """
+  held = io.StringIO()
   try:
-    return ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
-        path.absolute(), args=ocp.args.Composite(**items))
+    with contextlib.redirect_stderr(held):
+      restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
+          path.absolute(), args=ocp.args.Composite(**items))
   except Exception as e:  # Orbax and tensorstore raise many kinds; all mean the same here.
-    # The aborted reads finish in the background and report to the event loop Orbax has
-    # closed, printing tracebacks: give them a moment, out of the user's sight.
     with contextlib.redirect_stderr(io.StringIO()):
       time.sleep(0.5)
     reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -50,6 +56,8 @@ def _restore(path: Path, **items):
     hint = (f" The checkpoint {others[0]} may be used instead: --resume_from={others[0]}"
             if others else "")
     raise UserError(f"Checkpoint {path} is corrupt or incomplete ({reason}).{hint}") from None
+  sys.stderr.write(held.getvalue())
+  return restored
 
 
 def _steps(directory: Path) -> list[int]:

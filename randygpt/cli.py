@@ -40,7 +40,7 @@ def entry_point(work):
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)  # JAX's INFO lines about absent backends are noise.
     import jax  # After flag parsing: --help and flag errors stay fast.
-    from randygpt import devices
+    from randygpt import devices, platforms
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
     devices.set_cpu_device_count(devices.cpu_device_count(
         flags.FLAGS.num_cpu_devices, flags.FLAGS.batch_size, flags.FLAGS.num_processes))
@@ -50,6 +50,7 @@ def entry_point(work):
                            flags.FLAGS.process_id, flags.FLAGS.distributed_timeout)
     except UserError as e:
       _exit_with_error(str(e))
+    platforms.start_backends()  # Before any JAX work: it drops backends that cannot start.
     if not devices.is_main_process():
       sys.stdout = open(os.devnull, "w")  # One log stream: process 0 speaks for the run.
     try:

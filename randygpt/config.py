@@ -46,7 +46,8 @@ class TrainConfig:
 class SampleConfig:
   prompt: tuple[str, ...] = ("ROMEO:",)
   max_new_tokens: int = 200
-  temperature: float = 0.8
+  num_samples: int = 1
+  temperature: float = 0.8  # 0: greedy.
   top_p: float = 0.9
   top_k: int = 0  # 0: off.
 
@@ -65,6 +66,8 @@ class LocationConfig:
   resume: bool = False
   resume_from: str = ""
   overwrite: bool = False
+  train_platform: str = "cpu"
+  eval_platform: str = "auto"
   num_cpu_devices: int = 0  # 0: decided from the cores and the batch size.
   coordinator_address: str = ""
   num_processes: int = 1

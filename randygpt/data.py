@@ -169,8 +169,16 @@ def split(tokens: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
   return tokens[:n_train], tokens[n_train:]
 
 
-def get_batch(tokens: jax.Array, key: jax.Array, batch_size: int, block_size: int):
-  """`batch_size` random windows: inputs and their next-character targets, each (B, T)."""
-  starts_B = jax.random.randint(key, (batch_size,), 0, tokens.shape[0] - block_size)
+def window_starts(tokens: jax.Array, key: jax.Array, n: int, block_size: int) -> jax.Array:
+  return jax.random.randint(key, (n,), 0, tokens.shape[0] - block_size)
+
+
+def windows(tokens: jax.Array, starts_B: jax.Array, block_size: int):
+  """The windows at `starts_B`: inputs and their next-character targets, each (B, T)."""
   windows_BxT1 = tokens[starts_B[:, None] + jnp.arange(block_size + 1)]
   return windows_BxT1[:, :-1], windows_BxT1[:, 1:]
+
+
+def get_batch(tokens: jax.Array, key: jax.Array, batch_size: int, block_size: int):
+  """`batch_size` random windows: inputs and their next-character targets, each (B, T)."""
+  return windows(tokens, window_starts(tokens, key, batch_size, block_size), block_size)

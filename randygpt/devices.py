@@ -97,8 +97,8 @@ def local_copy(tree):
   return jax.tree.map(lambda x: x.addressable_data(0), tree)
 
 
-def data_mesh() -> Mesh:
-  return Mesh(np.array(jax.devices()), ("data",))
+def data_mesh(devices) -> Mesh:
+  return Mesh(np.array(devices), ("data",))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

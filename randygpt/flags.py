@@ -6,6 +6,7 @@ config with no per-flag code.
 
 from absl import flags
 
+from randygpt import platforms
 from randygpt.config import RunConfig
 
 # Data and run location.
@@ -31,6 +32,14 @@ flags.DEFINE_integer("num_cpu_devices", 0, "Split the CPU into this many XLA dev
                      "train data-parallel across them (the batch must divide evenly); 0 picks "
                      "the largest count up to min(cores, 2) that divides --batch_size. Same "
                      "results on any count, up to float32 rounding.", lower_bound=0)
+flags.DEFINE_enum(
+    "train_platform", "cpu", list(platforms.CHOICES), "Where training runs: the CPU devices "
+    "(as in randyGPT); `auto` picks a CUDA/ROCm GPU or TPU when present (never Metal unless "
+    "named). An unusable platform falls back to the CPU with a warning.", case_sensitive=False)
+flags.DEFINE_enum(
+    "eval_platform", "auto", list(platforms.CHOICES), "Where loss estimates and sampling run: "
+    "`auto` picks the first working accelerator (gpu, tpu, metal, mps), else the CPU. An "
+    "unusable platform falls back to the CPU with a warning.", case_sensitive=False)
 flags.DEFINE_string(
     "coordinator_address", "", "host:port of process 0 for a multi-process run (with "
     "--num_processes and --process_id); `auto` lets jax.distributed.initialize() discover "
@@ -81,14 +90,16 @@ flags.DEFINE_multi_string("prompt", ["ROMEO:"], "Text to continue; repeat the fl
                           "several samples.")
 flags.DEFINE_integer("max_new_tokens", 200, "Characters to generate per prompt (may exceed "
                      "--block_size).", lower_bound=0)
-flags.DEFINE_float("temperature", 0.8, "Sampling temperature, > 0.")
+flags.DEFINE_integer("num_samples", 1, "Samples per prompt, drawn as one batch.",
+                     lower_bound=1)
+flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 always takes the most likely "
+                   "character (greedy).", lower_bound=0.0)
 flags.DEFINE_float("top_p", 0.9, "Nucleus sampling: keep the smallest set of characters whose "
                    "probability reaches this, in (0, 1].")
 flags.DEFINE_integer("top_k", 0, "Keep only the k most likely characters; 0 is off.",
                      lower_bound=0)
 
 flags.register_validator("dropout", lambda v: v < 1.0, "--dropout must be below 1.")
-flags.register_validator("temperature", lambda v: v > 0.0, "--temperature must be > 0.")
 flags.register_validator("top_p", lambda v: 0.0 < v <= 1.0, "--top_p must be in (0, 1].")
 flags.register_validator("learning_rate", lambda v: v > 0.0, "--learning_rate must be > 0.")
 flags.register_multi_flags_validator(

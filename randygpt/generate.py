@@ -33,38 +33,71 @@ def filter_logits(logits_BxV: jax.Array, temperature: float, top_k: int = 0,
   return logits_BxV
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "sample_config"))
-def generate(params, prompt_P: jax.Array, key: jax.Array, model_config: ModelConfig,
-             sample_config: SampleConfig) -> jax.Array:
-  """`max_new_tokens` tokens following `prompt_P`, the context cropped to the last block_size."""
-  n_prompt, n_new, block = prompt_P.shape[0], sample_config.max_new_tokens, model_config.block_size
-  buffer_L = jnp.zeros(max(n_prompt + n_new, block), jnp.int32).at[:n_prompt].set(prompt_P)
+def _draw(logits_BxV: jax.Array, key: jax.Array, config: SampleConfig) -> jax.Array:
+  if config.temperature == 0.0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits_BxV = filter_logits(logits_BxV, config.temperature, config.top_k, config.top_p)
+  return jax.random.categorical(key, logits_BxV).astype(jnp.int32)
 
-  def step(i, buffer_L):
+
+@functools.partial(jax.jit, static_argnames=("model_config", "sample_config", "use_cache"))
+def generate(params, prompt_BxP: jax.Array, key: jax.Array, model_config: ModelConfig,
+             sample_config: SampleConfig, use_cache: bool = True) -> jax.Array:
+  """`max_new_tokens` tokens following each row of `prompt_BxP` (P >= 1), in one jitted loop.
+
+  While the text fits the context window, a key/value cache makes each new token cost one
+  position (the prompt is prefilled at once). Beyond it, positions are absolute, so each
+  token re-runs the last block_size tokens, as nanoGPT does. `use_cache=False` re-runs the
+  window for every token: the reference the cached path must match.
+  """
+  batch, n_prompt = prompt_BxP.shape
+  n_new, block = sample_config.max_new_tokens, model_config.block_size
+  n_cached = min(n_new, block - n_prompt + 1) if use_cache and n_prompt <= block else 0
+  buffer_BxL = jnp.zeros((batch, max(n_prompt + n_new, block)), jnp.int32)
+  buffer_BxL = buffer_BxL.at[:, :n_prompt].set(prompt_BxP)
+
+  def draw(logits_BxV, i):
+    return _draw(logits_BxV, jax.random.fold_in(key, i), sample_config)
+
+  if n_cached:
+    cache = model.init_cache(model_config, batch)
+    logits_BxPxV, cache = model.forward_cached(params, prompt_BxP, cache, 0, model_config)
+
+    def decode(carry, i):
+      cache, token_B = carry
+      logits_Bx1xV, cache = model.forward_cached(params, token_B[:, None], cache,
+                                                 n_prompt + i - 1, model_config)
+      token_B = draw(logits_Bx1xV[:, 0], i)
+      return (cache, token_B), token_B
+
+    first_B = draw(logits_BxPxV[:, -1], 0)
+    _, rest_NxB = jax.lax.scan(decode, (cache, first_B), jnp.arange(1, n_cached))
+    cached_BxN = jnp.concatenate([first_B[:, None], rest_NxB.T], axis=1)
+    buffer_BxL = buffer_BxL.at[:, n_prompt:n_prompt + n_cached].set(cached_BxN)
+
+  def window_step(i, buffer_BxL):
     pos = n_prompt + i  # Tokens known so far; the next one goes here.
     start = jnp.maximum(pos - block, 0)
     # Causal attention: positions after `pos` in the window cannot affect its logits.
-    window_1xT = jax.lax.dynamic_slice(buffer_L, (start,), (block,))[None]
-    logits_V = model.forward(params, window_1xT, model_config)[0, pos - 1 - start]
-    logits_1xV = filter_logits(logits_V[None], sample_config.temperature, sample_config.top_k,
-                               sample_config.top_p)
-    token = jax.random.categorical(jax.random.fold_in(key, i), logits_1xV)[0]
-    return buffer_L.at[pos].set(token)
+    window_BxT = jax.lax.dynamic_slice_in_dim(buffer_BxL, start, block, axis=1)
+    logits_BxV = model.forward(params, window_BxT, model_config)[:, pos - 1 - start]
+    return buffer_BxL.at[:, pos].set(draw(logits_BxV, i))
 
-  buffer_L = jax.lax.fori_loop(0, n_new, step, buffer_L)
-  return buffer_L[n_prompt:n_prompt + n_new]
+  buffer_BxL = jax.lax.fori_loop(n_cached, n_new, window_step, buffer_BxL)
+  return buffer_BxL[:, n_prompt:n_prompt + n_new]
 
 
 def complete(params, tokenizer, prompt: str, key: jax.Array, model_config: ModelConfig,
-             sample_config: SampleConfig) -> str:
-  """The prompt's continuation as text."""
-  prompt_P = jnp.asarray(tokenizer.encode(prompt))
-  return tokenizer.decode(np.asarray(generate(params, prompt_P, key, model_config, sample_config)))
+             sample_config: SampleConfig) -> list[str]:
+  """`num_samples` continuations of the prompt, drawn as one batch."""
+  prompt_BxP = np.tile(tokenizer.encode(prompt), (sample_config.num_samples, 1))
+  tokens_BxN = generate(params, prompt_BxP, key, model_config, sample_config)
+  return [tokenizer.decode(row) for row in np.asarray(tokens_BxN)]
 
 
 def write_samples(params, tokenizer, prompts, seed: int, model_config: ModelConfig,
                   sample_config: SampleConfig, path=None, stop=None) -> None:
-  """Prints each prompt with its continuation (and writes them to `path`); stops early
+  """Prints each prompt with its continuations (and writes them to `path`); stops early
   between prompts when `stop.signum` is set."""
   print("Generating samples...", flush=True)
   key = jax.random.fold_in(jax.random.key(seed), SAMPLE_STREAM)
@@ -72,8 +105,9 @@ def write_samples(params, tokenizer, prompts, seed: int, model_config: ModelConf
   for i, prompt in enumerate(prompts):
     if stop is not None and stop.signum:
       break
-    texts.append(prompt + complete(params, tokenizer, prompt, jax.random.fold_in(key, i),
-                                   model_config, sample_config))
-    print(f"\n{texts[-1]}\n", flush=True)
+    for continuation in complete(params, tokenizer, prompt, jax.random.fold_in(key, i),
+                                 model_config, sample_config):
+      texts.append(prompt + continuation)
+      print(f"\n{texts[-1]}\n", flush=True)
   if path is not None:
     path.write_text("".join(t + "\n\n" for t in texts), encoding="utf-8")

@@ -56,27 +56,56 @@ def _dropout(x, rate, rng):
   return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
-def _attention(attn, x_NxD, batch, config: ModelConfig):
+def init_cache(config: ModelConfig, batch: int) -> list:
+  """An empty key/value cache for `batch` sequences of up to block_size positions."""
+  shape = (batch, config.block_size, config.n_head, config.head_dim)
+  return [{"k": jnp.zeros(shape), "v": jnp.zeros(shape)} for _ in range(config.n_layer)]
+
+
+def _attention(attn, x_NxD, batch, config: ModelConfig, cache, pos):
+  """Causal attention of the T new positions pos..pos+T-1; with a cache, their keys and
+  values are written into it at `pos` and the queries attend over the whole cache."""
   n, d = x_NxD.shape
   t, h, k = n // batch, config.n_head, config.head_dim
   qkv_NxC = x_NxD @ attn["wqkv"]
   q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = jnp.split(qkv_NxC.reshape(batch, t, 3 * h, k), 3, axis=2)
-  scores_BxHxTxT = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxTxHxK) / math.sqrt(k)
-  causal_TxT = jnp.tril(jnp.ones((t, t), dtype=bool))
-  scores_BxHxTxT = jnp.where(causal_TxT, scores_BxHxTxT, -jnp.inf)
-  probs_BxHxTxT = jax.nn.softmax(scores_BxHxTxT, axis=-1)
-  out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxT, v_BxTxHxK)
-  return out_BxTxHxK.reshape(n, d) @ attn["wo"]
+  if cache is not None:
+    cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BxTxHxK, pos, axis=1),
+             "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BxTxHxK, pos, axis=1)}
+    k_BxSxHxK, v_BxSxHxK = cache["k"], cache["v"]
+  else:
+    k_BxSxHxK, v_BxSxHxK = k_BxTxHxK, v_BxTxHxK
+  s = k_BxSxHxK.shape[1]
+  scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK) / math.sqrt(k)
+  causal_TxS = jnp.arange(s)[None, :] <= pos + jnp.arange(t)[:, None]
+  scores_BxHxTxS = jnp.where(causal_TxS, scores_BxHxTxS, -jnp.inf)
+  probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
+  out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS, v_BxSxHxK)
+  return out_BxTxHxK.reshape(n, d) @ attn["wo"], cache
 
 
 def _mlp(mlp, x_NxD):
   return jnp.square(jax.nn.relu(x_NxD @ mlp["w1"])) @ mlp["w2"]
 
 
+def _transformer(params, tokens_BxT, config: ModelConfig, drop, cache, pos):
+  batch, t = tokens_BxT.shape
+  x_BxTxD = params["wte"][tokens_BxT] + jax.lax.dynamic_slice_in_dim(params["wpe"], pos, t)
+  x_NxD = x_BxTxD.reshape(batch * t, config.n_embd)
+  new_cache = []
+  for i, block in enumerate(params["blocks"]):
+    attn_NxD, layer_cache = _attention(block["attn"], rmsnorm(x_NxD), batch, config,
+                                       None if cache is None else cache[i], pos)
+    new_cache.append(layer_cache)
+    x_NxD = x_NxD + drop(attn_NxD)
+    x_NxD = x_NxD + drop(_mlp(block["mlp"], rmsnorm(x_NxD)))
+  logits_NxV = x_NxD @ params["lm_head"]
+  return logits_NxV.reshape(batch, t, config.vocab_size), new_cache
+
+
 def forward(params, tokens_BxT: jax.Array, config: ModelConfig, *, train: bool = False,
             rng: jax.Array | None = None) -> jax.Array:
   """Logits (B, T, vocab) for each position; dropout only when `train` and `rng` is given."""
-  batch, t = tokens_BxT.shape
   use_dropout = train and config.dropout > 0.0
   if use_dropout and rng is None:
     raise ValueError("forward(train=True) with dropout needs an rng")
@@ -85,13 +114,14 @@ def forward(params, tokens_BxT: jax.Array, config: ModelConfig, *, train: bool =
   def drop(x):
     return _dropout(x, config.dropout, keys.pop()) if use_dropout else x
 
-  x_BxTxD = params["wte"][tokens_BxT] + params["wpe"][:t]
-  x_NxD = x_BxTxD.reshape(batch * t, config.n_embd)
-  for block in params["blocks"]:
-    x_NxD = x_NxD + drop(_attention(block["attn"], rmsnorm(x_NxD), batch, config))
-    x_NxD = x_NxD + drop(_mlp(block["mlp"], rmsnorm(x_NxD)))
-  logits_NxV = x_NxD @ params["lm_head"]
-  return logits_NxV.reshape(batch, t, config.vocab_size)
+  return _transformer(params, tokens_BxT, config, drop, None, 0)[0]
+
+
+def forward_cached(params, tokens_BxT: jax.Array, cache: list, pos: jax.Array,
+                   config: ModelConfig) -> tuple[jax.Array, list]:
+  """Logits of T tokens at positions pos..pos+T-1 (pos + T <= block_size) given the cache
+  of the positions before them, and the cache with theirs added. No dropout."""
+  return _transformer(params, tokens_BxT, config, lambda x: x, cache, pos)
 
 
 def loss_fn(params, batch, config: ModelConfig, *, train: bool = False,

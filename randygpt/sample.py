@@ -16,14 +16,15 @@ from randygpt import flags as randygpt_flags
 
 flags.DEFINE_string("checkpoint", "", "best, latest, or a checkpoint path (a step directory "
                     "or a workdir); default: the best checkpoint, else the latest.")
-for _name in ("workdir", "prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed"):
+for _name in ("workdir", "prompt", "max_new_tokens", "num_samples", "temperature", "top_p",
+              "top_k", "seed", "eval_platform"):
   flags.declare_key_flag(_name, flag_values=flags.FLAGS)
 
 
 def sample_from_checkpoint(spec: str, config) -> None:
   import jax
 
-  from randygpt import checkpoint, data, generate, optim, train
+  from randygpt import checkpoint, data, generate, optim, platforms, train
   from randygpt.config import RunConfig
 
   workdir = Path(config.location.workdir)
@@ -37,8 +38,11 @@ def sample_from_checkpoint(spec: str, config) -> None:
   prompts = train.check_prompts(config.sample.prompt, tokenizer)
   model_config = dataclasses.replace(saved.model, vocab_size=tokenizer.vocab_size)
   optimizer = optim.make_optimizer(saved.train, saved.train.lr_decay_iters)
+  placement = platforms.place("cpu", config.location.eval_platform)
+  for note in placement.notes:
+    print(note)
   state = train.restore_or_init(jax.random.key(0), model_config, optimizer, path,
-                                jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+                                jax.sharding.SingleDeviceSharding(placement.eval_device))
   seed = config.train.seed if "seed" in config.explicit else saved.train.seed
   print(f"checkpoint: {path} (iteration {meta['iter']}; best val loss so far "
         f"{meta['best_val_loss']})")

@@ -18,12 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from randygpt import checkpoint, data, devices, generate, metrics, model, optim
-from randygpt.config import ModelConfig, RunConfig
+from randygpt import checkpoint, data, devices, generate, metrics, model, optim, platforms
+from randygpt.config import ModelConfig, RunConfig, TrainConfig
 from randygpt.errors import UserError
 
 # Independent random streams, each derived from the seed with `jax.random.fold_in`.
 INIT_STREAM, DATA_STREAM, DROPOUT_STREAM, EVAL_STREAM = range(4)
+# Tokens per loss-estimate chunk. Accelerators gain from large batches; on the CPU, chunks
+# past ~2K tokens fall out of cache and run 2.5x slower (measured, see WORKSPACE.md).
+EVAL_CHUNK_TOKENS = {"cpu": 2048, "accelerator": 262144}
 
 
 def init_train_state(key: jax.Array, model_config: ModelConfig,
@@ -44,12 +47,32 @@ def train_step(state: dict, batch, rng: jax.Array, *, model_config: ModelConfig,
 
 
 def eval_loss(params, tokens: jax.Array, key: jax.Array, *, model_config: ModelConfig,
-              batch_size: int, eval_iters: int) -> jax.Array:
-  """Mean loss over `eval_iters` batches, without dropout; one batch in memory at a time."""
-  def batch_loss(k):
-    batch = data.get_batch(tokens, k, batch_size, model_config.block_size)
-    return model.loss_fn(params, batch, model_config)
-  return jax.lax.map(batch_loss, jax.random.split(key, eval_iters)).mean()
+              batch_size: int, eval_iters: int, chunk_batches: int = 1) -> jax.Array:
+  """Mean loss over `eval_iters` batches of random windows, without dropout, run
+  `chunk_batches` batches at a time (a divisor of `eval_iters`), one chunk in memory at a
+  time. The windows, and so the estimate, do not depend on the chunking."""
+  block = model_config.block_size
+  starts = data.window_starts(tokens, key, eval_iters * batch_size, block)
+
+  def chunk_loss(starts_C):
+    return model.loss_fn(params, data.windows(tokens, starts_C, block), model_config)
+  return jax.lax.map(chunk_loss, starts.reshape(eval_iters // chunk_batches, -1)).mean()
+
+
+def eval_chunk_batches(eval_iters: int, tokens_per_batch: int, max_tokens: int) -> int:
+  """The largest divisor of `eval_iters` whose chunk holds at most `max_tokens` tokens."""
+  return max(n for n in range(1, eval_iters + 1)
+             if eval_iters % n == 0 and (n == 1 or n * tokens_per_batch <= max_tokens))
+
+
+def jit_eval_loss(tc: TrainConfig, model_config: ModelConfig, platform: str):
+  """The jitted loss estimate, in chunks as large as suit `platform`."""
+  max_tokens = EVAL_CHUNK_TOKENS.get(platform, EVAL_CHUNK_TOKENS["accelerator"])
+  chunk = eval_chunk_batches(tc.eval_iters, tc.batch_size * model_config.block_size,
+                             max_tokens)
+  return jax.jit(functools.partial(eval_loss, model_config=model_config,
+                                   batch_size=tc.batch_size, eval_iters=tc.eval_iters,
+                                   chunk_batches=chunk))
 
 
 def jit_data_parallel(model_config: ModelConfig, optimizer: optax.GradientTransformation,
@@ -155,7 +178,8 @@ def run(config: RunConfig) -> dict:
         config.train, lr_decay_iters=config.train.iters))
   tc = config.train
 
-  mesh = devices.data_mesh()
+  placement = platforms.place(loc.train_platform, loc.eval_platform)
+  mesh = devices.data_mesh(placement.train_devices)
   devices.check_batch_divides(tc.batch_size, mesh.size)
   replicated = devices.replicated(mesh)
   root = jax.random.key(tc.seed)
@@ -176,7 +200,8 @@ def run(config: RunConfig) -> dict:
     metrics.write_text(workdir / "flags.cfg", config.flagfile())
   devices.sync("workdir ready")
   checkpoints = checkpoint.Checkpoints(workdir)
-  train_tokens, val_tokens = jax.device_put((train_np, val_np), replicated)
+  train_tokens = jax.device_put(train_np, replicated)
+  eval_tokens = jax.device_put({"train": train_np, "val": val_np}, placement.eval_device)
   tokens_per_step = tc.batch_size * model_config.block_size
   n_params = model.count_params(state["params"])
 
@@ -185,17 +210,19 @@ def run(config: RunConfig) -> dict:
   print(f"model: {model_config.n_layer} layers, {model_config.n_head} heads, "
         f"n_embd {model_config.n_embd}, block {model_config.block_size}, dropout "
         f"{model_config.dropout} | {n_params:,} parameters")
-  print(f"devices: {mesh.size} x {jax.devices()[0].platform} (data-parallel) | batch "
+  print(f"devices: {mesh.size} x {mesh.devices.flat[0].platform} (data-parallel) | batch "
         f"{tc.batch_size} x {model_config.block_size} = {tokens_per_step:,} tokens/step | "
         f"workdir: {workdir}")
+  for note in placement.notes:
+    print(note)
   if source:
     print(f"Resumed from {source} at iteration {start_iter} (target {tc.iters}, learning "
           f"rate horizon {tc.lr_decay_iters}).")
 
   get_batch, step_fn = jit_data_parallel(model_config, optimizer, mesh)
-  evaluate = jax.jit(functools.partial(eval_loss, model_config=model_config,
-                                       batch_size=tc.batch_size, eval_iters=tc.eval_iters))
-  eval_key = stream(EVAL_STREAM)  # The same eval windows every time: comparable estimates.
+  evaluate = jit_eval_loss(tc, model_config, placement.eval_device.platform)
+  # The same eval windows every time: comparable estimates.
+  eval_key = jax.device_put(stream(EVAL_STREAM), placement.eval_device)
 
   def batch_for(step):
     return get_batch(train_tokens, jax.random.fold_in(stream(DATA_STREAM), step),
@@ -232,9 +259,10 @@ def run(config: RunConfig) -> dict:
         if with_eval:
           metrics.phase(f"Evaluating at iteration {step}...")
           t_eval = time.perf_counter()
-          rec["eval_train_loss"] = float(evaluate(state["params"], train_tokens,
+          params = placement.for_eval(state["params"])
+          rec["eval_train_loss"] = float(evaluate(params, eval_tokens["train"],
                                                   jax.random.fold_in(eval_key, 0)))
-          rec["val_loss"] = float(evaluate(state["params"], val_tokens,
+          rec["val_loss"] = float(evaluate(params, eval_tokens["val"],
                                            jax.random.fold_in(eval_key, 1)))
           eval_seconds = time.perf_counter() - t_eval
           if best is None or rec["val_loss"] < best[0]:
@@ -302,7 +330,7 @@ def run(config: RunConfig) -> dict:
       print(f"Best checkpoint: {summary['best_checkpoint']} (val {best[0]:.4f})" if best else
             "No best checkpoint yet: no evaluation has run.", flush=True)
     if is_main and status == "completed":
-      generate.write_samples(devices.local_copy(state["params"]), tokenizer, prompts,
+      generate.write_samples(placement.for_eval(state["params"]), tokenizer, prompts,
                              tc.seed, model_config, config.sample, workdir / "samples.txt",
                              stopper)
   if status == "interrupted" or stopper.signum:

@@ -5,7 +5,9 @@ import json
 from conftest import make_corpus
 
 KEYS = ("compile_s", "ms_per_step", "tokens_per_sec", "eval_tokens_per_sec",
-        "generate_tokens_per_sec", "checkpoint_save_blocked_ms",
+        *(f"generate_{case}_x{streams}_tokens_per_sec"
+          for case in ("window_cached", "window_uncached", "500_cached") for streams in (1, 8)),
+        "checkpoint_save_blocked_ms",
         "checkpoint_blocked_overhead_pct", "checkpoint_total_overhead_pct", "peak_rss_mb")
 
 
@@ -24,3 +26,4 @@ def test_bench_reports_json_and_a_table(run_cli, tmp_path):
   assert table.returncode == 0, table.stderr
   assert "checkpoint save blocks the loop" in table.stdout
   assert "training throughput" in table.stdout
+  assert "generation in the window, 8 stream(s)" in table.stdout

@@ -26,7 +26,7 @@ def restore_flags():
     (["--batch_size=-1"], "batch_size"),
     (["--top_p=0"], "top_p must be in"),
     (["--top_p=1.5"], "top_p must be in"),
-    (["--temperature=0"], "temperature must be > 0"),
+    (["--temperature=-0.5"], "--temperature=-0.5"),
     (["--dropout=1.0"], "dropout must be below 1"),
     (["--learning_rate=0"], "learning_rate must be > 0"),
     (["--min_lr=1", "--learning_rate=0.1"], "min_lr must not exceed"),
@@ -35,6 +35,13 @@ def restore_flags():
 def test_invalid_values_are_refused(args, message):
   with pytest.raises(flags.IllegalFlagValueError, match=message):
     parse(*args)
+
+
+def test_platform_flags_take_any_case_and_refuse_unknown_names():
+  parse("--eval_platform=Metal", "--train_platform=AUTO")
+  assert (FLAGS.eval_platform, FLAGS.train_platform) == ("metal", "auto")
+  with pytest.raises(flags.IllegalFlagValueError, match="eval_platform"):
+    parse("--eval_platform=vulkan")
 
 
 def test_unknown_flag_is_refused():

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from randygpt import generate, model
+from randygpt import data, generate, model
 from randygpt.config import ModelConfig, SampleConfig
 
 CONFIG = ModelConfig(vocab_size=13, n_embd=16, n_head=2, n_layer=2, block_size=8)
@@ -63,37 +63,108 @@ def test_temperature_scales_logits():
   np.testing.assert_allclose(generate.filter_logits(logits, 0.5), logits * 2.0, rtol=1e-6)
 
 
-def test_generate_goes_past_the_context_window(params):
-  cfg = SampleConfig(max_new_tokens=3 * CONFIG.block_size, temperature=1.0, top_p=1.0)
-  out = generate.generate(params, jnp.array([1, 2, 3]), jax.random.key(0), CONFIG, cfg)
-  assert out.shape == (3 * CONFIG.block_size,)
-  assert int(out.min()) >= 0 and int(out.max()) < CONFIG.vocab_size
+def test_zero_temperature_is_greedy():
+  logits = random_logits(5, batch=8)
+  tokens = generate._draw(logits, jax.random.key(0), SampleConfig(temperature=0.0))
+  np.testing.assert_array_equal(tokens, np.argmax(np.asarray(logits), axis=-1))
 
 
-def test_generate_is_deterministic_for_a_key(params):
+# Trained models give decisive logits; scaled-up random weights stand in for one.
+@pytest.fixture(scope="module")
+def decisive_params(params):
+  return jax.tree.map(lambda w: 8.0 * w, params)
+
+
+LOGITS_TOL = 1e-4  # float32 agreement between the cached and the full forward.
+
+
+def test_cached_forward_matches_the_full_forward_at_every_step(decisive_params, maybe_jit):
+  tokens_BxT = jax.random.randint(jax.random.key(1), (2, CONFIG.block_size), 0,
+                                  CONFIG.vocab_size)
+  full_BxTxV = model.forward(decisive_params, tokens_BxT, CONFIG)
+  forward_cached = maybe_jit(model.forward_cached, static_argnums=(4,))
+  prefill = 3
+  cache = model.init_cache(CONFIG, batch=2)
+  logits_BxPxV, cache = forward_cached(decisive_params, tokens_BxT[:, :prefill], cache, 0,
+                                       CONFIG)
+  np.testing.assert_allclose(logits_BxPxV, full_BxTxV[:, :prefill], atol=LOGITS_TOL)
+  for pos in range(prefill, CONFIG.block_size):  # Teacher-forced, one position at a time.
+    logits_Bx1xV, cache = forward_cached(decisive_params, tokens_BxT[:, pos:pos + 1], cache,
+                                         pos, CONFIG)
+    np.testing.assert_allclose(logits_Bx1xV[:, 0], full_BxTxV[:, pos], atol=LOGITS_TOL)
+
+
+def reference_logits(params, prompt_BxP, out_BxN):
+  """Full-forward logits behind each generated token, on the generated text itself."""
+  seq_BxL = np.concatenate([prompt_BxP, np.asarray(out_BxN)], axis=1)
+  n_prompt = prompt_BxP.shape[1]
+  steps = []
+  for i in range(out_BxN.shape[1]):
+    context = seq_BxL[:, max(0, n_prompt + i - CONFIG.block_size):n_prompt + i]
+    steps.append(np.asarray(model.forward(params, jnp.asarray(context), CONFIG)[:, -1]))
+  return np.stack(steps, axis=1)  # B x N x V
+
+
+@pytest.mark.parametrize("n_prompt", [1, 3, CONFIG.block_size, 2 * CONFIG.block_size + 1])
+def test_greedy_tokens_are_the_argmax_of_the_full_forward(decisive_params, n_prompt):
+  cfg = SampleConfig(max_new_tokens=3 * CONFIG.block_size, temperature=0.0)
+  prompt_BxP = np.asarray(jax.random.randint(jax.random.key(n_prompt), (3, n_prompt), 0,
+                                             CONFIG.vocab_size))
+  out_BxN = generate.generate(decisive_params, prompt_BxP, jax.random.key(0), CONFIG, cfg)
+  logits_BxNxV = reference_logits(decisive_params, prompt_BxP, out_BxN)
+  top2_BxNx2 = np.sort(logits_BxNxV, axis=-1)[..., -2:]
+  decisive_BxN = top2_BxNx2[..., 1] - top2_BxNx2[..., 0] > LOGITS_TOL
+  assert decisive_BxN.mean() > 0.9  # Nearly every step is checked.
+  np.testing.assert_array_equal(np.asarray(out_BxN)[decisive_BxN],
+                                logits_BxNxV.argmax(axis=-1)[decisive_BxN])
+
+
+def test_cached_and_uncached_generation_give_the_same_tokens(decisive_params):
+  cfg = SampleConfig(max_new_tokens=3 * CONFIG.block_size, temperature=1.0, top_p=0.95)
+  prompt_BxP = np.array([[1, 2, 3]] * 4)
+  cached, uncached = (generate.generate(decisive_params, prompt_BxP, jax.random.key(3),
+                                        CONFIG, cfg, use_cache=use_cache)
+                      for use_cache in (True, False))
+  np.testing.assert_array_equal(cached, uncached)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.6), (4, 0.8)])
+def test_generation_never_draws_a_token_outside_top_k_or_top_p(params, top_k, top_p):
+  cfg = SampleConfig(max_new_tokens=2 * CONFIG.block_size, temperature=1.0, top_k=top_k,
+                     top_p=top_p)
+  prompt_BxP = np.array([[5, 6]] * 16)
+  out_BxN = np.asarray(generate.generate(params, prompt_BxP, jax.random.key(11), CONFIG, cfg))
+  logits_BxNxV = reference_logits(params, prompt_BxP, out_BxN)
+  order_BxNxV = np.argsort(-logits_BxNxV, axis=-1)
+  rank_BxN = (order_BxNxV == out_BxN[..., None]).argmax(axis=-1)
+  if top_k:
+    assert (rank_BxN < top_k).all()
+  probs_BxNxV = np.take_along_axis(np.asarray(jax.nn.softmax(logits_BxNxV)), order_BxNxV, -1)
+  mass_before_BxN = np.take_along_axis(np.cumsum(probs_BxNxV, -1) - probs_BxNxV,
+                                       rank_BxN[..., None], -1)[..., 0]
+  assert (mass_before_BxN < top_p + 1e-6).all()
+  assert len(np.unique(out_BxN)) > 1  # Sampling happened: not a degenerate greedy run.
+
+
+def test_generation_is_deterministic_for_a_key_and_streams_differ(params):
   cfg = SampleConfig(max_new_tokens=20, temperature=1.0, top_p=1.0)
-  prompt = jnp.array([4, 5])
-  a = generate.generate(params, prompt, jax.random.key(7), CONFIG, cfg)
-  b = generate.generate(params, prompt, jax.random.key(7), CONFIG, cfg)
-  c = generate.generate(params, prompt, jax.random.key(8), CONFIG, cfg)
+  prompt_BxP = np.array([[4, 5]] * 2)
+  a = generate.generate(params, prompt_BxP, jax.random.key(7), CONFIG, cfg)
+  b = generate.generate(params, prompt_BxP, jax.random.key(7), CONFIG, cfg)
+  c = generate.generate(params, prompt_BxP, jax.random.key(8), CONFIG, cfg)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
+  assert not np.array_equal(a[0], a[1])
 
 
-def test_greedy_generation_matches_argmax_of_a_cropped_forward(params):
-  cfg = SampleConfig(max_new_tokens=20, temperature=1.0, top_k=1)
-  prompt = [3, 1, 4, 1, 5]
-  out = generate.generate(params, jnp.array(prompt), jax.random.key(0), CONFIG, cfg)
-  seq = list(prompt)
-  for _ in range(cfg.max_new_tokens):
-    context = jnp.array(seq[-CONFIG.block_size:])[None]
-    seq.append(int(jnp.argmax(model.forward(params, context, CONFIG)[0, -1])))
-  assert np.asarray(out).tolist() == seq[len(prompt):]
+def test_zero_new_tokens(params):
+  cfg = SampleConfig(max_new_tokens=0)
+  assert generate.generate(params, np.array([[1]]), jax.random.key(0), CONFIG, cfg).shape == (1, 0)
 
 
-def test_generate_with_a_prompt_longer_than_the_window(params):
-  cfg = SampleConfig(max_new_tokens=5, temperature=1.0, top_k=1)
-  prompt = list(range(CONFIG.vocab_size)) * 2  # 26 tokens > block_size 8.
-  out = generate.generate(params, jnp.array(prompt), jax.random.key(0), CONFIG, cfg)
-  context = jnp.array(prompt[-CONFIG.block_size:])[None]
-  assert int(out[0]) == int(jnp.argmax(model.forward(params, context, CONFIG)[0, -1]))
+def test_complete_draws_num_samples_continuations(params):
+  tokenizer = data.CharTokenizer(tuple("abcdefghijklm"))
+  cfg = SampleConfig(max_new_tokens=12, num_samples=3, temperature=1.0)
+  texts = generate.complete(params, tokenizer, "abc", jax.random.key(0), CONFIG, cfg)
+  assert len(texts) == 3 and all(len(t) == 12 for t in texts)
+  assert len(set(texts)) > 1

@@ -36,11 +36,24 @@ def test_sampling_flags_and_default_checkpoint(run_cli, trained):
   assert printed.startswith("BORIS") and len(printed) == len("BORIS") + 50 + len("\n\n")
 
 
+def test_greedy_batch_on_a_missing_accelerator_falls_back_to_the_cpu(run_cli, trained):
+  result = run_cli("--workdir=w", "--prompt=ANNA", "--max_new_tokens=20", "--num_samples=3",
+                   "--temperature=0", "--eval_platform=gpu", module="randygpt.sample")
+  assert result.returncode == 0, result.stderr
+  assert [line for line in result.stdout.splitlines() if line.startswith("⚠")] == [
+      line for line in result.stdout.splitlines() if "--eval_platform=gpu" in line]
+  printed = result.stdout.split("Generating samples...\n")[1]
+  one = printed[:len(printed) // 3]
+  assert one.startswith("\nANNA") and len(one) == len("\nANNA") + 20 + len("\n\n")
+  assert printed == 3 * one  # Greedy: every stream the same.
+
+
 @pytest.mark.parametrize("args, message", [
     (["--workdir=w", "--prompt=QX"], "not in the training text's vocabulary: 'Q' 'X'"),
     (["--workdir=nowhere"], "nowhere has no latest checkpoint"),
     (["--workdir=w", "--checkpoint=w/nothing"], "Checkpoint w/nothing does not exist"),
-    (["--workdir=w", "--temperature=0"], "--temperature must be > 0"),
+    (["--workdir=w", "--temperature=-1"], "--temperature=-1"),
+    (["--workdir=w", "--num_samples=0"], "--num_samples=0"),
 ])
 def test_mistakes_get_a_short_error(run_cli, trained, args, message):
   result = run_cli(*args, module="randygpt.sample")

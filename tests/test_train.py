@@ -70,12 +70,24 @@ def test_training_lowers_the_loss(setup):
   assert after < before - 1.0
 
 
-def test_eval_loss_jit_matches_eager(setup, maybe_jit):
+@pytest.mark.parametrize("chunk_batches", [1, 2, 6])
+def test_eval_loss_is_the_same_for_any_chunking_jitted_or_not(setup, maybe_jit, chunk_batches):
   cfg, tokens, _ = setup
   params = fresh_state(setup)["params"]
-  evaluate = functools.partial(train.eval_loss, model_config=cfg, batch_size=4, eval_iters=3)
-  got = maybe_jit(evaluate)(params, tokens, jax.random.key(2))
+  evaluate = functools.partial(train.eval_loss, model_config=cfg, batch_size=4, eval_iters=6)
+  chunked = maybe_jit(functools.partial(evaluate, chunk_batches=chunk_batches))
+  got = chunked(params, tokens, jax.random.key(2))
   np.testing.assert_allclose(got, evaluate(params, tokens, jax.random.key(2)), rtol=1e-5)
+  other_key = evaluate(params, tokens, jax.random.key(3))
+  assert abs(float(other_key) - float(got)) > 1e-6  # The windows come from the key.
+
+
+@pytest.mark.parametrize("eval_iters, tokens_per_batch, max_tokens, expected", [
+    (200, 2048, 2048, 1), (200, 2048, 20000, 8), (200, 256, 2048, 8), (7, 256, 2048, 7),
+    (7, 512, 2048, 1), (20, 4096, 2048, 1)])
+def test_eval_chunk_is_the_largest_divisor_that_fits(eval_iters, tokens_per_batch,
+                                                     max_tokens, expected):
+  assert train.eval_chunk_batches(eval_iters, tokens_per_batch, max_tokens) == expected
 
 
 TOKENIZER = data.CharTokenizer.from_text("hello world\nHELLO:")
