@@ -115,8 +115,11 @@ def restore_or_init(key: jax.Array, model_config: ModelConfig,
   init = functools.partial(init_train_state, model_config=model_config, optimizer=optimizer)
   if source is None:
     return jax.device_put(init(key), sharding)
-  return checkpoint.restore_state(
+  restored = checkpoint.restore_state(
       source, checkpoint.abstract_like(jax.eval_shape(init, key), sharding))
+  # jaxlib 0.5 (the Metal stack) can hand back arrays that share host memory with NumPy;
+  # donating those to the train step corrupts the heap, so the step gets its own copies.
+  return jax.tree.map(jnp.copy, restored)
 
 
 def check_prompts(prompts, tokenizer: data.CharTokenizer, default_prompts=("ROMEO:",)):
