@@ -15,6 +15,22 @@ needs_shakespeare = pytest.mark.skipif(
     not SHAKESPEARE.exists(), reason=f"Tiny Shakespeare not found at {SHAKESPEARE}")
 
 
+# Tests compare code paths to float32 tolerance; GPUs would otherwise multiply in TF32.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _has_gpu() -> bool:
+  try:
+    return bool(jax.devices("gpu"))
+  except RuntimeError:
+    return False
+
+
+HAS_GPU = _has_gpu()
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no GPU here")
+without_gpu = pytest.mark.skipif(HAS_GPU, reason="asserts the fallback, and a GPU is here")
+
+
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: long end-to-end cases (deselect with -m 'not slow')")
 

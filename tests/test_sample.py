@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import make_corpus
+from conftest import make_corpus, without_gpu
 
 TINY = ["--n_embd=32", "--n_head=4", "--n_layer=2", "--block_size=16", "--batch_size=4",
         "--eval_iters=2", "--eval_interval=10", "--seed=5"]
@@ -36,6 +36,7 @@ def test_sampling_flags_and_default_checkpoint(run_cli, trained):
   assert printed.startswith("BORIS") and len(printed) == len("BORIS") + 50 + len("\n\n")
 
 
+@without_gpu
 def test_greedy_batch_on_a_missing_accelerator_falls_back_to_the_cpu(run_cli, trained):
   result = run_cli("--workdir=w", "--prompt=ANNA", "--max_new_tokens=20", "--num_samples=3",
                    "--temperature=0", "--eval_platform=gpu", module="randygpt.sample")
