@@ -12,6 +12,8 @@ from pathlib import Path
 from absl import flags
 from absl import logging
 
+from randygpt.errors import UserError
+
 
 def cache_dir() -> Path:
   """Caches that outlive runs: $RANDYGPT_CACHE, else $XDG_CACHE_HOME/randygpt (~/.cache)."""
@@ -44,7 +46,6 @@ def entry_point(work):
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
     devices.set_cpu_device_count(devices.cpu_device_count(
         flags.FLAGS.num_cpu_devices, flags.FLAGS.batch_size, flags.FLAGS.num_processes))
-    from randygpt.errors import UserError
     try:
       devices.join_cluster(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
                            flags.FLAGS.process_id, flags.FLAGS.distributed_timeout)
@@ -63,4 +64,15 @@ def entry_point(work):
       # End by the signal itself, so that a shell loop running a sweep stops too.
       signal.signal(result["signal"], signal.SIG_DFL)
       os.kill(os.getpid(), result["signal"])
+  return main
+
+
+def light_entry_point(work):
+  """An absl `main` for commands that need no JAX (report): `work(argv[1:])`, its
+  UserErrors as one-line messages."""
+  def main(argv):
+    try:
+      work(argv[1:])
+    except UserError as e:
+      _exit_with_error(str(e))
   return main

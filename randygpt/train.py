@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from randygpt import checkpoint, data, devices, generate, metrics, model, optim, platforms
+from randygpt import (checkpoint, data, devices, generate, metrics, model, optim, platforms,
+                      rundir)
 from randygpt.config import ModelConfig, RunConfig, TrainConfig
 from randygpt.errors import UserError
 
@@ -153,11 +154,15 @@ def _check_vocab(saved_chars, tokenizer: data.CharTokenizer, path: Path, data_pa
 
 
 def run(config: RunConfig) -> dict:
-  """Train as `config` says, write the workdir, print samples; returns the summary."""
+  """Train as `config` says, write the workdir, print samples; returns the summary. The
+  workdir is locked meanwhile: a second run on it is refused."""
+  with rundir.claim(Path(config.location.workdir), lock=devices.is_main_process()):
+    return _run(config)
+
+
+def _run(config: RunConfig) -> dict:
   loc = config.location
   workdir = Path(loc.workdir)
-  if workdir.exists() and not workdir.is_dir():
-    raise UserError(f"--workdir={workdir} is a file, not a directory.")
   source, discard = checkpoint.plan_start(workdir, loc.resume, loc.resume_from, loc.overwrite)
   meta = checkpoint.read_meta(source) if source else None
   if meta:
@@ -198,9 +203,10 @@ def run(config: RunConfig) -> dict:
   if is_main:
     for path in discard:
       shutil.rmtree(path)
-    workdir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(workdir / "vocab.json")
     metrics.write_text(workdir / "flags.cfg", config.flagfile())
+    rundir.record_start(workdir, start_iter)
+    metrics.write_json(workdir / "summary.json", {"status": "running", "iters": start_iter})
   devices.sync("workdir ready")
   checkpoints = checkpoint.Checkpoints(workdir)
   train_tokens = jax.device_put(train_np, replicated)
@@ -336,6 +342,8 @@ def run(config: RunConfig) -> dict:
       generate.write_samples(placement.for_eval(state["params"]), tokenizer, prompts,
                              tc.seed, model_config, config.sample, workdir / "samples.txt",
                              stopper)
+    if save_ms:
+      print("\n".join(rundir.next_steps(workdir, status, tc.iters)), flush=True)
   if status == "interrupted" or stopper.signum:
     return summary | {"signal": stopper.signum or signal.SIGINT}
   return summary

@@ -1,0 +1,223 @@
+"""Compare runs: `python -m randygpt.report RUN_DIR... [--sort=COLUMN] [--csv] [--plot=PNG]`.
+
+A run is a workdir holding flags.cfg or run.lock; any other folder is searched for runs (a
+sweep's parent folder). One row per run: its status, the flags that differ between the
+runs, and its results from metrics.jsonl, so runs in progress and crashed runs have rows too.
+"""
+
+import csv
+import dataclasses
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+from absl import app
+from absl import flags
+
+from randygpt import cli, metrics, rundir
+from randygpt.errors import UserError
+
+flags.DEFINE_string("sort", "name", "Column to sort the rows by; a leading - sorts "
+                    "descending, e.g. --sort=best_val or --sort=-tokens_per_sec.")
+flags.DEFINE_bool("csv", False, "Print CSV (raw numbers) instead of a table.")
+flags.DEFINE_string("plot", "", "Also draw train and val loss against iteration and against "
+                    "wall time into this image file, e.g. curves.png (needs matplotlib).")
+
+RESULTS = ("iters", "best_val", "best_iter", "final_val", "tokens_per_sec", "wall")
+MARKERS = ("flags.cfg", rundir.LOCK_NAME)  # What every run's workdir holds.
+
+
+@dataclasses.dataclass
+class Run:
+  path: Path
+  name: str
+  status: str
+  flags: dict[str, str]
+  records: list[dict]  # metrics.jsonl.
+  starts: list[int]  # The iterations it started or resumed at (run.json).
+
+
+def _read_json(path: Path) -> dict | None:
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, ValueError):
+    return None
+
+
+def _is_run(path: Path) -> bool:
+  return any((path / marker).is_file() for marker in MARKERS)
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+  """The workdirs named, and those inside the folders named, in order, each once."""
+  found = []
+  for path in map(Path, paths):
+    if not path.exists():
+      raise UserError(f"{path} does not exist.")
+    if _is_run(path):
+      found.append(path)
+    elif path.is_dir():
+      inside = sorted({p.parent for marker in MARKERS for p in path.rglob(marker)})
+      if not inside:
+        raise UserError(f"{path} holds no runs (a run's workdir holds flags.cfg).")
+      found.extend(inside)
+    else:
+      raise UserError(f"{path} is not a run's workdir or a folder of runs.")
+  return list(dict.fromkeys(p.resolve() for p in found))
+
+
+def read_flags(workdir: Path) -> dict[str, str]:
+  """flags.cfg as {name: value}; a repeated flag (--prompt) joins its values with commas."""
+  values = {}
+  path = workdir / "flags.cfg"
+  lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+  for line in lines:
+    if line.startswith("--"):
+      name, _, value = line[2:].partition("=")
+      values[name] = f"{values[name]},{value}" if name in values else value
+  return values
+
+
+def status(workdir: Path, has_records: bool) -> str:
+  """`running` while a process holds the workdir; else summary.json's status, where
+  `running` left behind (or metrics without a summary) means the run was killed."""
+  if rundir.is_held(workdir):
+    return "running"
+  summary = _read_json(workdir / "summary.json")
+  if summary and summary.get("status") != "running":
+    return summary["status"]
+  return "crashed" if summary or has_records else "not started"
+
+
+def load(workdir: Path, name: str) -> Run:
+  records = metrics.read_records(workdir / "metrics.jsonl")
+  starts = [s["iter"] for s in (_read_json(workdir / "run.json") or {}).get("starts", [])]
+  return Run(workdir, name, status(workdir, bool(records)), read_flags(workdir), records,
+             starts or [0])
+
+
+def wall_times(run: Run) -> list[float]:
+  """Seconds of training up to each record, summed over resumes (each restarts the clock)."""
+  times, offset, segment, previous = [], 0.0, 1, 0.0
+  for record in run.records:
+    starts_before = sum(record["iter"] > s for s in run.starts)
+    if starts_before != segment:
+      offset, segment = offset + previous, starts_before
+    previous = record["wall_s"]
+    times.append(offset + previous)
+  return times
+
+
+def results(run: Run) -> dict:
+  evals = [r for r in run.records if "val_loss" in r]
+  best = min(evals, key=lambda r: r["val_loss"], default={})
+  rates = [r["tokens_per_sec"] for r in run.records if "tokens_per_sec" in r]
+  walls = wall_times(run)
+  return {"iters": run.records[-1]["iter"] if run.records else None,
+          "best_val": best.get("val_loss"), "best_iter": best.get("iter"),
+          "final_val": evals[-1]["val_loss"] if evals else None,
+          "tokens_per_sec": statistics.median(rates) if rates else None,
+          "wall": walls[-1] if walls else None}
+
+
+def varying_flags(runs: list[Run]) -> list[str]:
+  """The flags whose values are not the same in every run, in flags.cfg order."""
+  names = dict.fromkeys(name for run in runs for name in run.flags)
+  return [n for n in names if len({run.flags.get(n) for run in runs}) > 1]
+
+
+def _sort_key(value):
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    number = None
+  return (number is None, number or 0.0, str(value))
+
+
+def rows(runs: list[Run], sort: str) -> tuple[list[str], list[dict]]:
+  """The table's columns and rows, sorted by `sort` (a column, `-` first for descending)."""
+  shown = varying_flags(runs)
+  columns = ["name", "status", *shown, *RESULTS]
+  table = [{"name": run.name, "status": run.status,
+            **{name: run.flags.get(name) for name in shown}, **results(run)} for run in runs]
+  column = sort.removeprefix("-")
+  if column not in columns:
+    raise UserError(f"--sort={sort}: no such column; choose one of {', '.join(columns)}.")
+  present = [row for row in table if row[column] is not None]
+  present.sort(key=lambda row: _sort_key(row[column]), reverse=sort.startswith("-"))
+  return columns, present + [row for row in table if row[column] is None]
+
+
+def _cell(column: str, value) -> str:
+  if value is None:
+    return "-"
+  if column in ("best_val", "final_val"):
+    return f"{value:.4f}"
+  if column == "tokens_per_sec":
+    return metrics.format_rate(value)
+  if column == "wall":
+    return metrics.format_duration(value)
+  return str(value)
+
+
+def format_table(columns: list[str], table: list[dict]) -> str:
+  cells = [columns] + [[_cell(c, row[c]) for c in columns] for row in table]
+  widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+  return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+                   for line in cells)
+
+
+def plot(runs: list[Run], path: str):
+  """Train (thin) and val (dots) loss of every run against iteration and against wall
+  time, saved to `path`; returns the matplotlib Figure."""
+  try:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+  except ImportError:
+    raise UserError("--plot needs matplotlib, which is not installed: "
+                    "pip install matplotlib") from None
+  figure = Figure(figsize=(12, 4.5), layout="constrained")
+  FigureCanvasAgg(figure)  # Agg: renders without a display.
+  by_iter, by_time = figure.subplots(1, 2, sharey=True)
+  for i, run in enumerate(runs):
+    walls = wall_times(run)
+    for axes, xs in ((by_iter, [r["iter"] for r in run.records]), (by_time, walls)):
+      axes.plot(xs, [r["train_loss"] for r in run.records], color=f"C{i % 10}", alpha=0.5,
+                linewidth=1, label=f"{run.name} train")
+      evals = [(x, r["val_loss"]) for x, r in zip(xs, run.records) if "val_loss" in r]
+      if evals:
+        axes.plot(*zip(*evals), color=f"C{i % 10}", marker="o", markersize=3,
+                  label=f"{run.name} val")
+  by_iter.set(xlabel="iteration", ylabel="loss", title="loss by iteration")
+  by_time.set(xlabel="wall time (s)", title="loss by wall time")
+  by_iter.legend(fontsize="small")
+  try:
+    figure.savefig(path, dpi=100)
+  except (OSError, ValueError) as e:
+    raise UserError(f"Cannot write --plot={path}: {e}") from None
+  return figure
+
+
+def report(paths: list[str]) -> None:
+  if not paths:
+    raise UserError("Name the runs to compare: python -m randygpt.report RUN_DIR... "
+                    "(workdirs, or folders of them such as runs/my-sweep).")
+  workdirs = find_runs(paths)
+  common = Path(os.path.commonpath(workdirs))
+  runs = [load(w, str(w.relative_to(common)) if w != common else w.name) for w in workdirs]
+  columns, table = rows(runs, flags.FLAGS.sort)
+  if flags.FLAGS.csv:
+    writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(table)
+  else:
+    print(format_table(columns, table))
+  if flags.FLAGS.plot:
+    plot(runs, flags.FLAGS.plot)
+    print(f"Wrote {flags.FLAGS.plot}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(cli.light_entry_point(report))

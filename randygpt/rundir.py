@@ -1,0 +1,121 @@
+"""A run's workdir beyond its metrics: the lock that keeps it to one run at a time, run.json
+(what code and libraries ran it), and the commands that continue from it.
+
+The lock is `fcntl.flock` on `<workdir>/run.lock`: the kernel drops it when the process
+ends however it ends, so a killed run never leaves a stale lock behind.
+"""
+
+import contextlib
+import datetime
+import fcntl
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from randygpt import metrics
+from randygpt.errors import UserError
+
+LOCK_NAME = "run.lock"
+PACKAGES = ("jax", "jaxlib", "optax", "flax", "orbax-checkpoint")
+CODE_DIR = Path(__file__).resolve().parent
+
+
+def _try_lock(file) -> bool:
+  try:
+    fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return True
+  except BlockingIOError:
+    return False
+
+
+@contextlib.contextmanager
+def claim(workdir: Path, lock: bool = True):
+  """Creates `workdir` and holds it (with `lock`) for one run; refuses one that a live run
+  holds. In a multi-process run only process 0 locks: the others share its workdir."""
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f"--workdir={workdir} is a file, not a directory.")
+  workdir.mkdir(parents=True, exist_ok=True)
+  if not lock:
+    yield
+    return
+  with open(workdir / LOCK_NAME, "a+", encoding="utf-8") as file:
+    if not _try_lock(file):
+      file.seek(0)
+      holder = file.read().strip() or "unknown"
+      raise UserError(f"--workdir={workdir} is in use by another run (process {holder}). "
+                      "Wait for it to end, or choose another --workdir.")
+    file.truncate(0)
+    file.write(f"{os.getpid()}\n")  # Named in the refusal of a second run.
+    file.flush()
+    yield
+
+
+def is_held(workdir: Path) -> bool:
+  """Whether a live process holds `workdir` (a run in progress)."""
+  path = workdir / LOCK_NAME
+  if not path.is_file():
+    return False
+  with open(path, "rb") as file:
+    return not _try_lock(file)  # Closing the file releases a lock taken here.
+
+
+def _git(*args: str) -> str | None:
+  try:
+    result = subprocess.run(["git", "-C", str(CODE_DIR), *args], capture_output=True,
+                            text=True, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return result.stdout.strip() if result.returncode == 0 else None
+
+
+def code_version() -> dict:
+  """The git commit of randygpt's code and whether the tree had changes; "unknown" without
+  git or outside a repository."""
+  commit = _git("rev-parse", "HEAD")
+  status = _git("status", "--porcelain") if commit else None
+  return {"commit": commit or "unknown",
+          "dirty": "unknown" if status is None else bool(status)}
+
+
+def _version(package: str) -> str:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return "not installed"
+
+
+def environment() -> dict:
+  """What ran a run: the command, Python, the libraries and the code's commit."""
+  spec = getattr(sys.modules["__main__"], "__spec__", None)
+  program = ["-m", spec.name] if spec else sys.argv[:1]
+  return {"command": shlex.join([sys.executable, *program, *sys.argv[1:]]),
+          "cwd": os.getcwd(),
+          "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+          "host": platform.node(),
+          "python": platform.python_version(),
+          "packages": {p: _version(p) for p in PACKAGES},
+          "git": code_version()}
+
+
+def record_start(workdir: Path, start_iter: int) -> None:
+  """Adds this start to run.json's `starts`; a fresh start (iteration 0) begins the list."""
+  path = workdir / "run.json"
+  starts = []
+  if start_iter and path.is_file():
+    starts = json.loads(path.read_text(encoding="utf-8")).get("starts", [])
+  metrics.write_json(path, {"starts": [*starts, {"iter": start_iter, **environment()}]})
+
+
+def next_steps(workdir: Path, status: str, iters: int) -> list[str]:
+  """The commands that continue the run in `workdir` or sample from it."""
+  lines = []
+  if status != "completed":
+    lines.append(f"Resume: python -m randygpt.main --resume --workdir={workdir} "
+                 f"--iters={iters}")
+  lines.append(f"Sample: python -m randygpt.sample --workdir={workdir}")
+  return lines
