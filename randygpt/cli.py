@@ -33,14 +33,19 @@ def _exit_with_error(message: str) -> None:
   sys.exit(1)
 
 
+def _quiet_logs() -> None:
+  """Warnings only, unless --verbosity says otherwise: libraries' INFO lines are noise."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 def entry_point(work):
   """An absl `main` that runs `work()`; `work` may return {"signal": signum} to end by it."""
   def main(argv):
     if len(argv) > 1:
       _exit_with_error(f"Unexpected arguments: {' '.join(argv[1:])} "
                        "(flags are written --name=value).")
-    if not flags.FLAGS["verbosity"].present:
-      logging.set_verbosity(logging.WARNING)  # JAX's INFO lines about absent backends are noise.
+    _quiet_logs()  # E.g. JAX's lines about absent backends.
     import jax  # After flag parsing: --help and flag errors stay fast.
     from randygpt import devices, platforms
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
@@ -71,6 +76,7 @@ def light_entry_point(work):
   """An absl `main` for commands that need no JAX (report): `work(argv[1:])`, its
   UserErrors as one-line messages."""
   def main(argv):
+    _quiet_logs()  # E.g. matplotlib's font cache.
     try:
       work(argv[1:])
     except UserError as e:

@@ -26,7 +26,8 @@ def test_trains_writes_every_output_and_repeats_from_flags_cfg(run_cli, corpus_f
                    "--log_interval=10", "--prompt=ANNA:", "--prompt=né", "--workdir=run1")
   assert result.returncode == 0, result.stderr
   workdir = tmp_path / "run1"
-  for name in ("flags.cfg", "vocab.json", "metrics.jsonl", "summary.json", "samples.txt"):
+  for name in ("flags.cfg", "vocab.json", "metrics.jsonl", "summary.json", "samples.txt",
+               "run.json", "run.lock"):
     assert (workdir / name).is_file(), name
   assert "Compiling train step" in result.stdout and "iter   40 | loss" in result.stdout
 

@@ -1,0 +1,177 @@
+import csv
+import io
+import json
+import sys
+
+import pytest
+
+from randygpt import report, rundir
+from randygpt.errors import UserError
+
+from conftest import make_corpus
+
+TINY = ["--n_embd=32", "--n_head=4", "--n_layer=2", "--block_size=32", "--batch_size=8",
+        "--max_new_tokens=20", "--eval_iters=2"]
+
+
+def make_run(workdir, lr="0.001", val=(2.5, 2.0), status="completed", starts=(0,),
+             walls=(1.0, 2.0, 3.0, 4.0)):
+  """A workdir as training leaves it: flags.cfg, run.json, metrics.jsonl (4 records,
+  evaluations at 20 and 40) and, unless `status` is None, summary.json."""
+  workdir.mkdir(parents=True)
+  (workdir / "flags.cfg").write_text(f"--batch_size=8\n--learning_rate={lr}\n"
+                                     "--prompt=A:\n--prompt=B:\n")
+  (workdir / "run.json").write_text(json.dumps({"starts": [{"iter": s} for s in starts]}))
+  records = [{"iter": i, "train_loss": 3.0 - i / 100, "tokens_per_sec": 1000.0 * i,
+              "wall_s": w} for i, w in zip((10, 20, 30, 40), walls)]
+  records[1]["val_loss"], records[3]["val_loss"] = val
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  if status:
+    (workdir / "summary.json").write_text(json.dumps({"status": status}))
+  return workdir
+
+
+@pytest.fixture
+def sweep(tmp_path):
+  make_run(tmp_path / "sweep" / "lr1e-3", lr="0.001", val=(2.5, 2.0))
+  make_run(tmp_path / "sweep" / "lr3e-3", lr="0.003", val=(2.2, 2.4))
+  return tmp_path / "sweep"
+
+
+def table_for(paths, sort="name"):
+  runs = [report.load(p, p.name) for p in report.find_runs(list(map(str, paths)))]
+  return report.rows(runs, sort)
+
+
+def test_rows_show_the_differing_flags_and_the_results(sweep):
+  columns, table = table_for([sweep])
+  assert columns == ["name", "status", "learning_rate", "iters", "best_val", "best_iter",
+                     "final_val", "tokens_per_sec", "wall"]
+  assert table == [
+      {"name": "lr1e-3", "status": "completed", "learning_rate": "0.001", "iters": 40,
+       "best_val": 2.0, "best_iter": 40, "final_val": 2.0, "tokens_per_sec": 25000.0,
+       "wall": 4.0},
+      {"name": "lr3e-3", "status": "completed", "learning_rate": "0.003", "iters": 40,
+       "best_val": 2.2, "best_iter": 20, "final_val": 2.4, "tokens_per_sec": 25000.0,
+       "wall": 4.0}]
+
+
+def test_read_flags_joins_a_repeated_flag(sweep):
+  assert report.read_flags(sweep / "lr1e-3")["prompt"] == "A:,B:"
+
+
+@pytest.mark.parametrize("sort, names", [
+    ("best_val", ["lr1e-3", "lr3e-3", "none"]),
+    ("-best_val", ["lr3e-3", "lr1e-3", "none"]),
+    ("-learning_rate", ["none", "lr3e-3", "lr1e-3"]),
+])
+def test_rows_sort_by_a_column_missing_values_last(sweep, sort, names):
+  none = make_run(sweep / "none", lr="0.01", status=None)
+  (none / "metrics.jsonl").write_text("")
+  _, table = table_for([sweep], sort)
+  assert [row["name"] for row in table] == names
+
+
+def test_rows_refuse_an_unknown_sort_column(sweep):
+  with pytest.raises(UserError, match="--sort=loss: no such column; choose one of name, "):
+    table_for([sweep], "loss")
+
+
+def test_status_tells_running_crashed_and_finished_runs_apart(tmp_path):
+  make_run(tmp_path / "done", status="interrupted")
+  make_run(tmp_path / "killed", status="running")  # Its process died without a word.
+  make_run(tmp_path / "no_summary", status=None)
+  make_run(tmp_path / "live", status="running")
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "empty" / "run.lock").write_text("")
+  with rundir.claim(tmp_path / "live"):
+    statuses = {row["name"]: row["status"] for row in table_for([tmp_path])[1]}
+  assert statuses == {"done": "interrupted", "killed": "crashed", "no_summary": "crashed",
+                      "live": "running", "empty": "not started"}
+
+
+def test_wall_times_add_up_over_resumes(tmp_path):
+  run = report.load(make_run(tmp_path / "a", starts=(0, 20), walls=(1.0, 2.0, 1.5, 2.5)),
+                    "a")
+  assert report.wall_times(run) == [1.0, 2.0, 3.5, 4.5]
+
+
+def test_find_runs_takes_workdirs_and_folders_once(sweep, tmp_path):
+  found = report.find_runs([str(sweep / "lr3e-3"), str(sweep)])
+  assert found == [sweep / "lr3e-3", sweep / "lr1e-3"]
+  (tmp_path / "nothing").mkdir()
+  with pytest.raises(UserError, match="holds no runs"):
+    report.find_runs([str(tmp_path / "nothing")])
+  with pytest.raises(UserError, match="missing does not exist"):
+    report.find_runs([str(tmp_path / "missing")])
+
+
+def test_format_table_aligns_columns():
+  text = report.format_table(["name", "best_val", "wall"],
+                             [{"name": "a-long-name", "best_val": 1.23456, "wall": 75.0},
+                              {"name": "b", "best_val": None, "wall": None}])
+  assert text.splitlines() == ["name         best_val  wall",
+                               "a-long-name  1.2346    1m15s",
+                               "b            -         -"]
+
+
+def test_plot_draws_every_run_into_a_png(sweep, tmp_path):
+  pytest.importorskip("matplotlib")
+  runs = [report.load(p, p.name) for p in report.find_runs([str(sweep)])]
+  figure = report.plot(runs, str(tmp_path / "curves.png"))
+  png = (tmp_path / "curves.png").read_bytes()
+  assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+  labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+  assert labels == ["lr1e-3 train", "lr1e-3 val", "lr3e-3 train", "lr3e-3 val"]
+  assert [axes.get_xlabel() for axes in figure.axes] == ["iteration", "wall time (s)"]
+
+
+def test_plot_without_matplotlib_says_so(sweep, tmp_path, monkeypatch):
+  for module in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+    monkeypatch.setitem(sys.modules, module, None)
+  with pytest.raises(UserError, match="--plot needs matplotlib, which is not installed"):
+    report.plot([], str(tmp_path / "curves.png"))
+  assert not (tmp_path / "curves.png").exists()
+
+
+def test_cli_prints_csv(run_cli, sweep):
+  result = run_cli(sweep, "--csv", "--sort=-learning_rate", module="randygpt.report")
+  assert result.returncode == 0, result.stderr
+  rows = list(csv.DictReader(io.StringIO(result.stdout)))
+  assert [(r["name"], r["learning_rate"], r["best_val"]) for r in rows] == [
+      ("lr3e-3", "0.003", "2.2"), ("lr1e-3", "0.001", "2.0")]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "Error: Name the runs to compare"),
+    (["missing"], "Error: missing does not exist."),
+    (["sweep", "--sort=loss"], "Error: --sort=loss: no such column"),
+    (["sweep", "--plot=nodir/c.png"], "Error: Cannot write --plot=nodir/c.png"),
+])
+def test_cli_bad_input_gets_a_short_clear_error(run_cli, sweep, args, message):
+  result = run_cli(*args, module="randygpt.report")
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+
+
+@pytest.mark.slow
+def test_a_sweep_from_a_shell_loop_is_reported_plotted_and_resumed(run_cli, tmp_path):
+  pytest.importorskip("matplotlib")
+  (tmp_path / "c.txt").write_text(make_corpus(), encoding="utf-8")
+  loop = ["--data=c.txt", *TINY, "--iters=20", "--eval_interval=10", "--resume"]
+  for lr in ("1e-3", "3e-3"):
+    result = run_cli(*loop, f"--learning_rate={lr}", f"--workdir=runs/s/lr{lr}")
+    assert result.returncode == 0, result.stderr
+    assert f"Sample: python -m randygpt.sample --workdir=runs/s/lr{lr}" in result.stdout
+  again = run_cli(*loop, "--learning_rate=1e-3", "--workdir=runs/s/lr1e-3")
+  assert "Already at iteration 20" in again.stdout  # A re-run sweep skips finished runs.
+
+  result = run_cli("runs/s", "--plot=curves.png", module="randygpt.report")
+  assert result.returncode == 0, result.stderr
+  header, *lines = result.stdout.splitlines()
+  assert header.split()[:3] == ["name", "status", "learning_rate"]
+  assert [line.split()[:3] for line in lines] == [["lr1e-3", "completed", "0.001"],
+                                                  ["lr3e-3", "completed", "0.003"]]
+  assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+  start = json.loads((tmp_path / "runs/s/lr1e-3/run.json").read_text())["starts"][0]
+  assert start["iter"] == 0 and "--learning_rate=1e-3" in start["command"]
