@@ -50,7 +50,7 @@ case "${1:-}" in
     cd "$root"
     exec "$venv/bin/python" -m pytest tests ${1+"$@"}
     ;;
-  *.cfg)
+  [!-]*.cfg)  # A flag file as the first argument (not --flagfile=x.cfg itself).
     flagfile=$1
     shift
     exec "$venv/bin/python" -m $entry ${processes:-} "--flagfile=$flagfile" ${1+"$@"}

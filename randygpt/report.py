@@ -25,7 +25,8 @@ flags.DEFINE_bool("csv", False, "Print CSV (raw numbers) instead of a table.")
 flags.DEFINE_string("plot", "", "Also draw train and val loss against iteration and against "
                     "wall time into this image file, e.g. curves.png (needs matplotlib).")
 
-RESULTS = ("iters", "best_val", "best_iter", "final_val", "tokens_per_sec", "wall")
+# `iter`: the last logged iteration (the --iters flag, when it differs, is the target).
+RESULTS = ("iter", "best_val", "best_iter", "final_val", "tokens_per_sec", "wall")
 MARKERS = ("flags.cfg", rundir.LOCK_NAME)  # What every run's workdir holds.
 
 
@@ -115,7 +116,7 @@ def results(run: Run) -> dict:
   best = min(evals, key=lambda r: r["val_loss"], default={})
   rates = [r["tokens_per_sec"] for r in run.records if "tokens_per_sec" in r]
   walls = wall_times(run)
-  return {"iters": run.records[-1]["iter"] if run.records else None,
+  return {"iter": run.records[-1]["iter"] if run.records else None,
           "best_val": best.get("val_loss"), "best_iter": best.get("iter"),
           "final_val": evals[-1]["val_loss"] if evals else None,
           "tokens_per_sec": statistics.median(rates) if rates else None,

@@ -85,3 +85,10 @@ def test_when_one_process_dies_the_launcher_stops_the_others(cli_env, corpus, tm
   proc.communicate(timeout=120)
   assert proc.returncode != 0
   assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+
+
+def test_launch_sh_passes_a_flagfile_flag_on_unchanged(tmp_path):
+  result = subprocess.run([str(REPO / "launch.sh"), "--flagfile=missing.cfg"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "No such file or directory: 'missing.cfg'" in result.stderr, result.stderr

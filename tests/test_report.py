@@ -45,15 +45,23 @@ def table_for(paths, sort="name"):
 
 def test_rows_show_the_differing_flags_and_the_results(sweep):
   columns, table = table_for([sweep])
-  assert columns == ["name", "status", "learning_rate", "iters", "best_val", "best_iter",
+  assert columns == ["name", "status", "learning_rate", "iter", "best_val", "best_iter",
                      "final_val", "tokens_per_sec", "wall"]
   assert table == [
-      {"name": "lr1e-3", "status": "completed", "learning_rate": "0.001", "iters": 40,
+      {"name": "lr1e-3", "status": "completed", "learning_rate": "0.001", "iter": 40,
        "best_val": 2.0, "best_iter": 40, "final_val": 2.0, "tokens_per_sec": 25000.0,
        "wall": 4.0},
-      {"name": "lr3e-3", "status": "completed", "learning_rate": "0.003", "iters": 40,
+      {"name": "lr3e-3", "status": "completed", "learning_rate": "0.003", "iter": 40,
        "best_val": 2.2, "best_iter": 20, "final_val": 2.4, "tokens_per_sec": 25000.0,
        "wall": 4.0}]
+
+
+def test_rows_keep_the_iters_flag_apart_from_the_last_iteration(sweep):
+  with open(sweep / "lr1e-3" / "flags.cfg", "a") as f:
+    f.write("--iters=100\n")
+  columns, table = table_for([sweep])
+  assert columns[2:5] == ["learning_rate", "iters", "iter"]
+  assert [(row["iters"], row["iter"]) for row in table] == [("100", 40), (None, 40)]
 
 
 def test_read_flags_joins_a_repeated_flag(sweep):
