@@ -2,6 +2,7 @@
 # randygpt's front door. Creates .venv and installs requirements.txt on first use (and again
 # whenever requirements.txt changes), then:
 #   ./launch.sh test [pytest args]        run the test suite
+#   ./launch.sh report RUN_DIR... [flags] compare runs (python -m randygpt.report)
 #   ./launch.sh FLAGFILE.cfg [flags]      train with a flag file, e.g. experiments/shakespeare.cfg
 #   ./launch.sh [flags]                   train with flags alone
 #   ./launch.sh --processes=N ...         the same, as N local processes training one model
@@ -49,6 +50,10 @@ case "${1:-}" in
     shift
     cd "$root"
     exec "$venv/bin/python" -m pytest tests ${1+"$@"}
+    ;;
+  report)
+    shift
+    exec "$venv/bin/python" -m randygpt.report ${1+"$@"}
     ;;
   [!-]*.cfg)  # A flag file as the first argument (not --flagfile=x.cfg itself).
     flagfile=$1

@@ -92,3 +92,9 @@ def test_launch_sh_passes_a_flagfile_flag_on_unchanged(tmp_path):
                           capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   assert "No such file or directory: 'missing.cfg'" in result.stderr, result.stderr
+
+
+def test_launch_sh_report_runs_the_report(tmp_path):
+  result = subprocess.run([str(REPO / "launch.sh"), "report", "missing"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and result.stderr == "Error: missing does not exist.\n"
