@@ -1,15 +1,22 @@
 """Speed and cost, measured: `python -m randygpt.bench --flagfile=experiments/shakespeare.cfg`.
 
-Times the real jitted train step after compilation and warm-up, the loss estimate, the
-generation loop and an async checkpoint save (how long it blocks the training loop, and
-that cost spread over --checkpoint_interval steps). Prints a table, or one JSON line.
+Times the real jitted train step after compilation and warm-up (and, with --torch, a
+PyTorch eager implementation of the same model beside it), model FLOPs utilisation
+against a measured matmul peak, the loss estimate, the generation loop and an async
+checkpoint save (how long it blocks the loop, and that cost spread over
+--checkpoint_interval steps). Then runs the real training program twice in fresh
+workdirs sharing a new compilation cache: the start-up time of a cold and a warm cache,
+and the resident memory after imports, at the compilation peak and in the steady state.
+Prints a table, or one JSON line.
 """
 
 import dataclasses
 import functools
 import itertools
 import json
-import resource
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,11 +26,21 @@ from absl import flags
 
 from randygpt import cli
 from randygpt import flags as randygpt_flags
+from randygpt import memory
+from randygpt.errors import UserError
 
 flags.DEFINE_integer("steps", 50, "Timed training steps (after warm-up).", lower_bound=1)
 flags.DEFINE_integer("warmup_steps", 5, "Untimed steps after compilation.", lower_bound=0)
 flags.DEFINE_integer("saves", 5, "Timed checkpoint saves (one every 10 steps).",
                      lower_bound=1)
+flags.DEFINE_bool("torch", False, "Also time randygpt's PyTorch eager reference "
+                  "(randygpt/torch_reference.py; pip install torch==2.13.0).")
+flags.DEFINE_float("peak_gflops", 0.0, "The peak that model FLOPs utilisation is stated "
+                   "against, in GFLOP/s; 0 measures a large f32 matmul on the training "
+                   "devices.", lower_bound=0.0)
+flags.DEFINE_integer("run_iters", 200, "Iterations of the real training run that measures "
+                     "start-up and memory (its second half is the steady state); 0 skips it.",
+                     lower_bound=0)
 flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
 flags.adopt_module_key_flags(randygpt_flags)
 
@@ -73,10 +90,60 @@ def measure_generation(params, model_config, sample_config) -> dict:
   return results
 
 
-def measure(config, *, steps: int, warmup_steps: int, saves: int) -> dict:
+def measure_peak_gflops(mesh, n: int = 2048) -> float:
+  """f32 GFLOP/s of an n x n x n matmul split across the training devices (best of 5)."""
+  import jax
+  import jax.numpy as jnp
+
+  from randygpt import devices
+  a = jax.device_put(jnp.ones((n, n)), devices.batch_sharded(mesh))
+  b = jax.device_put(jnp.ones((n, n)), devices.replicated(mesh))
+  matmul = jax.jit(jnp.matmul)
+  _timed(matmul, a, b)
+  return 2 * n**3 / min(_timed(matmul, a, b)[1] for _ in range(5)) / 1e9
+
+
+def measure_training_runs(config, iters: int) -> dict:
+  """Runs `python -m randygpt.main` with this configuration twice, in fresh workdirs that
+  share a new compilation cache: 1 iteration (cold cache), then `iters` (warm). Their
+  start-up times, and the second run's memory from its summary and metrics."""
+  from randygpt import metrics
+  loc, tc = config.location, config.train
+  with tempfile.TemporaryDirectory() as tmp:
+    flagfile = Path(tmp) / "flags.cfg"
+    flagfile.write_text(config.flagfile(), encoding="utf-8")
+    args = [sys.executable, "-m", "randygpt.main", f"--flagfile={flagfile}",
+            f"--lr_decay_iters={tc.lr_decay_iters or tc.iters}",  # The same step both times.
+            f"--train_platform={loc.train_platform}", f"--eval_platform={loc.eval_platform}",
+            f"--num_cpu_devices={loc.num_cpu_devices}"]
+    env = {**os.environ, "RANDYGPT_CACHE": str(Path(tmp) / "cache")}
+    runs = {}
+    for name, n in (("cold", 1), ("warm", iters)):
+      workdir = Path(tmp) / name
+      done = subprocess.run([*args, f"--iters={n}", f"--workdir={workdir}"], env=env,
+                            capture_output=True, text=True)
+      if done.returncode:
+        raise UserError(f"The training run for start-up and memory failed: "
+                        f"{done.stderr.strip()[-500:]}")
+      runs[name] = json.loads((workdir / "summary.json").read_text())
+    records = metrics.read_records(Path(tmp) / "warm" / "metrics.jsonl")
+  steady = [r["rss_mb"] for r in records if r["iter"] > iters // 2 and r.get("rss_mb")]
+  warm = runs["warm"]["memory_mb"]
+  return {"startup_cold_s": runs["cold"]["startup_s"],
+          "startup_warm_s": runs["warm"]["startup_s"],
+          "rss_after_imports_mb": warm["after_imports"],
+          "rss_compile_peak_mb": warm["compile_peak"],
+          "rss_steady_mb": max(steady, default=None), "rss_steady_iters": iters,
+          "rss_peak_mb": warm["peak"]}
+
+
+def measure(config, *, steps: int, warmup_steps: int, saves: int, with_torch: bool,
+            peak_gflops: float) -> dict:
   import jax
 
-  from randygpt import checkpoint, data, devices, generate, model, optim, platforms, train
+  import numpy as np
+
+  from randygpt import checkpoint, data, devices, model, optim, platforms, train
 
   text, _ = data.load_text(config.data.data, url=config.data.data_url,
                            encoding=config.data.data_encoding)
@@ -90,7 +157,8 @@ def measure(config, *, steps: int, warmup_steps: int, saves: int) -> dict:
   devices.check_batch_divides(tc.batch_size, mesh.size)
   state = jax.device_put(train.init_train_state(jax.random.key(0), model_config, optimizer),
                          devices.replicated(mesh))
-  get_batch, step = train.jit_data_parallel(model_config, optimizer, mesh)
+  microbatches = train.train_microbatches(tc, model_config, mesh.devices.flat[0].platform)
+  get_batch, step = train.jit_data_parallel(model_config, optimizer, mesh, microbatches)
   tokens = jax.device_put(tokens, devices.replicated(mesh))
   batch = get_batch(tokens, jax.random.key(1), tc.batch_size, model_config.block_size)
   tokens_per_step = tc.batch_size * model_config.block_size
@@ -104,6 +172,18 @@ def measure(config, *, steps: int, warmup_steps: int, saves: int) -> dict:
     (state, _), seconds = _timed(step, state, batch, jax.random.key(i))
     step_seconds.append(seconds)
   ms_per_step = 1e3 * _percentile(step_seconds, 50)
+  tokens_per_sec = tokens_per_step / (ms_per_step / 1e3)
+  peak_gflops = peak_gflops or measure_peak_gflops(mesh)
+  flops_per_token = model.train_flops_per_token(model_config)
+  reference = {}
+  if with_torch:
+    try:
+      from randygpt import torch_reference
+    except ImportError:
+      raise UserError("--torch needs PyTorch: pip install torch==2.13.0") from None
+    reference = torch_reference.measure(model_config, tc, np.asarray(tokens), steps,
+                                        warmup_steps)
+    reference["speedup_vs_torch"] = tokens_per_sec / reference["torch_tokens_per_sec"]
 
   evaluate = train.jit_eval_loss(tc, model_config, placement.eval_device.platform)
   eval_params = placement.for_eval(state["params"])
@@ -147,11 +227,16 @@ def measure(config, *, steps: int, warmup_steps: int, saves: int) -> dict:
       "n_params": model.count_params(state["params"]),
       "devices": f"{mesh.size} x {mesh.devices.flat[0].platform} (data-parallel)",
       "eval_device": f"{placement.eval_device.platform}:{placement.eval_device.id}",
+      "microbatches": microbatches,
       "compile_s": compile_s,
       "ms_per_step": ms_per_step,
       "ms_per_step_p10": 1e3 * _percentile(step_seconds, 10),
       "ms_per_step_p90": 1e3 * _percentile(step_seconds, 90),
-      "tokens_per_sec": tokens_per_step / (ms_per_step / 1e3),
+      "tokens_per_sec": tokens_per_sec,
+      "flops_per_token": flops_per_token,
+      "peak_gflops": peak_gflops,
+      "mfu_pct": 100 * flops_per_token * tokens_per_sec / (peak_gflops * 1e9),
+      **reference,
       "eval_tokens_per_sec": tc.eval_iters * tokens_per_step / eval_s,
       **generation,
       "checkpoint_save_blocked_ms": save_ms,
@@ -160,11 +245,8 @@ def measure(config, *, steps: int, warmup_steps: int, saves: int) -> dict:
       "checkpoint_interval": tc.checkpoint_interval,
       "checkpoint_blocked_overhead_pct": 100 * save_ms / interval_ms,
       "checkpoint_total_overhead_pct": 100 * save_cost_ms / interval_ms,
-      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "bench_peak_rss_mb": memory.peak_resident_mb(),
   }
-
-
-
 
 
 def generation_rows(result) -> list:
@@ -183,19 +265,36 @@ def generation_rows(result) -> list:
 
 
 def bench():
-  result = measure(randygpt_flags.run_config(), steps=flags.FLAGS.steps,
-                   warmup_steps=flags.FLAGS.warmup_steps, saves=flags.FLAGS.saves)
+  config = randygpt_flags.run_config()
+  result = measure(config, steps=flags.FLAGS.steps, warmup_steps=flags.FLAGS.warmup_steps,
+                   saves=flags.FLAGS.saves, with_torch=flags.FLAGS.torch,
+                   peak_gflops=flags.FLAGS.peak_gflops)
+  if flags.FLAGS.run_iters:
+    result |= measure_training_runs(config, flags.FLAGS.run_iters)
   if flags.FLAGS.json:
     print(json.dumps(result))
     return
   rows = [
       ("shape", result["shape"]),
       ("parameters", f"{result['n_params']:,}"),
-      ("devices", result["devices"]),
+      ("devices", f"{result['devices']}, {result['microbatches']} microbatch(es) per step"),
       ("compile train step", f"{result['compile_s']:.2f} s"),
       ("train step (median, p10-p90)", f"{result['ms_per_step']:.1f} ms "
        f"({result['ms_per_step_p10']:.1f}-{result['ms_per_step_p90']:.1f})"),
       ("training throughput", f"{result['tokens_per_sec']:,.0f} tokens/s"),
+      ("model FLOPs utilisation", f"{result['mfu_pct']:.1f}% of {result['peak_gflops']:.0f} "
+       f"GFLOP/s ({result['flops_per_token'] / 1e6:.2f} MFLOP/token; peak "
+       f"{'given' if flags.FLAGS.peak_gflops else 'measured: f32 matmul 2048^3'})"),
+  ]
+  if "torch_ms_per_step" in result:
+    rows += [
+        (f"PyTorch {result['torch_version']} eager", f"{result['torch_ms_per_step']:.1f} ms "
+         f"({result['torch_ms_per_step_p10']:.1f}-{result['torch_ms_per_step_p90']:.1f}), "
+         f"{result['torch_tokens_per_sec']:,.0f} tokens/s, {result['torch_threads']} threads, "
+         f"{result['torch_adamw']} AdamW"),
+        ("randygpt / PyTorch", f"{result['speedup_vs_torch']:.2f}x tokens/s"),
+    ]
+  rows += [
       ("loss estimate throughput", f"{result['eval_tokens_per_sec']:,.0f} tokens/s"),
       ("evaluation and generation on", result["eval_device"]),
       *generation_rows(result),
@@ -205,8 +304,17 @@ def bench():
        f"{result['checkpoint_interval']}"),
       ("checkpoint save, whole cost", f"{result['checkpoint_save_total_cost_ms']:.1f} ms = "
        f"{result['checkpoint_total_overhead_pct']:.3f}% (with vs without saves)"),
-      ("peak resident memory", f"{result['peak_rss_mb']:.0f} MB"),
   ]
+  if "startup_warm_s" in result:
+    rows += [
+        ("start-up to first iteration", f"{result['startup_cold_s']:.1f} s cold cache, "
+         f"{result['startup_warm_s']:.1f} s warm (after the imports)"),
+        ("training run memory (resident)", f"{result['rss_after_imports_mb']:.0f} MB after "
+         f"imports, {result['rss_compile_peak_mb']:.0f} MB compile peak, "
+         f"{result['rss_steady_mb']:.0f} MB steady (max of iterations "
+         f"{result['rss_steady_iters'] // 2}-{result['rss_steady_iters']})"),
+    ]
+  rows.append(("benchmark process peak memory", f"{result['bench_peak_rss_mb']:.0f} MB"))
   width = max(len(name) for name, _ in rows)
   for name, value in rows:
     print(f"{name:<{width}}  {value}")

@@ -12,6 +12,7 @@ from pathlib import Path
 from absl import flags
 from absl import logging
 
+from randygpt import memory
 from randygpt.errors import UserError
 
 
@@ -46,6 +47,7 @@ def entry_point(work):
       _exit_with_error(f"Unexpected arguments: {' '.join(argv[1:])} "
                        "(flags are written --name=value).")
     _quiet_logs()  # E.g. JAX's lines about absent backends.
+    memory.configure_malloc()  # Before JAX starts its threads.
     import jax  # After flag parsing: --help and flag errors stay fast.
     from randygpt import devices, platforms
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))

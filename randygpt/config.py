@@ -27,6 +27,7 @@ class ModelConfig:
 class TrainConfig:
   iters: int = 1000
   batch_size: int = 32
+  microbatches: int = 0  # 0: decided from the shape and the platform.
   learning_rate: float = 3e-3
   min_lr: float = 3e-4
   warmup_iters: int = 100

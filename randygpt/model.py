@@ -47,6 +47,15 @@ def count_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
 
 
+def train_flops_per_token(config: ModelConfig) -> int:
+  """Model FLOPs of one token's forward and backward pass, as MFU counts them: 6 per
+  weight of every matrix multiplied, plus 12 * n_layer * block_size * n_embd for the
+  attention scores and their weighted sums."""
+  d = config.n_embd
+  matmul_weights = 12 * d * d * config.n_layer + d * config.vocab_size
+  return 6 * matmul_weights + 12 * config.n_layer * config.block_size * d
+
+
 def rmsnorm(x_NxD: jax.Array) -> jax.Array:
   return x_NxD * jax.lax.rsqrt(jnp.mean(x_NxD * x_NxD, axis=-1, keepdims=True) + RMS_EPS)
 

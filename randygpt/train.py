@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from randygpt import (checkpoint, data, devices, generate, metrics, model, optim, platforms,
-                      rundir)
+from randygpt import (checkpoint, data, devices, generate, memory, metrics, model, optim,
+                      platforms, rundir)
 from randygpt.config import ModelConfig, RunConfig, TrainConfig
 from randygpt.errors import UserError
 
@@ -28,6 +28,10 @@ INIT_STREAM, DATA_STREAM, DROPOUT_STREAM, EVAL_STREAM = range(4)
 # Tokens per loss-estimate chunk. Accelerators gain from large batches; on the CPU, chunks
 # past ~2K tokens fall out of cache and run 2.5x slower (measured, see WORKSPACE.md).
 EVAL_CHUNK_TOKENS = {"cpu": 2048, "accelerator": 262144}
+# Activations (tokens x n_embd) per microbatch of a train step on the CPU: a step over
+# slices this small runs ~1.6x faster than over a 2K-token batch at once (measured, see
+# WORKSPACE.md), as each slice's activations stay in cache.
+CPU_MICROBATCH_ELEMENTS = 512 * 128
 
 
 def init_train_state(key: jax.Array, model_config: ModelConfig,
@@ -37,14 +41,39 @@ def init_train_state(key: jax.Array, model_config: ModelConfig,
 
 
 def train_step(state: dict, batch, rng: jax.Array, *, model_config: ModelConfig,
-               optimizer: optax.GradientTransformation) -> tuple[dict, dict]:
-  """One AdamW step on the batch loss (with dropout); returns the new state and metrics."""
-  loss, grads = jax.value_and_grad(model.loss_fn)(state["params"], batch, model_config,
-                                                  train=True, rng=rng)
+               optimizer: optax.GradientTransformation,
+               microbatches: int = 1) -> tuple[dict, dict]:
+  """One AdamW step on the batch loss (with dropout), its gradient summed over
+  `microbatches` equal slices of the batch run one after another; returns the new state
+  and metrics."""
+  def slices(x_BxT):
+    # Slice i takes rows i, i+k, i+2k...: each device's rows stay on that device.
+    b, t = x_BxT.shape
+    return x_BxT.reshape(b // microbatches, microbatches, t).swapaxes(0, 1)
+
+  def add_slice(total, inputs):
+    i, microbatch = inputs[0], inputs[1:]
+    loss_and_grads = jax.value_and_grad(model.loss_fn)(
+        state["params"], microbatch, model_config, train=True, rng=jax.random.fold_in(rng, i))
+    return jax.tree.map(jnp.add, total, loss_and_grads), None
+
+  zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
+  total, _ = jax.lax.scan(add_slice, zeros, (jnp.arange(microbatches), *map(slices, batch)))
+  loss, grads = jax.tree.map(lambda x: x / microbatches, total)
   updates, opt = optimizer.update(grads, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   grad_norm = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads)))
   return {"params": params, "opt": opt}, {"loss": loss, "grad_norm": grad_norm}
+
+
+def train_microbatches(tc: TrainConfig, model_config: ModelConfig, platform: str) -> int:
+  """--microbatches, or for 0: on the CPU the fewest slices of the batch (dividing it) with
+  at most CPU_MICROBATCH_ELEMENTS activations each; elsewhere 1."""
+  if tc.microbatches or platform != "cpu":
+    return tc.microbatches or 1
+  per_sequence = model_config.block_size * model_config.n_embd
+  return min(k for k in range(1, tc.batch_size + 1) if tc.batch_size % k == 0 and (
+      k == tc.batch_size or tc.batch_size // k * per_sequence <= CPU_MICROBATCH_ELEMENTS))
 
 
 def eval_loss(params, tokens: jax.Array, key: jax.Array, *, model_config: ModelConfig,
@@ -77,13 +106,14 @@ def jit_eval_loss(tc: TrainConfig, model_config: ModelConfig, platform: str):
 
 
 def jit_data_parallel(model_config: ModelConfig, optimizer: optax.GradientTransformation,
-                      mesh: jax.sharding.Mesh):
+                      mesh: jax.sharding.Mesh, microbatches: int = 1):
   """The jitted batch sampler and train step over `mesh`: batches split along `data`, the
   state replicated (XLA all-reduces the gradients)."""
   replicated, batch_sharded = devices.replicated(mesh), devices.batch_sharded(mesh)
   get_batch = jax.jit(data.get_batch, static_argnums=(2, 3),
                       out_shardings=(batch_sharded, batch_sharded))
-  step = jax.jit(functools.partial(train_step, model_config=model_config, optimizer=optimizer),
+  step = jax.jit(functools.partial(train_step, model_config=model_config, optimizer=optimizer,
+                                   microbatches=microbatches),
                  out_shardings=(replicated, replicated), donate_argnums=0)
   return get_batch, step
 
@@ -114,8 +144,8 @@ def restore_or_init(key: jax.Array, model_config: ModelConfig,
                     sharding: jax.sharding.Sharding) -> dict:
   """A fresh train state, or the one saved at `source`, placed with `sharding`."""
   init = functools.partial(init_train_state, model_config=model_config, optimizer=optimizer)
-  if source is None:
-    return jax.device_put(init(key), sharding)
+  if source is None:  # One jitted init: eager ops would each compile and stay cached.
+    return jax.jit(init, out_shardings=sharding)(key)
   restored = checkpoint.restore_state(
       source, checkpoint.abstract_like(jax.eval_shape(init, key), sharding))
   # jaxlib 0.5 (the Metal stack) can hand back arrays that share host memory with NumPy;
@@ -161,6 +191,7 @@ def run(config: RunConfig) -> dict:
 
 
 def _run(config: RunConfig) -> dict:
+  started, memory_mb = time.perf_counter(), {"after_imports": memory.resident_mb()}
   loc = config.location
   workdir = Path(loc.workdir)
   source, discard = checkpoint.plan_start(workdir, loc.resume, loc.resume_from, loc.overwrite)
@@ -189,6 +220,7 @@ def _run(config: RunConfig) -> dict:
   placement = platforms.place(loc.train_platform, loc.eval_platform)
   mesh = devices.data_mesh(placement.train_devices)
   devices.check_batch_divides(tc.batch_size, mesh.size)
+  microbatches = train_microbatches(tc, model_config, mesh.devices.flat[0].platform)
   replicated = devices.replicated(mesh)
   root = jax.random.key(tc.seed)
   stream = functools.partial(jax.random.fold_in, root)
@@ -220,7 +252,8 @@ def _run(config: RunConfig) -> dict:
         f"n_embd {model_config.n_embd}, block {model_config.block_size}, dropout "
         f"{model_config.dropout} | {n_params:,} parameters")
   print(f"devices: {mesh.size} x {mesh.devices.flat[0].platform} (data-parallel) | batch "
-        f"{tc.batch_size} x {model_config.block_size} = {tokens_per_step:,} tokens/step | "
+        f"{tc.batch_size} x {model_config.block_size} = {tokens_per_step:,} tokens/step in "
+        f"{microbatches} microbatch{'es' if microbatches > 1 else ''} | "
         f"workdir: {workdir}")
   for note in placement.notes:
     print(note)
@@ -228,7 +261,7 @@ def _run(config: RunConfig) -> dict:
     print(f"Resumed from {source} at iteration {start_iter} (target {tc.iters}, learning "
           f"rate horizon {tc.lr_decay_iters}).")
 
-  get_batch, step_fn = jit_data_parallel(model_config, optimizer, mesh)
+  get_batch, step_fn = jit_data_parallel(model_config, optimizer, mesh, microbatches)
   evaluate = jit_eval_loss(tc, model_config, placement.eval_device.platform)
   # The same eval windows every time: comparable estimates.
   eval_key = jax.device_put(stream(EVAL_STREAM), placement.eval_device)
@@ -248,6 +281,7 @@ def _run(config: RunConfig) -> dict:
   stopper = StopRequest()
   status, last_record, save_ms = "failed", None, []  # save_ms: how long each save blocked.
   run_start = time.perf_counter()
+  startup_s = None  # From the start of _run (imports done) to the end of the first iteration.
   eval_seconds = 0.0
   with stopper.installed():
     try:
@@ -255,6 +289,8 @@ def _run(config: RunConfig) -> dict:
       t0 = time.perf_counter()
       step_fn = step_fn.lower(state, batch_for(start_iter + 1), stream(DROPOUT_STREAM)).compile()
       print(f"done in {time.perf_counter() - t0:.1f}s", flush=True)
+      memory_mb["compile_peak"] = memory.peak_resident_mb()
+      memory.release_free_memory()
       throughput = metrics.Throughput(tokens_per_step, start_iter)
 
       def record(step, step_metrics, with_eval):
@@ -264,7 +300,8 @@ def _run(config: RunConfig) -> dict:
           raise UserError(f"Training diverged at iteration {step} (loss {loss}). "
                           "Try a lower --learning_rate or --grad_clip.")
         rec = {"iter": step, "train_loss": loss, "lr": float(schedule(step - 1)),
-               "grad_norm": float(step_metrics["grad_norm"]), **throughput.since_mark(step)}
+               "grad_norm": float(step_metrics["grad_norm"]), **throughput.since_mark(step),
+               "rss_mb": memory.resident_mb()}
         if with_eval:
           metrics.phase(f"Evaluating at iteration {step}...")
           t_eval = time.perf_counter()
@@ -274,6 +311,7 @@ def _run(config: RunConfig) -> dict:
           rec["val_loss"] = float(evaluate(params, eval_tokens["val"],
                                            jax.random.fold_in(eval_key, 1)))
           eval_seconds = time.perf_counter() - t_eval
+          memory.release_free_memory()  # The first estimate compiled.
           if best is None or rec["val_loss"] < best[0]:
             best = (rec["val_loss"], step)
             checkpoints.save("best", step, state, meta_for(step))
@@ -293,6 +331,9 @@ def _run(config: RunConfig) -> dict:
       for step in range(start_iter + 1, tc.iters + 1):
         state, step_metrics = step_fn(state, batch_for(step),
                                       jax.random.fold_in(stream(DROPOUT_STREAM), step))
+        if startup_s is None:  # Once: wait for the first iteration to end.
+          jax.block_until_ready(step_metrics)
+          startup_s = time.perf_counter() - started
         if pending and pending[0] % tc.log_interval == 0:
           record(*pending, with_eval=False)
         pending = (step, step_metrics)
@@ -330,6 +371,8 @@ def _run(config: RunConfig) -> dict:
           "wall_s": time.perf_counter() - run_start,
           "n_params": n_params,
           "checkpoint_blocked_ms_max": max(save_ms, default=None),
+          "startup_s": startup_s,
+          "memory_mb": memory_mb | {"peak": memory.peak_resident_mb()},
       }
       if is_main:
         metrics.write_json(workdir / "summary.json", summary)

@@ -92,3 +92,8 @@ def test_rmsnorm_has_unit_rms():
   x = jax.random.normal(jax.random.key(0), (4, 32)) * 7.0
   rms = jnp.sqrt(jnp.mean(model.rmsnorm(x) ** 2, axis=-1))
   np.testing.assert_allclose(rms, 1.0, rtol=1e-4)
+
+
+def test_flops_per_token_of_the_default_shape():
+  # 6 x (6 blocks x 12 x 128^2 + 128 x 65 weights) + 12 x 6 x 64 x 128 = 7.72 MFLOP.
+  assert model.train_flops_per_token(ModelConfig(vocab_size=65)) == 7_717_632

@@ -30,9 +30,11 @@ def fresh_state(setup):
   return train.init_train_state(jax.random.key(0), cfg, optimizer)
 
 
-def test_train_step_jit_matches_eager(setup, maybe_jit):
+@pytest.mark.parametrize("microbatches", [1, 4])
+def test_train_step_jit_matches_eager(setup, maybe_jit, microbatches):
   cfg, tokens, optimizer = setup
-  step = functools.partial(train.train_step, model_config=cfg, optimizer=optimizer)
+  step = functools.partial(train.train_step, model_config=cfg, optimizer=optimizer,
+                           microbatches=microbatches)
   step_under_test = maybe_jit(step, donate_argnums=0)
   state_a, state_b = fresh_state(setup), fresh_state(setup)
   for i in range(3):
@@ -42,6 +44,38 @@ def test_train_step_jit_matches_eager(setup, maybe_jit):
     np.testing.assert_allclose(metrics_a["loss"], metrics_b["loss"], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                state_a, state_b)
+
+
+def test_microbatches_take_the_same_step_as_the_whole_batch(setup):
+  cfg, tokens, optimizer = setup
+  cfg = ModelConfig(**{**vars(cfg), "dropout": 0.0})
+  batch = data.get_batch(tokens, jax.random.key(0), TRAIN.batch_size, cfg.block_size)
+  results = [jax.jit(functools.partial(train.train_step, model_config=cfg, optimizer=optimizer,
+                                       microbatches=k))(fresh_state(setup), batch,
+                                                        jax.random.key(1))
+             for k in (1, 2, 8)]
+  for state, step_metrics in results[1:]:
+    np.testing.assert_allclose(step_metrics["loss"], results[0][1]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(step_metrics["grad_norm"], results[0][1]["grad_norm"],
+                               rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 state, results[0][0])
+
+
+@pytest.mark.parametrize("batch_size, block_size, n_embd, platform, requested, expected", [
+    (32, 64, 128, "cpu", 0, 4),  # 8 x 64 x 128 = 64K activations per slice.
+    (32, 128, 256, "cpu", 0, 16),
+    (12, 64, 128, "cpu", 0, 2),  # 4 slices of 3 would fit too: the fewest is taken.
+    (3, 512, 256, "cpu", 0, 3),  # Even one sequence is larger: one sequence a slice.
+    (4, 16, 32, "cpu", 0, 1),
+    (32, 64, 128, "gpu", 0, 1),
+    (32, 64, 128, "cpu", 2, 2),
+])
+def test_microbatches_default_to_cache_sized_slices_on_the_cpu(
+    batch_size, block_size, n_embd, platform, requested, expected):
+  tc = TrainConfig(batch_size=batch_size, microbatches=requested)
+  model_config = ModelConfig(block_size=block_size, n_embd=n_embd)
+  assert train.train_microbatches(tc, model_config, platform) == expected
 
 
 def test_train_step_advances_the_schedule_count(setup):
