@@ -21,6 +21,7 @@ from absl import flags
 
 from randygpt import cli, data, metrics, model, optim, rundir
 from randygpt import flags as randygpt_flags
+from randygpt.config import ModelConfig
 from randygpt.errors import UserError
 
 for _name in ("data", "data_encoding", "workdir", "overwrite", "n_embd", "n_head", "n_layer",
@@ -41,7 +42,7 @@ def n_params(vocab_size: int, n_embd: int, n_layer: int, block_size: int) -> int
   return (2 * vocab_size + block_size) * n_embd + 12 * n_layer * n_embd * n_embd
 
 
-def tensor_shapes(model_config) -> list[tuple[int, int]]:
+def tensor_shapes(model_config: ModelConfig) -> list[tuple[int, int]]:
   """randyGPT's weight matrices in file order, each [n_out, n_in]."""
   v, e, block = model_config.vocab_size, model_config.n_embd, model_config.block_size
   layer = [(e, e)] * 4 + [(4 * e, e), (e, 4 * e)]  # wq, wk, wv, wo, fc1, fc2.
@@ -52,7 +53,7 @@ def _shape_flags(n_embd: int, n_layer: int, block_size: int) -> str:
   return f"--n_embd={n_embd} --n_layer={n_layer} --block_size={block_size}"
 
 
-def shapes_that_fit(count: int, vocab_size: int, like, limit: int = 5) -> list[tuple]:
+def shapes_that_fit(count: int, vocab_size: int, like: ModelConfig, limit: int = 5) -> list[tuple]:
   """(n_embd, n_layer, block_size) with exactly `count` parameters, for block sizes that are
   powers of two (or `like`'s) and up to 64 layers; those closest to `like` first."""
   found = []
@@ -67,7 +68,7 @@ def shapes_that_fit(count: int, vocab_size: int, like, limit: int = 5) -> list[t
   return sorted(found, key=lambda s: (sum(a != b for a, b in zip(s, given)), s))[:limit]
 
 
-def read_header(path: Path):
+def read_header(path: Path) -> np.void:
   """The 24-byte header as a NumPy record (magic, vocab_size, iter, step, best_loss)."""
   try:
     with open(path, "rb") as f:
@@ -85,7 +86,7 @@ def read_header(path: Path):
   return np.frombuffer(raw, dtype=header_dtype)[0]
 
 
-def check_size(path: Path, model_config) -> None:
+def check_size(path: Path, model_config: ModelConfig) -> None:
   """Refuses a file whose size is not that of `model_config`'s shape, naming shapes that fit."""
   c = model_config
   size = path.stat().st_size
@@ -123,19 +124,18 @@ def to_params(arrays: list, n_layer: int) -> dict:
   return {"wte": wte, "wpe": wpe, "lm_head": lm_head.T, "blocks": blocks}
 
 
-def read_tensors(path: Path, model_config) -> tuple[dict, dict, dict]:
+def read_tensors(path: Path, model_config: ModelConfig) -> tuple[dict, dict, dict]:
   """The weights and the Adam moments m and v of a size-checked file, each as a randygpt
   parameter tree of NumPy arrays."""
   shapes = tensor_shapes(model_config)
-  flat = np.fromfile(path, dtype="<f4", offset=HEADER_BYTES)
   # The weights, then an (m, v) pair for each weight in the same order.
-  sizes = [r * c for r, c in shapes] + [r * c for r, c in shapes for _ in range(2)]
-  pieces = np.split(flat, np.cumsum(sizes)[:-1])
-  weights = [p.reshape(s) for p, s in zip(pieces, shapes)]
-  moments = [p.reshape(s) for p, s in zip(pieces[len(shapes):], (s for s in shapes
-                                                                  for _ in range(2)))]
+  in_file = shapes + [s for s in shapes for _ in range(2)]
+  flat = np.fromfile(path, dtype="<f4", offset=HEADER_BYTES)
+  pieces = np.split(flat, np.cumsum([r * c for r, c in in_file])[:-1])
+  arrays = [p.reshape(s) for p, s in zip(pieces, in_file)]
+  n = len(shapes)
   return tuple(to_params(a, model_config.n_layer)
-               for a in (weights, moments[0::2], moments[1::2]))
+               for a in (arrays[:n], arrays[n::2], arrays[n + 1::2]))
 
 
 def train_state(params, mu, nu, *, step: int, iteration: int,
@@ -195,7 +195,8 @@ def import_bin(args: list[str]) -> None:
       config, train=train_config,
       data=dataclasses.replace(config.data, tokenizer="randygpt"))
   params, mu, nu = read_tensors(path, model_config)
-  optimizer = optim.make_optimizer(train_config, train_config.lr_decay_iters or iteration)
+  # Only the structure of its state is used: the schedule is that of the resumed run.
+  optimizer = optim.make_optimizer(train_config, iteration)
   state = train_state(params, mu, nu, step=int(header["step"]), iteration=iteration,
                       optimizer=optimizer)
   source = {"path": str(path), "format": MAGIC.decode(), "iter": int(header["iter"]),

@@ -149,7 +149,8 @@ def test_randygpt_tokenizer_keeps_its_slots_and_reads_lines():
   assert tok.encode("<>a").tolist() == [3, 4, 5]  # The text's own ids, never BOS/EOS.
   assert tok.decode([0, 1, 3]) == "<><"
   assert data.tokenize("x\n\ny\n", "randygpt")[0] == "x\n\ny\n"
-  assert data.tokenize("a<b\r\n", "chars") == ("a<b\r\n", data.CharTokenizer(("\n", "\r", "<", "a", "b")))
+  assert data.tokenize("a<b\r\n", "chars") == (
+      "a<b\r\n", data.CharTokenizer(("\n", "\r", "<", "a", "b")))
 
 
 def test_shapes_that_fit_find_the_shape_closest_to_the_flags():
