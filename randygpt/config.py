@@ -58,6 +58,7 @@ class DataConfig:
   data: str = "train.txt"
   data_url: str = ""
   data_encoding: str = "utf-8"
+  tokenizer: str = "chars"  # "randygpt": randyGPT's vocabulary and line reading (import_bin).
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ from randygpt.errors import UserError
 
 DEFAULT_DATA = "train.txt"
 VAL_FRACTION = 0.1
+RANDYGPT_SLOTS = ("<", ">")  # randyGPT's BOS and EOS tokens, ids 0 and 1.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,12 @@ class CharTokenizer:
   def from_text(cls, text: str) -> "CharTokenizer":
     return cls(tuple(sorted(set(text))))
 
+  @classmethod
+  def randygpt(cls, text: str) -> "CharTokenizer":
+    """randyGPT's vocabulary: `<` (BOS) and `>` (EOS), then the sorted characters of `text`,
+    `<` and `>` again among them when the text has them."""
+    return cls(RANDYGPT_SLOTS + tuple(sorted(set(text))))
+
   @property
   def vocab_size(self) -> int:
     return len(self.chars)
@@ -55,6 +62,8 @@ class CharTokenizer:
     return list(dict.fromkeys(c for c in text if c not in known))
 
   def encode(self, text: str) -> np.ndarray:
+    # A character listed twice (randyGPT's `<` and `>`) takes its last id, as randyGPT's
+    # encoder does: its BOS and EOS ids never come from the text.
     index = {c: i for i, c in enumerate(self.chars)}
     return np.fromiter((index[c] for c in text), dtype=np.int32, count=len(text))
 
@@ -67,6 +76,23 @@ class CharTokenizer:
   @classmethod
   def load(cls, path: Path) -> "CharTokenizer":
     return cls(tuple(json.loads(path.read_text(encoding="utf-8"))["chars"]))
+
+
+def as_randygpt_reads(text: str) -> str:
+  """`text` as randyGPT reads train.txt: line by line (Rust's `lines()`: split at "\\n", a
+  trailing "\\r" dropped), each line ending in "\\n"."""
+  lines = text.split("\n")
+  if lines[-1] == "":
+    lines.pop()
+  return "".join(line.removesuffix("\r") + "\n" for line in lines)
+
+
+def tokenize(text: str, tokenizer: str) -> tuple[str, CharTokenizer]:
+  """The text as the --tokenizer reads it, and its vocabulary."""
+  if tokenizer == "randygpt":
+    text = as_randygpt_reads(text)
+    return text, CharTokenizer.randygpt(text)
+  return text, CharTokenizer.from_text(text)
 
 
 def fallback_text() -> str:

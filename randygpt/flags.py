@@ -18,6 +18,11 @@ flags.DEFINE_string(
     "data_url", "", "Where to download a known dataset from when --data is missing "
     "(default: its usual address). The SHA-256 is checked either way.")
 flags.DEFINE_string("data_encoding", "utf-8", "Text encoding of --data, e.g. latin-1.")
+flags.DEFINE_enum(
+    "tokenizer", "chars", ["chars", "randygpt"], "`chars`: one token per distinct character, "
+    "sorted. `randygpt`: randyGPT's vocabulary (`<` and `>` as BOS and EOS, ids 0 and 1, then "
+    "the sorted characters of the text read line by line, each line ending in a newline), as "
+    "python -m randygpt.import_bin sets it for imported checkpoints.")
 flags.DEFINE_string(
     "workdir", "runs/default", "Directory for everything this run writes: flags.cfg, "
     "vocab.json, metrics.jsonl, summary.json, samples.txt, checkpoints/.")

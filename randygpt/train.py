@@ -206,7 +206,7 @@ def _run(config: RunConfig) -> dict:
 
   text, data_source = data.load_text(config.data.data, url=config.data.data_url,
                                      encoding=config.data.data_encoding)
-  tokenizer = data.CharTokenizer.from_text(text)
+  text, tokenizer = data.tokenize(text, config.data.tokenizer)
   if meta:
     _check_vocab(meta["vocab"], tokenizer, source, config.data.data)
   prompts = check_prompts(config.sample.prompt, tokenizer)
