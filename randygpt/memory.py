@@ -10,7 +10,6 @@ glibc; elsewhere nothing happens.
 
 import ctypes
 import resource
-import sys
 
 # mallopt parameters, from glibc's malloc.h.
 _M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
@@ -36,16 +35,27 @@ def release_free_memory() -> None:
     libc.malloc_trim(0)
 
 
+def _status_mb(field: str) -> float | None:
+  """A memory field of /proc/self/status (Linux), in MB; None where there is none."""
+  try:
+    with open("/proc/self/status") as status:
+      for line in status:
+        if line.startswith(field + ":"):
+          return int(line.split()[1]) / 2**10  # kB.
+  except OSError:
+    pass
+  return None
+
+
 def resident_mb() -> float | None:
   """Resident memory now, where the system says (Linux), else None."""
-  try:
-    with open("/proc/self/statm") as statm:
-      return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
-  except OSError:
-    return None
+  return _status_mb("VmRSS")
 
 
 def peak_resident_mb() -> float:
-  """The largest resident memory so far."""
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # Bytes there, KiB here.
+  """The largest resident memory so far. Linux's VmHWM, not ru_maxrss: a child process
+  inherits its parent's ru_maxrss."""
+  peak = _status_mb("VmHWM")
+  if peak is None:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Bytes on macOS.
+  return peak

@@ -28,10 +28,10 @@ INIT_STREAM, DATA_STREAM, DROPOUT_STREAM, EVAL_STREAM = range(4)
 # Tokens per loss-estimate chunk. Accelerators gain from large batches; on the CPU, chunks
 # past ~2K tokens fall out of cache and run 2.5x slower (measured, see WORKSPACE.md).
 EVAL_CHUNK_TOKENS = {"cpu": 2048, "accelerator": 262144}
-# Activations (tokens x n_embd) per microbatch of a train step on the CPU: a step over
-# slices this small runs ~1.6x faster than over a 2K-token batch at once (measured, see
-# WORKSPACE.md), as each slice's activations stay in cache.
-CPU_MICROBATCH_ELEMENTS = 512 * 128
+# Tokens per microbatch of a train step on the CPU: a step over slices this small ran
+# 1.2-1.6x faster than over the whole batch at once at the default and medium shapes
+# (measured, see WORKSPACE.md), as each slice's activations stay in cache.
+CPU_MICROBATCH_TOKENS = 512
 
 
 def init_train_state(key: jax.Array, model_config: ModelConfig,
@@ -67,13 +67,12 @@ def train_step(state: dict, batch, rng: jax.Array, *, model_config: ModelConfig,
 
 
 def train_microbatches(tc: TrainConfig, model_config: ModelConfig, platform: str) -> int:
-  """--microbatches, or for 0: on the CPU the fewest slices of the batch (dividing it) with
-  at most CPU_MICROBATCH_ELEMENTS activations each; elsewhere 1."""
+  """--microbatches, or for 0: on the CPU the fewest slices of the batch (dividing it) of
+  at most CPU_MICROBATCH_TOKENS tokens each; elsewhere 1."""
   if tc.microbatches or platform != "cpu":
     return tc.microbatches or 1
-  per_sequence = model_config.block_size * model_config.n_embd
   return min(k for k in range(1, tc.batch_size + 1) if tc.batch_size % k == 0 and (
-      k == tc.batch_size or tc.batch_size // k * per_sequence <= CPU_MICROBATCH_ELEMENTS))
+      k == tc.batch_size or tc.batch_size // k * model_config.block_size <= CPU_MICROBATCH_TOKENS))
 
 
 def eval_loss(params, tokens: jax.Array, key: jax.Array, *, model_config: ModelConfig,

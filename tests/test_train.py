@@ -62,19 +62,19 @@ def test_microbatches_take_the_same_step_as_the_whole_batch(setup):
                  state, results[0][0])
 
 
-@pytest.mark.parametrize("batch_size, block_size, n_embd, platform, requested, expected", [
-    (32, 64, 128, "cpu", 0, 4),  # 8 x 64 x 128 = 64K activations per slice.
-    (32, 128, 256, "cpu", 0, 16),
-    (12, 64, 128, "cpu", 0, 2),  # 4 slices of 3 would fit too: the fewest is taken.
-    (3, 512, 256, "cpu", 0, 3),  # Even one sequence is larger: one sequence a slice.
-    (4, 16, 32, "cpu", 0, 1),
-    (32, 64, 128, "gpu", 0, 1),
-    (32, 64, 128, "cpu", 2, 2),
+@pytest.mark.parametrize("batch_size, block_size, platform, requested, expected", [
+    (32, 64, "cpu", 0, 4),  # 8 sequences of 64 = 512 tokens per slice.
+    (32, 128, "cpu", 0, 8),
+    (12, 64, "cpu", 0, 2),  # 4 slices of 3 would fit too: the fewest is taken.
+    (3, 1024, "cpu", 0, 3),  # Even one sequence is longer: one sequence a slice.
+    (4, 16, "cpu", 0, 1),
+    (32, 64, "gpu", 0, 1),
+    (32, 64, "cpu", 2, 2),
 ])
 def test_microbatches_default_to_cache_sized_slices_on_the_cpu(
-    batch_size, block_size, n_embd, platform, requested, expected):
+    batch_size, block_size, platform, requested, expected):
   tc = TrainConfig(batch_size=batch_size, microbatches=requested)
-  model_config = ModelConfig(block_size=block_size, n_embd=n_embd)
+  model_config = ModelConfig(block_size=block_size)
   assert train.train_microbatches(tc, model_config, platform) == expected
 
 
