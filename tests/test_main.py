@@ -1,5 +1,6 @@
 """End-to-end: the real `python -m randygpt.main` as a subprocess, on small settings."""
 
+import gzip
 import json
 
 import pytest
@@ -87,6 +88,12 @@ def write(tmp_path, name, content):
     (lambda p: ["--data=missing.txt"], "--data=missing.txt does not exist"),
     (lambda p: [f"--data={write(p, 'e.txt', '')}"], "is empty"),
     (lambda p: [f"--data={write(p, 'b.bin', bytes(range(256)))}"], "binary file"),
+    (lambda p: [f"--data={write(p, 'w.txt', ' \n\t\r\n ')}"], "is empty (only whitespace)"),
+    (lambda p: [f"--data={write(p, 'g.gz', gzip.compress(make_corpus().encode()))}"],
+     "binary file"),
+    (lambda p: [f"--data={write(p, 'r.bin', bytes(range(1, 256)) * 8)}"], "binary file"),
+    (lambda p: [f"--flagfile={write(p, 't.cfg', '--n_embed=64')}"],
+     "Unknown command line flag 'n_embed'. Did you mean: n_embd ?"),
     (lambda p: [f"--data={write(p, 'l.txt', 'café crème '.encode('latin-1') * 100)}"],
      "is not valid utf-8 text"),
     (lambda p: [f"--data={write(p, 's.txt', 'x' * 300)}"], "too short"),
