@@ -169,7 +169,7 @@ def test_read_only_workdir_is_refused(run_cli, trained):
     result = run_cli("--data=c.txt", "--iters=8", "--resume", "--workdir=w")
   finally:
     trained.chmod(0o755)
-  assert_clean_error(result, "Error: ")
+  assert_clean_error(result, "Error: Cannot write to --workdir=w (Permission denied).")
 
 
 def test_workdir_with_spaces_and_non_ascii_characters(run_cli, tmp_path):

@@ -78,6 +78,9 @@ def test_shakespeare_loss_falls(run_cli, tmp_path):
   assert evals[0]["val_loss"] < 3.5 and evals[1]["val_loss"] < evals[0]["val_loss"] - 0.2
 
 
+WHITESPACE = " \n\t\r\n "
+
+
 def write(tmp_path, name, content):
   path = tmp_path / name
   path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -88,7 +91,7 @@ def write(tmp_path, name, content):
     (lambda p: ["--data=missing.txt"], "--data=missing.txt does not exist"),
     (lambda p: [f"--data={write(p, 'e.txt', '')}"], "is empty"),
     (lambda p: [f"--data={write(p, 'b.bin', bytes(range(256)))}"], "binary file"),
-    (lambda p: [f"--data={write(p, 'w.txt', ' \n\t\r\n ')}"], "is empty (only whitespace)"),
+    (lambda p: [f"--data={write(p, 'w.txt', WHITESPACE)}"], "is empty (only whitespace)"),
     (lambda p: [f"--data={write(p, 'g.gz', gzip.compress(make_corpus().encode()))}"],
      "binary file"),
     (lambda p: [f"--data={write(p, 'r.bin', bytes(range(1, 256)) * 8)}"], "binary file"),
