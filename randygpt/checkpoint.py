@@ -112,7 +112,10 @@ class Checkpoints:
 
   def _check_saved(self, kind: str, error: Exception | None = None) -> None:
     """After `kind`'s last save has ended: keeps its newest finished step alone, or, when
-    that save failed, keeps the previous one and says so."""
+    that save failed, keeps the previous one and says so. Process 0 alone: it finishes
+    saves (the others may look before it has)."""
+    if jax.process_index() != 0:
+      return
     finished = self.path(kind)
     if kind in self._saving and (finished is None or int(finished.name) != self._saving[kind]):
       step = self._saving.pop(kind)
