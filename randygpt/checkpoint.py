@@ -11,6 +11,9 @@ it when complete, so a killed save never leaves something that looks like a chec
 
 import contextlib
 import io
+import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,9 +29,10 @@ FORMAT = "randygpt-checkpoint-1"
 
 def _manager(directory: Path) -> ocp.CheckpointManager:
   # Latest and best may save the same step at once: their cross-process barriers need
-  # distinct names.
+  # distinct names. Old steps are deleted by Checkpoints, not Orbax: Orbax deletes them
+  # even when the new save fails (seen with a full disk).
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=1, cleanup_tmp_directories=True,
+      max_to_keep=None, cleanup_tmp_directories=True,
       multiprocessing_options=ocp.options.MultiprocessingOptions(
           barrier_sync_key_prefix=directory.name))
   return ocp.CheckpointManager(directory.absolute(), options=options,
@@ -60,6 +64,15 @@ def _restore(path: Path, **items):
   return restored
 
 
+def _failure_reason(error: Exception | None) -> str:
+  """The OS error behind a failed write (tensorstore names its errno), else the first line."""
+  if error is None:
+    return "the write did not complete"
+  if (code := re.search(r"os_error_code\W*(\d+)", str(error))):
+    return os.strerror(int(code.group(1)))
+  return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+
+
 def _steps(directory: Path) -> list[int]:
   """Finished checkpoint steps in one manager directory (temporary ones excluded)."""
   if not directory.is_dir():
@@ -73,6 +86,7 @@ class Checkpoints:
   def __init__(self, workdir: Path):
     self.root = Path(workdir) / "checkpoints"
     self._managers = {}  # Made on first save: looking never creates directories.
+    self._saving = {}  # kind: the step of its last save, until it is known to be on disk.
 
   def path(self, kind: str) -> Path | None:
     steps = _steps(self.root / kind)
@@ -86,17 +100,48 @@ class Checkpoints:
     start = time.perf_counter()
     if kind not in self._managers:
       self._managers[kind] = _manager(self.root / kind)
-    self._managers[kind].save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    try:  # Orbax first waits for this kind's previous save: its failure shows here.
+      self._managers[kind].save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # Orbax and tensorstore raise many kinds; all mean the same here.
+      self._check_saved(kind, e)
+      raise
+    self._check_saved(kind)
+    self._saving[kind] = step
     return time.perf_counter() - start
 
+  def _check_saved(self, kind: str, error: Exception | None = None) -> None:
+    """After `kind`'s last save has ended: keeps its newest finished step alone, or, when
+    that save failed, keeps the previous one and says so. Process 0 alone: it finishes
+    saves (the others may look before it has)."""
+    if jax.process_index() != 0:
+      return
+    finished = self.path(kind)
+    if kind in self._saving and (finished is None or int(finished.name) != self._saving[kind]):
+      step = self._saving.pop(kind)
+      kept = f"The previous checkpoint {finished} is kept" if finished else "Nothing was saved"
+      raise UserError(f"Could not save the {kind} checkpoint at iteration {step} "
+                      f"({_failure_reason(error)}). {kept}; free some disk space, then "
+                      "resume with --resume.")
+    self._saving.pop(kind, None)
+    for old in _steps(self.root / kind)[:-1]:
+      shutil.rmtree(self.root / kind / str(old))
+
   def wait(self) -> None:
-    for manager in self._managers.values():
-      manager.wait_until_finished()
+    for kind, manager in self._managers.items():
+      try:
+        manager.wait_until_finished()
+        manager.check_for_errors()
+      except Exception as e:  # As in save().
+        self._check_saved(kind, e)
+        raise
+      self._check_saved(kind)
 
   def close(self) -> None:
+    """Ends the managers; a failed save is for wait() to report."""
     for manager in self._managers.values():
-      manager.close()
+      with contextlib.suppress(Exception):
+        manager.close()
     self._managers.clear()
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 from absl import flags
@@ -40,6 +41,26 @@ def _quiet_logs() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+def _from_checkpointing(tb) -> bool:
+  return any(part in frame.filename for frame in traceback.extract_tb(tb)
+             for part in ("orbax", "asyncio"))
+
+
+def _quiet_background_failures() -> None:
+  """A failed background save makes Orbax's threads log and raise tracebacks; randygpt
+  reports it as one `Error:` line instead (checkpoint.py). --verbosity shows them."""
+  if flags.FLAGS["verbosity"].present:
+    return
+  pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL)
+  pylogging.getLogger("absl").addFilter(
+      lambda record: record.levelno < pylogging.ERROR or "orbax" not in record.pathname)
+  unraisable, thread_hook = sys.unraisablehook, threading.excepthook
+  sys.unraisablehook = lambda args: (
+      None if _from_checkpointing(args.exc_traceback) else unraisable(args))
+  threading.excepthook = lambda args: (
+      None if _from_checkpointing(args.exc_traceback) else thread_hook(args))
+
+
 def entry_point(work):
   """An absl `main` that runs `work()`; `work` may return {"signal": signum} to end by it."""
   def main(argv):
@@ -47,6 +68,7 @@ def entry_point(work):
       _exit_with_error(f"Unexpected arguments: {' '.join(argv[1:])} "
                        "(flags are written --name=value).")
     _quiet_logs()  # E.g. JAX's lines about absent backends.
+    _quiet_background_failures()
     memory.configure_malloc()  # Before JAX starts its threads.
     import jax  # After flag parsing: --help and flag errors stay fast.
     from randygpt import devices, platforms

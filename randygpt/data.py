@@ -130,6 +130,17 @@ def download(url: str, dest: Path, known: KnownDataset, timeout: float = 30.0) -
     tmp.unlink(missing_ok=True)
 
 
+# Control bytes that text uses: tab, newlines, vertical tab, form feed, escape.
+TEXT_CONTROL_BYTES = frozenset(b"\t\n\v\f\r\x1b")
+BINARY_CONTROL_FRACTION = 0.01
+
+
+def looks_binary(raw: bytes) -> bool:
+  """NUL bytes, or more control bytes than text has (text in any 8-bit encoding has few)."""
+  controls = sum(b < 0x20 and b not in TEXT_CONTROL_BYTES for b in raw)
+  return b"\0" in raw or controls > BINARY_CONTROL_FRACTION * len(raw)
+
+
 def read_text(path: Path, encoding: str = "utf-8") -> str:
   """The whole file as text, or a UserError that says what is wrong with it."""
   if path.is_dir():
@@ -138,9 +149,9 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
     raw = path.read_bytes()
   except OSError as e:
     raise UserError(f"Cannot read --data={path}: {e.strerror}.") from None
-  if b"\0" in raw[:65536]:
-    raise UserError(f"--data={path} looks like a binary file (it contains NUL bytes); "
-                    "pass a plain text file.")
+  if looks_binary(raw[:65536]):
+    raise UserError(f"--data={path} looks like a binary file (it contains NUL or control "
+                    "bytes); pass a plain text file.")
   try:
     text = raw.decode(encoding)
   except UnicodeDecodeError as e:

@@ -4,6 +4,8 @@ Flag names are RunConfig field names (see config.py), so the parsed flags map on
 config with no per-flag code.
 """
 
+import math
+
 from absl import flags
 
 from randygpt import platforms
@@ -83,7 +85,8 @@ flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay, applied to the weig
                    "not to the embeddings.", lower_bound=0.0)
 flags.DEFINE_float("beta1", 0.9, "AdamW beta1.", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_float("beta2", 0.99, "AdamW beta2.", lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_float("grad_clip", 1.0, "Clip gradients to this global norm.", lower_bound=0.0)
+flags.DEFINE_float("grad_clip", 1.0, "Clip gradients to this global norm; 0 is off.",
+                   lower_bound=0.0)
 flags.DEFINE_integer("eval_interval", 100, "Estimate train and val loss every this many "
                      "iterations (and at the end).", lower_bound=1)
 flags.DEFINE_integer("eval_iters", 20, "Batches per loss estimate.", lower_bound=1)
@@ -92,7 +95,7 @@ flags.DEFINE_integer("log_interval", 10, "Log a line every this many iterations.
 flags.DEFINE_integer("checkpoint_interval", 100, "Save the latest checkpoint every this many "
                      "iterations (and at the end, and on Ctrl-C).", lower_bound=1)
 flags.DEFINE_integer("seed", 1337, "Seed for initialisation, data windows, dropout and "
-                     "sampling.")
+                     "sampling.", lower_bound=-2**63, upper_bound=2**63 - 1)  # JAX's int64.
 
 # Sampling.
 flags.DEFINE_multi_string("prompt", ["ROMEO:"], "Text to continue; repeat the flag for "
@@ -109,11 +112,21 @@ flags.DEFINE_integer("top_k", 0, "Keep only the k most likely characters; 0 is o
                      lower_bound=0)
 
 flags.register_validator("dropout", lambda v: v < 1.0, "--dropout must be below 1.")
+for _beta in ("beta1", "beta2"):  # At 1, Adam's bias correction divides by zero.
+  flags.register_validator(_beta, lambda v: v < 1.0, f"--{_beta} must be below 1.")
 flags.register_validator("top_p", lambda v: 0.0 < v <= 1.0, "--top_p must be in (0, 1].")
 flags.register_validator("learning_rate", lambda v: v > 0.0, "--learning_rate must be > 0.")
 flags.register_multi_flags_validator(
     ["n_embd", "n_head"], lambda f: f["n_embd"] % f["n_head"] == 0,
     "--n_embd must be divisible by --n_head.")
+for _flag in flags.FLAGS.get_flags_for_module(__name__):
+  if isinstance(_flag.value, float):  # Bounds let nan and inf through.
+    flags.register_validator(_flag.name, math.isfinite, f"--{_flag.name} must be a finite "
+                             "number.")
+flags.register_multi_flags_validator(
+    ["num_cpu_devices", "batch_size"],
+    lambda f: f["num_cpu_devices"] <= f["batch_size"],  # Checked before XLA makes them.
+    "--num_cpu_devices must not exceed --batch_size: each device trains part of the batch.")
 flags.register_multi_flags_validator(
     ["batch_size", "microbatches"], lambda f: f["batch_size"] % max(f["microbatches"], 1) == 0,
     "--microbatches must divide --batch_size.")

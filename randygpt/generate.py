@@ -36,6 +36,8 @@ def filter_logits(logits_BxV: jax.Array, temperature: float, top_k: int = 0,
 def _draw(logits_BxV: jax.Array, key: jax.Array, config: SampleConfig) -> jax.Array:
   if config.temperature == 0.0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  # Shifted to a maximum of 0: a tiny temperature then gives -inf, never inf - inf (NaN).
+  logits_BxV = logits_BxV - logits_BxV.max(axis=-1, keepdims=True)
   logits_BxV = filter_logits(logits_BxV, config.temperature, config.top_k, config.top_p)
   return jax.random.categorical(key, logits_BxV).astype(jnp.int32)
 

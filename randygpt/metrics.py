@@ -91,11 +91,13 @@ def read_records(path: Path) -> list[dict]:
   """The records of a metrics.jsonl; a line cut short by a killed run is skipped."""
   records = []
   if path.exists():
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
       try:
-        records.append(json.loads(line))
+        record = json.loads(line)
       except ValueError:
         continue
+      if isinstance(record, dict) and "iter" in record:  # Not some other program's lines.
+        records.append(record)
   return records
 
 

@@ -28,7 +28,7 @@ def decay_mask(params) -> dict:
 
 def make_optimizer(config: TrainConfig, decay_iters: int) -> optax.GradientTransformation:
   return optax.chain(
-      optax.clip_by_global_norm(config.grad_clip),
+      optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity(),
       optax.adamw(lr_schedule(config, decay_iters), b1=config.beta1, b2=config.beta2,
                   weight_decay=config.weight_decay, mask=decay_mask),
   )

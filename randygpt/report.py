@@ -42,9 +42,10 @@ class Run:
 
 def _read_json(path: Path) -> dict | None:
   try:
-    return json.loads(path.read_text(encoding="utf-8"))
-  except (OSError, ValueError):
+    content = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, ValueError):  # UnicodeDecodeError is a ValueError.
     return None
+  return content if isinstance(content, dict) else None
 
 
 def _is_run(path: Path) -> bool:
@@ -73,7 +74,8 @@ def read_flags(workdir: Path) -> dict[str, str]:
   """flags.cfg as {name: value}; a repeated flag (--prompt) joins its values with commas."""
   values = {}
   path = workdir / "flags.cfg"
-  lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+  lines = (path.read_text(encoding="utf-8", errors="replace").splitlines()
+           if path.is_file() else [])
   for line in lines:
     if line.startswith("--"):
       name, _, value = line[2:].partition("=")
@@ -87,7 +89,7 @@ def status(workdir: Path, has_records: bool) -> str:
   if rundir.is_held(workdir):
     return "running"
   summary = _read_json(workdir / "summary.json")
-  if summary and summary.get("status") != "running":
+  if summary and summary.get("status", "running") != "running":
     return summary["status"]
   return "crashed" if summary or has_records else "not started"
 

@@ -7,6 +7,7 @@ ends however it ends, so a killed run never leaves a stale lock behind.
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import importlib.metadata
 import json
@@ -39,7 +40,13 @@ def claim(workdir: Path, lock: bool = True):
   holds. In a multi-process run only process 0 locks: the others share its workdir."""
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"--workdir={workdir} is a file, not a directory.")
-  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not os.access(workdir, os.W_OK | os.X_OK):  # Its files may still be writable.
+      raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+  except OSError as e:
+    raise UserError(f"Cannot write to --workdir={workdir} ({e.strerror}). Choose a writable "
+                    "--workdir.") from None
   if not lock:
     yield
     return

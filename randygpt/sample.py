@@ -24,7 +24,7 @@ for _name in ("workdir", "prompt", "max_new_tokens", "num_samples", "temperature
 def sample_from_checkpoint(spec: str, config) -> None:
   import jax
 
-  from randygpt import checkpoint, data, generate, optim, platforms, train
+  from randygpt import checkpoint, data, footprint, generate, optim, platforms, train
   from randygpt.config import RunConfig
 
   workdir = Path(config.location.workdir)
@@ -37,6 +37,7 @@ def sample_from_checkpoint(spec: str, config) -> None:
   tokenizer = data.CharTokenizer(tuple(meta["vocab"]))
   prompts = train.check_prompts(config.sample.prompt, tokenizer)
   model_config = dataclasses.replace(saved.model, vocab_size=tokenizer.vocab_size)
+  footprint.check(model_config, config.sample)
   optimizer = optim.make_optimizer(saved.train, saved.train.lr_decay_iters)
   placement = platforms.place("cpu", config.location.eval_platform)
   for note in placement.notes:

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from randygpt import (checkpoint, data, devices, generate, memory, metrics, model, optim,
-                      platforms, rundir)
+from randygpt import (checkpoint, data, devices, footprint, generate, memory, metrics, model,
+                      optim, platforms, rundir)
 from randygpt.config import ModelConfig, RunConfig, TrainConfig
 from randygpt.errors import UserError
 
@@ -117,6 +117,11 @@ def jit_data_parallel(model_config: ModelConfig, optimizer: optax.GradientTransf
   return get_batch, step
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
 class StopRequest:
   """Turns SIGINT/SIGTERM into a request that the loop honours after the current step."""
 
@@ -211,6 +216,7 @@ def _run(config: RunConfig) -> dict:
   prompts = check_prompts(config.sample.prompt, tokenizer)
   train_np, val_np = data.split(tokenizer.encode(text), config.model.block_size)
   model_config = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
+  footprint.check(model_config, config.sample, config.train)
   if not config.train.lr_decay_iters:  # The horizon is fixed at the first start.
     config = dataclasses.replace(config, train=dataclasses.replace(
         config.train, lr_decay_iters=config.train.iters))
@@ -292,12 +298,24 @@ def _run(config: RunConfig) -> dict:
       memory.release_free_memory()
       throughput = metrics.Throughput(tokens_per_step, start_iter)
 
+      def diverged(step, what):
+        checkpoints.wait()
+        kept = checkpoints.path("latest") or checkpoints.path("best")
+        return UserError(f"Training diverged at iteration {step} ({what}). "
+                         + (f"The last good checkpoint is kept: {kept}. " if kept else "")
+                         + "Try a lower --learning_rate or --grad_clip.")
+
+      def save(kind, step):
+        """Saves the state unless it diverged: NaN weights never replace good ones."""
+        if not all_finite(state["params"]):
+          raise diverged(step, "weights not finite")
+        return checkpoints.save(kind, step, state, meta_for(step))
+
       def record(step, step_metrics, with_eval):
         nonlocal best, eval_seconds, last_record
         loss = float(step_metrics["loss"])
         if not np.isfinite(loss):
-          raise UserError(f"Training diverged at iteration {step} (loss {loss}). "
-                          "Try a lower --learning_rate or --grad_clip.")
+          raise diverged(step, f"loss {loss}")
         rec = {"iter": step, "train_loss": loss, "lr": float(schedule(step - 1)),
                "grad_norm": float(step_metrics["grad_norm"]), **throughput.since_mark(step),
                "rss_mb": memory.resident_mb()}
@@ -313,7 +331,7 @@ def _run(config: RunConfig) -> dict:
           memory.release_free_memory()  # The first estimate compiled.
           if best is None or rec["val_loss"] < best[0]:
             best = (rec["val_loss"], step)
-            checkpoints.save("best", step, state, meta_for(step))
+            save("best", step)
         rec["wall_s"] = time.perf_counter() - run_start
         eta = None
         if "ms_per_iter" in rec:
@@ -345,16 +363,16 @@ def _run(config: RunConfig) -> dict:
             print(f"Interrupted at iteration {step}. Saving checkpoint...", flush=True)
           else:
             metrics.phase(f"Saving checkpoint at iteration {step}...")
-          save_ms.append(1e3 * checkpoints.save("latest", step, state, meta_for(step)))
+          save_ms.append(1e3 * save("latest", step))
           throughput.mark(step)
         if stopping:
           break
+      checkpoints.wait()  # A save that failed fails the run.
       status = "interrupted" if stopping else "completed"
     except UserError as e:
       status = "diverged" if "diverged" in str(e) else "failed"
       raise
     finally:
-      checkpoints.wait()
       checkpoints.close()
       metrics_file.close()
       summary = {

@@ -1,5 +1,6 @@
 """End-to-end: the real `python -m randygpt.main` as a subprocess, on small settings."""
 
+import gzip
 import json
 
 import pytest
@@ -77,6 +78,9 @@ def test_shakespeare_loss_falls(run_cli, tmp_path):
   assert evals[0]["val_loss"] < 3.5 and evals[1]["val_loss"] < evals[0]["val_loss"] - 0.2
 
 
+WHITESPACE = " \n\t\r\n "
+
+
 def write(tmp_path, name, content):
   path = tmp_path / name
   path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -87,6 +91,12 @@ def write(tmp_path, name, content):
     (lambda p: ["--data=missing.txt"], "--data=missing.txt does not exist"),
     (lambda p: [f"--data={write(p, 'e.txt', '')}"], "is empty"),
     (lambda p: [f"--data={write(p, 'b.bin', bytes(range(256)))}"], "binary file"),
+    (lambda p: [f"--data={write(p, 'w.txt', WHITESPACE)}"], "is empty (only whitespace)"),
+    (lambda p: [f"--data={write(p, 'g.gz', gzip.compress(make_corpus().encode()))}"],
+     "binary file"),
+    (lambda p: [f"--data={write(p, 'r.bin', bytes(range(1, 256)) * 8)}"], "binary file"),
+    (lambda p: [f"--flagfile={write(p, 't.cfg', '--n_embed=64')}"],
+     "Unknown command line flag 'n_embed'. Did you mean: n_embd ?"),
     (lambda p: [f"--data={write(p, 'l.txt', 'café crème '.encode('latin-1') * 100)}"],
      "is not valid utf-8 text"),
     (lambda p: [f"--data={write(p, 's.txt', 'x' * 300)}"], "too short"),
