@@ -71,8 +71,9 @@ def train_microbatches(tc: TrainConfig, model_config: ModelConfig, platform: str
   at most CPU_MICROBATCH_TOKENS tokens each; elsewhere 1."""
   if tc.microbatches or platform != "cpu":
     return tc.microbatches or 1
-  return min(k for k in range(1, tc.batch_size + 1) if tc.batch_size % k == 0 and (
-      k == tc.batch_size or tc.batch_size // k * model_config.block_size <= CPU_MICROBATCH_TOKENS))
+  sequences_per_slice = eval_chunk_batches(tc.batch_size, model_config.block_size,
+                                           CPU_MICROBATCH_TOKENS)
+  return tc.batch_size // sequences_per_slice
 
 
 def eval_loss(params, tokens: jax.Array, key: jax.Array, *, model_config: ModelConfig,
@@ -328,7 +329,7 @@ def _run(config: RunConfig) -> dict:
           rec["val_loss"] = float(evaluate(params, eval_tokens["val"],
                                            jax.random.fold_in(eval_key, 1)))
           eval_seconds = time.perf_counter() - t_eval
-          memory.release_free_memory()  # The first estimate compiled.
+          memory.release_free_memory()  # What compiling the first estimate left free.
           if best is None or rec["val_loss"] < best[0]:
             best = (rec["val_loss"], step)
             save("best", step)
