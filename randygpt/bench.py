@@ -321,4 +321,4 @@ def bench():
 
 
 if __name__ == "__main__":
-  app.run(cli.entry_point(bench))
+  app.run(cli.entry_point(bench), flags_parser=cli.parse_flags)

@@ -35,6 +35,19 @@ def _exit_with_error(message: str) -> None:
   sys.exit(1)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (`app.run(..., flags_parser=parse_flags)`), its errors in
+  randygpt's one-line form."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.CantOpenFlagFileError as e:
+    reason = str(e).partition("Unable to open flagfile: ")[2]
+    _exit_with_error(f"Could not read a --flagfile ({reason}). Check its path; "
+                     "experiments/ holds the presets.")
+  except flags.Error as e:
+    _exit_with_error(f"{e} (--helpshort lists the flags.)")
+
+
 def _quiet_logs() -> None:
   """Warnings only, unless --verbosity says otherwise: libraries' INFO lines are noise."""
   if not flags.FLAGS["verbosity"].present:

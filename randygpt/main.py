@@ -15,4 +15,4 @@ def train():
 
 
 if __name__ == "__main__":
-  app.run(cli.entry_point(train))
+  app.run(cli.entry_point(train), flags_parser=cli.parse_flags)

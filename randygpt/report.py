@@ -223,4 +223,4 @@ def report(paths: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(cli.light_entry_point(report))
+  app.run(cli.light_entry_point(report), flags_parser=cli.parse_flags)

@@ -56,4 +56,4 @@ def sample():
 
 
 if __name__ == "__main__":
-  app.run(cli.entry_point(sample))
+  app.run(cli.entry_point(sample), flags_parser=cli.parse_flags)

@@ -139,6 +139,11 @@ def test_absurdly_large_shapes_are_refused_before_allocating(run_cli, tmp_path, 
   assert f"--{name}" in result.stderr and "Make those smaller." in result.stderr
 
 
+def test_more_cpu_devices_than_xla_can_join_are_refused(run_cli, tmp_path):
+  result = run_cli("--num_cpu_devices=100000", "--batch_size=100000")
+  assert_clean_error(result, "--num_cpu_devices=100000: 100000 is not an integer in the range")
+
+
 def test_sampling_refuses_a_huge_request_before_allocating(run_cli, trained):
   result = run_cli("--workdir=w", "--max_new_tokens=10000000000", module="randygpt.sample")
   assert_clean_error(result, "--num_samples, --max_new_tokens. Make those smaller.")
@@ -162,14 +167,23 @@ def test_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(cli_env, tra
   assert json.loads((trained / "summary.json").read_text())["status"] == "failed"
 
 
-@pytest.mark.skipif(IS_ROOT, reason="root writes to read-only directories")
-def test_read_only_workdir_is_refused(run_cli, trained):
+def test_read_only_workdir_is_refused(cli_env, trained):
+  # Root writes anywhere unless it drops the capabilities that override permissions.
+  as_user = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if IS_ROOT else []
+  if as_user and not shutil.which("setpriv"):
+    pytest.skip("running as root without setpriv, which writes to read-only directories")
+  before = tree_bytes(trained)
   trained.chmod(0o555)
   try:
-    result = run_cli("--data=c.txt", "--iters=8", "--resume", "--workdir=w")
+    result = subprocess.run(
+        [*as_user, sys.executable, "-m", "randygpt.main", "--data=c.txt", "--iters=8",
+         "--resume", "--workdir=w"],
+        cwd=trained.parent, env={**cli_env, "PYTHONPATH": str(REPO)}, capture_output=True,
+        text=True)
   finally:
     trained.chmod(0o755)
   assert_clean_error(result, "Error: Cannot write to --workdir=w (Permission denied).")
+  assert tree_bytes(trained) == before
 
 
 def test_workdir_with_spaces_and_non_ascii_characters(run_cli, tmp_path):

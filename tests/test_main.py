@@ -96,7 +96,8 @@ def write(tmp_path, name, content):
      "binary file"),
     (lambda p: [f"--data={write(p, 'r.bin', bytes(range(1, 256)) * 8)}"], "binary file"),
     (lambda p: [f"--flagfile={write(p, 't.cfg', '--n_embed=64')}"],
-     "Unknown command line flag 'n_embed'. Did you mean: n_embd ?"),
+     "Error: Unknown command line flag 'n_embed'. Did you mean: n_embd ? (--helpshort "
+     "lists the flags.)"),
     (lambda p: [f"--data={write(p, 'l.txt', 'café crème '.encode('latin-1') * 100)}"],
      "is not valid utf-8 text"),
     (lambda p: [f"--data={write(p, 's.txt', 'x' * 300)}"], "too short"),
@@ -108,7 +109,8 @@ def write(tmp_path, name, content):
     (lambda p: ["--top_p=2"], "--top_p must be in (0, 1]"),
     (lambda p: ["--iters=0"], "--iters"),
     (lambda p: ["--n_embed=64"], "Unknown command line flag 'n_embed'"),
-    (lambda p: ["--flagfile=nope.cfg"], "nope.cfg"),
+    (lambda p: ["--flagfile=nope.cfg"],
+     "Error: Could not read a --flagfile ([Errno 2] No such file or directory: 'nope.cfg')"),
     (lambda p: ["stray"], "Unexpected arguments: stray"),
 ])
 def test_bad_input_gets_a_short_clear_error(run_cli, tmp_path, make_args, message):
