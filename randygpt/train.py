@@ -296,7 +296,6 @@ def _run(config: RunConfig) -> dict:
       step_fn = step_fn.lower(state, batch_for(start_iter + 1), stream(DROPOUT_STREAM)).compile()
       print(f"done in {time.perf_counter() - t0:.1f}s", flush=True)
       memory_mb["compile_peak"] = memory.peak_resident_mb()
-      memory.release_free_memory()
       throughput = metrics.Throughput(tokens_per_step, start_iter)
 
       def diverged(step, what):
@@ -329,10 +328,10 @@ def _run(config: RunConfig) -> dict:
           rec["val_loss"] = float(evaluate(params, eval_tokens["val"],
                                            jax.random.fold_in(eval_key, 1)))
           eval_seconds = time.perf_counter() - t_eval
-          memory.release_free_memory()  # What compiling the first estimate left free.
           if best is None or rec["val_loss"] < best[0]:
             best = (rec["val_loss"], step)
             save("best", step)
+          memory.release_free_memory()  # What compiling the first estimate and save left.
         rec["wall_s"] = time.perf_counter() - run_start
         eta = None
         if "ms_per_iter" in rec:
@@ -352,6 +351,7 @@ def _run(config: RunConfig) -> dict:
         if startup_s is None:  # Once: wait for the first iteration to end.
           jax.block_until_ready(step_metrics)
           startup_s = time.perf_counter() - started
+          memory.release_free_memory()  # What compiling the loop's functions left behind.
         if pending and pending[0] % tc.log_interval == 0:
           record(*pending, with_eval=False)
         pending = (step, step_metrics)
