@@ -32,8 +32,8 @@ def configure_malloc() -> None:
 
 
 def unmodified_library_mappings() -> list[tuple[int, int]]:
-  """(address, length) of each read-only file mapping (libraries' code and constants) none of
-  whose pages this process has modified, from Linux's /proc/self/smaps; [] elsewhere."""
+  """(address, length) of each read-only mapping of a shared library (code and constants) none
+  of whose pages this process has modified, from Linux's /proc/self/smaps; [] elsewhere."""
   try:
     with open("/proc/self/smaps") as smaps:
       lines = smaps.read().splitlines()
@@ -44,8 +44,9 @@ def unmodified_library_mappings() -> list[tuple[int, int]]:
     fields = line.split()
     if not fields[0].endswith(":"):  # A mapping's first line: range, permissions, ..., path.
       start, end = (int(address, 16) for address in fields[0].split("-"))
-      readonly_file = len(fields) >= 6 and fields[5].startswith("/") and "w" not in fields[1]
-      mapping = (start, end - start) if readonly_file else None
+      path = " ".join(fields[5:])
+      library = path.startswith("/") and ".so" in path and "w" not in fields[1]
+      mapping = (start, end - start) if library else None
     elif fields[0] == "Anonymous:" and mapping and fields[1] == "0":
       mappings.append(mapping)
   return mappings

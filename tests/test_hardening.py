@@ -9,7 +9,6 @@ import gzip
 import json
 import os
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -154,10 +153,15 @@ def test_sampling_refuses_a_huge_request_before_allocating(run_cli, trained):
 def test_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(cli_env, trained, tmp_path):
   before = tree_bytes(trained / "checkpoints")
   limit = min(len(b) for b in before.values() if len(b) > 10_000)  # Below a checkpoint file.
+  # The limit is set by a small Python that then becomes the run: a preexec_fn would run
+  # Python in a fork of this multithreaded (JAX) process.
+  with_file_size_limit = ("import os, resource, sys; n = int(sys.argv[1]); "
+                          "resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); "
+                          "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
   result = subprocess.run(
-      [sys.executable, "-m", "randygpt.main", "--iters=8", "--resume", "--workdir=w"],
-      cwd=tmp_path, env={**cli_env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-      preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+      [sys.executable, "-c", with_file_size_limit, str(limit), "-m", "randygpt.main",
+       "--iters=8", "--resume", "--workdir=w"],
+      cwd=tmp_path, env={**cli_env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
   assert_clean_error(result, "Error: Could not save the ")
   assert "File too large" in result.stderr and "is kept" in result.stderr
   for kind in checkpoint.KINDS:
