@@ -71,8 +71,8 @@ def train_microbatches(tc: TrainConfig, model_config: ModelConfig, platform: str
   at most CPU_MICROBATCH_TOKENS tokens each; elsewhere 1."""
   if tc.microbatches or platform != "cpu":
     return tc.microbatches or 1
-  sequences_per_slice = eval_chunk_batches(tc.batch_size, model_config.block_size,
-                                           CPU_MICROBATCH_TOKENS)
+  sequences_per_slice = largest_fitting_divisor(tc.batch_size, model_config.block_size,
+                                                CPU_MICROBATCH_TOKENS)
   return tc.batch_size // sequences_per_slice
 
 
@@ -89,17 +89,19 @@ def eval_loss(params, tokens: jax.Array, key: jax.Array, *, model_config: ModelC
   return jax.lax.map(chunk_loss, starts.reshape(eval_iters // chunk_batches, -1)).mean()
 
 
-def eval_chunk_batches(eval_iters: int, tokens_per_batch: int, max_tokens: int) -> int:
-  """The largest divisor of `eval_iters` whose chunk holds at most `max_tokens` tokens."""
-  return max(n for n in range(1, eval_iters + 1)
-             if eval_iters % n == 0 and (n == 1 or n * tokens_per_batch <= max_tokens))
+def largest_fitting_divisor(count: int, tokens_each: int, max_tokens: int) -> int:
+  """The largest divisor n of `count` (at least 1) whose n items of `tokens_each` tokens
+  hold at most `max_tokens`: how many batches an estimate runs at once, or how many
+  sequences a microbatch holds."""
+  return max(n for n in range(1, count + 1)
+             if count % n == 0 and (n == 1 or n * tokens_each <= max_tokens))
 
 
 def jit_eval_loss(tc: TrainConfig, model_config: ModelConfig, platform: str):
   """The jitted loss estimate, in chunks as large as suit `platform`."""
   max_tokens = EVAL_CHUNK_TOKENS.get(platform, EVAL_CHUNK_TOKENS["accelerator"])
-  chunk = eval_chunk_batches(tc.eval_iters, tc.batch_size * model_config.block_size,
-                             max_tokens)
+  chunk = largest_fitting_divisor(tc.eval_iters, tc.batch_size * model_config.block_size,
+                                  max_tokens)
   return jax.jit(functools.partial(eval_loss, model_config=model_config,
                                    batch_size=tc.batch_size, eval_iters=tc.eval_iters,
                                    chunk_batches=chunk))

@@ -116,12 +116,11 @@ def test_eval_loss_is_the_same_for_any_chunking_jitted_or_not(setup, maybe_jit, 
   assert abs(float(other_key) - float(got)) > 1e-6  # The windows come from the key.
 
 
-@pytest.mark.parametrize("eval_iters, tokens_per_batch, max_tokens, expected", [
+@pytest.mark.parametrize("count, tokens_each, max_tokens, expected", [
     (200, 2048, 2048, 1), (200, 2048, 20000, 8), (200, 256, 2048, 8), (7, 256, 2048, 7),
     (7, 512, 2048, 1), (20, 4096, 2048, 1)])
-def test_eval_chunk_is_the_largest_divisor_that_fits(eval_iters, tokens_per_batch,
-                                                     max_tokens, expected):
-  assert train.eval_chunk_batches(eval_iters, tokens_per_batch, max_tokens) == expected
+def test_largest_fitting_divisor(count, tokens_each, max_tokens, expected):
+  assert train.largest_fitting_divisor(count, tokens_each, max_tokens) == expected
 
 
 TOKENIZER = data.CharTokenizer.from_text("hello world\nHELLO:")
