@@ -38,8 +38,9 @@ flags.DEFINE_bool("overwrite", False, "Allow starting over in a --workdir that h
 flags.DEFINE_integer("num_cpu_devices", 0, "Split the CPU into this many XLA devices and "
                      "train data-parallel across them (the batch must divide evenly); 0 picks "
                      "the largest count up to min(cores, 2) that divides --batch_size. Same "
-                     "results on any count, up to float32 rounding. At most 256: XLA's CPU collectives "
-                     "stalled with 2048 devices in one process.", lower_bound=0, upper_bound=256)
+                     "results on any count, up to float32 rounding. At most 256: XLA's CPU "
+                     "collectives stalled with 2048 devices in one process.", lower_bound=0,
+                     upper_bound=256)
 flags.DEFINE_enum(
     "train_platform", "cpu", list(platforms.CHOICES), "Where training runs: the CPU devices "
     "(as in randyGPT); `auto` picks a CUDA/ROCm GPU or TPU when present (never Metal unless "

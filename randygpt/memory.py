@@ -55,12 +55,11 @@ def unmodified_library_mappings() -> list[tuple[int, int]]:
 def release_free_memory() -> None:
   """Hands back what is resident but unused after a compilation: malloc's free memory, and
   the library pages mapped so far; those needed again map back in from the page cache."""
-  if libc := _glibc():
+  libc = ctypes.CDLL(None)
+  if hasattr(libc, "malloc_trim"):  # glibc.
     libc.malloc_trim(0)
-  mappings = unmodified_library_mappings()
-  madvise = ctypes.CDLL(None).madvise if mappings else None
-  for address, length in mappings:  # Unmodified: dropping the pages loses nothing.
-    madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_DONTNEED)
+  for address, length in unmodified_library_mappings():  # Unmodified: dropping loses nothing.
+    libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_DONTNEED)
 
 
 def _status_mb(field: str) -> float | None:

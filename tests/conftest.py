@@ -69,9 +69,11 @@ def cli_env(tmp_path_factory):
 
 @pytest.fixture
 def run_cli(cli_env, tmp_path):
-  """Runs `python -m <module> args...` in tmp_path; returns the CompletedProcess."""
-  def run(*args, module="randygpt.main", timeout=600, env=None):
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=tmp_path,
+  """Runs `python -m <module> args...` in tmp_path, through `wrapper` (a command that runs
+  the rest) when given; returns the CompletedProcess."""
+  def run(*args, module="randygpt.main", timeout=600, env=None, wrapper=()):
+    return subprocess.run([*wrapper, sys.executable, "-m", module, *map(str, args)],
+                          cwd=tmp_path,
                           env={**cli_env, "PYTHONPATH": str(REPO), **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
   return run

@@ -38,7 +38,6 @@ def test_bench_reports_json_and_a_table(run_cli, tmp_path):
   assert "start-up to first iteration" in table.stdout
 
 
-
 def test_bench_times_the_pytorch_reference_beside_randygpt(run_cli, tmp_path):
   pytest.importorskip("torch", reason="the PyTorch reference is optional")
   (tmp_path / "c.txt").write_text(make_corpus(), encoding="utf-8")

@@ -150,18 +150,16 @@ def test_sampling_refuses_a_huge_request_before_allocating(run_cli, trained):
 
 # Files.
 
-def test_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(cli_env, trained, tmp_path):
+def test_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(run_cli, trained):
   before = tree_bytes(trained / "checkpoints")
   limit = min(len(b) for b in before.values() if len(b) > 10_000)  # Below a checkpoint file.
-  # The limit is set by a small Python that then becomes the run: a preexec_fn would run
-  # Python in a fork of this multithreaded (JAX) process.
+  # A small Python sets the limit, then becomes the run: a preexec_fn would run Python in a
+  # fork of this multithreaded (JAX) process.
   with_file_size_limit = ("import os, resource, sys; n = int(sys.argv[1]); "
                           "resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); "
-                          "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
-  result = subprocess.run(
-      [sys.executable, "-c", with_file_size_limit, str(limit), "-m", "randygpt.main",
-       "--iters=8", "--resume", "--workdir=w"],
-      cwd=tmp_path, env={**cli_env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+                          "os.execv(sys.argv[2], sys.argv[2:])")
+  result = run_cli("--iters=8", "--resume", "--workdir=w",
+                   wrapper=[sys.executable, "-c", with_file_size_limit, str(limit)])
   assert_clean_error(result, "Error: Could not save the ")
   assert "File too large" in result.stderr and "is kept" in result.stderr
   for kind in checkpoint.KINDS:
@@ -171,7 +169,7 @@ def test_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(cli_env, tra
   assert json.loads((trained / "summary.json").read_text())["status"] == "failed"
 
 
-def test_read_only_workdir_is_refused(cli_env, trained):
+def test_read_only_workdir_is_refused(run_cli, trained):
   # Root writes anywhere unless it drops the capabilities that override permissions.
   as_user = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if IS_ROOT else []
   if as_user and not shutil.which("setpriv"):
@@ -179,11 +177,7 @@ def test_read_only_workdir_is_refused(cli_env, trained):
   before = tree_bytes(trained)
   trained.chmod(0o555)
   try:
-    result = subprocess.run(
-        [*as_user, sys.executable, "-m", "randygpt.main", "--data=c.txt", "--iters=8",
-         "--resume", "--workdir=w"],
-        cwd=trained.parent, env={**cli_env, "PYTHONPATH": str(REPO)}, capture_output=True,
-        text=True)
+    result = run_cli("--data=c.txt", "--iters=8", "--resume", "--workdir=w", wrapper=as_user)
   finally:
     trained.chmod(0o755)
   assert_clean_error(result, "Error: Cannot write to --workdir=w (Permission denied).")
