@@ -24,7 +24,8 @@ import orbax.checkpoint as ocp
 from randygpt.errors import UserError
 
 KINDS = ("latest", "best")
-FORMAT = "randygpt-checkpoint-1"
+# Format 2 stacks the blocks' weights by layer (model.py); format 1 held a list of blocks.
+FORMAT = "randygpt-checkpoint-2"
 
 
 def _manager(directory: Path) -> ocp.CheckpointManager:
@@ -167,7 +168,11 @@ def resolve(spec: str, workdir: Path) -> Path:
 
 def read_meta(path: Path) -> dict:
   meta = _restore(path, meta=ocp.args.JsonRestore())["meta"]
-  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+  found = meta.get("format") if isinstance(meta, dict) else None
+  if isinstance(found, str) and found.startswith("randygpt-checkpoint-") and found != FORMAT:
+    raise UserError(f"{path} is a {found!r} checkpoint, which this randygpt cannot read (it "
+                    f"reads {FORMAT!r}): train a new run, or use the randygpt that wrote it.")
+  if found != FORMAT:
     raise UserError(f"{path} is not a randygpt checkpoint (its metadata has no {FORMAT!r}).")
   return meta
 

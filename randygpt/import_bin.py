@@ -121,7 +121,8 @@ def to_params(arrays: list, n_layer: int) -> dict:
     wq, wk, wv, wo, fc1, fc2 = (next(it) for _ in range(6))
     blocks.append({"attn": {"wqkv": np.concatenate([wq.T, wk.T, wv.T], axis=1), "wo": wo.T},
                    "mlp": {"w1": fc1.T, "w2": fc2.T}})
-  return {"wte": wte, "wpe": wpe, "lm_head": lm_head.T, "blocks": blocks}
+  stacked = jax.tree.map(lambda *layers: np.stack(layers), *blocks)  # As model.init_params.
+  return {"wte": wte, "wpe": wpe, "lm_head": lm_head.T, "blocks": stacked}
 
 
 def read_tensors(path: Path, model_config: ModelConfig) -> tuple[dict, dict, dict]:

@@ -74,11 +74,12 @@ class GPT(nn.Module):
     copy(self.wte.weight, params["wte"], transpose=False)
     copy(self.wpe.weight, params["wpe"], transpose=False)
     copy(self.lm_head.weight, params["lm_head"])
-    for block, p in zip(self.blocks, params["blocks"]):
-      copy(block.wqkv.weight, p["attn"]["wqkv"])
-      copy(block.wo.weight, p["attn"]["wo"])
-      copy(block.w1.weight, p["mlp"]["w1"])
-      copy(block.w2.weight, p["mlp"]["w2"])
+    attn, mlp = params["blocks"]["attn"], params["blocks"]["mlp"]  # Stacked by layer.
+    for i, block in enumerate(self.blocks):
+      copy(block.wqkv.weight, attn["wqkv"][i])
+      copy(block.wo.weight, attn["wo"][i])
+      copy(block.w1.weight, mlp["w1"][i])
+      copy(block.w2.weight, mlp["w2"][i])
     return self
 
 

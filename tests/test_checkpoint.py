@@ -126,6 +126,13 @@ def test_metadata_of_another_program_is_refused(tmp_path):
     checkpoint.read_meta(path)
 
 
+def test_a_checkpoint_of_an_older_format_is_named_as_such(tmp_path):
+  path = save(tmp_path, "latest", 1, new_state(), meta=META | {"format": "randygpt-checkpoint-1"})
+  with pytest.raises(UserError, match="is a 'randygpt-checkpoint-1' checkpoint, which this "
+                                      "randygpt cannot read"):
+    checkpoint.read_meta(path)
+
+
 def test_plan_start(tmp_path, capsys):
   assert checkpoint.plan_start(tmp_path, resume=True, resume_from="", overwrite=False) == (
       None, [])

@@ -24,9 +24,15 @@ def test_default_shape_has_about_1_2m_params():
 
 
 def test_init_std_scales_residual_projections(params):
-  block = params["blocks"][0]
+  block = jax.tree.map(lambda stacked: stacked[0], params["blocks"])
   assert np.std(np.asarray(block["attn"]["wqkv"])) == pytest.approx(0.02, rel=0.1)
   assert np.std(np.asarray(block["mlp"]["w2"])) == pytest.approx(0.02 / 2, rel=0.1)
+
+
+def test_blocks_are_stacked_by_layer_and_drawn_independently(params):
+  wqkv_LxDx3D = np.asarray(params["blocks"]["attn"]["wqkv"])
+  assert wqkv_LxDx3D.shape == (CONFIG.n_layer, CONFIG.n_embd, 3 * CONFIG.n_embd)
+  assert not np.allclose(wqkv_LxDx3D[0], wqkv_LxDx3D[1])
 
 
 def test_forward_shape(params):

@@ -42,7 +42,7 @@ def test_gradients_match_randygpt(pair):
   torch_loss.backward()
   np.testing.assert_allclose(torch_loss.item(), loss, rtol=1e-5)
   np.testing.assert_allclose(gpt.blocks[1].wqkv.weight.grad.numpy().T,
-                             grads["blocks"][1]["attn"]["wqkv"], atol=1e-6)
+                             grads["blocks"]["attn"]["wqkv"][1], atol=1e-6)
   np.testing.assert_allclose(gpt.wte.weight.grad.numpy(), grads["wte"], atol=1e-6)
 
 
