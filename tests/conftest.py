@@ -1,6 +1,7 @@
 """Shared fixtures: small corpora, the jit/no-jit switch, and the CLI runner."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,12 @@ needs_shakespeare = pytest.mark.skipif(
 
 # Tests compare code paths to float32 tolerance; GPUs would otherwise multiply in TF32.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# A suite started in the background by a shell without job control inherits SIGINT ignored,
+# and so would the CLI runs whose Ctrl-C handling tests check: a handled signal is reset to
+# the default in a child, an ignored one stays ignored.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _has_gpu() -> bool:

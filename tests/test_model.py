@@ -1,3 +1,6 @@
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +36,14 @@ def test_blocks_are_stacked_by_layer_and_drawn_independently(params):
   wqkv_LxDx3D = np.asarray(params["blocks"]["attn"]["wqkv"])
   assert wqkv_LxDx3D.shape == (CONFIG.n_layer, CONFIG.n_embd, 3 * CONFIG.n_embd)
   assert not np.allclose(wqkv_LxDx3D[0], wqkv_LxDx3D[1])
+
+
+@pytest.mark.parametrize("n_layer", [1, 3])
+def test_number_of_weight_arrays_does_not_grow_with_depth(n_layer):
+  # One array per kind of weight: the init and the optimizer compile once per kind.
+  config = dataclasses.replace(CONFIG, n_layer=n_layer)
+  shapes = jax.eval_shape(functools.partial(model.init_params, config=config), jax.random.key(0))
+  assert len(jax.tree.leaves(shapes)) == 7
 
 
 def test_forward_shape(params):
