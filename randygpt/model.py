@@ -98,7 +98,7 @@ def _mlp(mlp, x_NxD):
 
 def _transformer(params, tokens_BxT, config: ModelConfig, keep_Lx2xNxD, cache, pos):
   """The blocks as a `lax.scan` over their stacked weights, unrolled: a rolled loop ran the
-  train step 15-25% slower on the CPU (measured, see WORKSPACE.md)."""
+  train step 15-30% slower on the CPU (measured, see WORKSPACE.md)."""
   batch, t = tokens_BxT.shape
   x_BxTxD = params["wte"][tokens_BxT] + jax.lax.dynamic_slice_in_dim(params["wpe"], pos, t)
 
