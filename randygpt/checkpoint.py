@@ -24,8 +24,9 @@ import orbax.checkpoint as ocp
 from randygpt.errors import UserError
 
 KINDS = ("latest", "best")
+FORMAT_NAME = "randygpt-checkpoint"
 # Format 2 stacks the blocks' weights by layer (model.py); format 1 held a list of blocks.
-FORMAT = "randygpt-checkpoint-2"
+FORMAT = f"{FORMAT_NAME}-2"
 
 
 def _manager(directory: Path) -> ocp.CheckpointManager:
@@ -169,7 +170,7 @@ def resolve(spec: str, workdir: Path) -> Path:
 def read_meta(path: Path) -> dict:
   meta = _restore(path, meta=ocp.args.JsonRestore())["meta"]
   found = meta.get("format") if isinstance(meta, dict) else None
-  if isinstance(found, str) and found.startswith("randygpt-checkpoint-") and found != FORMAT:
+  if isinstance(found, str) and found.startswith(FORMAT_NAME + "-") and found != FORMAT:
     raise UserError(f"{path} is a {found!r} checkpoint, which this randygpt cannot read (it "
                     f"reads {FORMAT!r}): train a new run, or use the randygpt that wrote it.")
   if found != FORMAT:
