@@ -24,9 +24,9 @@ from pathlib import Path
 from absl import app
 from absl import flags
 
-from randygpt import cli
+from randygpt.runtime import cli
 from randygpt import flags as randygpt_flags
-from randygpt import memory
+from randygpt.runtime import memory
 from randygpt.errors import UserError
 
 flags.DEFINE_integer("steps", 50, "Timed training steps (after warm-up).", lower_bound=1)
@@ -95,7 +95,7 @@ def measure_peak_gflops(mesh, n: int = 2048) -> float:
   import jax
   import jax.numpy as jnp
 
-  from randygpt import devices
+  from randygpt.runtime import devices
   a = jax.device_put(jnp.ones((n, n)), devices.batch_sharded(mesh))
   b = jax.device_put(jnp.ones((n, n)), devices.replicated(mesh))
   matmul = jax.jit(jnp.matmul)
@@ -137,63 +137,24 @@ def measure_training_runs(config, iters: int) -> dict:
           "rss_peak_mb": warm["peak"]}
 
 
-def measure(config, *, steps: int, warmup_steps: int, saves: int, with_torch: bool,
-            peak_gflops: float) -> dict:
+def measure_steps(step, state, batch, steps: int, warmup_steps: int):
+  """Seconds of each of `steps` timed train steps after `warmup_steps` untimed ones."""
   import jax
-
-  import numpy as np
-
-  from randygpt import checkpoint, data, devices, model, optim, platforms, train
-
-  text, _ = data.load_text(config.data.data, url=config.data.data_url,
-                           encoding=config.data.data_encoding)
-  tokenizer = data.CharTokenizer.from_text(text)
-  tokens = jax.numpy.asarray(tokenizer.encode(text))
-  model_config = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
-  tc = config.train
-  optimizer = optim.make_optimizer(tc, tc.lr_decay_iters or tc.iters)
-  placement = platforms.place(config.location.train_platform, config.location.eval_platform)
-  mesh = devices.data_mesh(placement.train_devices)
-  devices.check_batch_divides(tc.batch_size, mesh.size)
-  state = jax.device_put(train.init_train_state(jax.random.key(0), model_config, optimizer),
-                         devices.replicated(mesh))
-  microbatches = train.train_microbatches(tc, model_config, mesh.devices.flat[0].platform)
-  get_batch, step = train.jit_data_parallel(model_config, optimizer, mesh, microbatches)
-  tokens = jax.device_put(tokens, devices.replicated(mesh))
-  batch = get_batch(tokens, jax.random.key(1), tc.batch_size, model_config.block_size)
-  tokens_per_step = tc.batch_size * model_config.block_size
-  start = time.perf_counter()
-  step = step.lower(state, batch, jax.random.key(2)).compile()
-  compile_s = time.perf_counter() - start
   for i in range(warmup_steps):
     state, _ = step(state, batch, jax.random.key(i))
   step_seconds = []
   for i in range(steps):
     (state, _), seconds = _timed(step, state, batch, jax.random.key(i))
     step_seconds.append(seconds)
-  ms_per_step = 1e3 * _percentile(step_seconds, 50)
-  tokens_per_sec = tokens_per_step / (ms_per_step / 1e3)
-  peak_gflops = peak_gflops or measure_peak_gflops(mesh)
-  flops_per_token = model.train_flops_per_token(model_config)
-  reference = {}
-  if with_torch:
-    try:
-      from randygpt import torch_reference
-    except ImportError:
-      raise UserError("--torch needs PyTorch: pip install torch==2.13.0") from None
-    reference = torch_reference.measure(model_config, tc, np.asarray(tokens), steps,
-                                        warmup_steps)
-    reference["speedup_vs_torch"] = tokens_per_sec / reference["torch_tokens_per_sec"]
+  return state, step_seconds
 
-  evaluate = train.jit_eval_loss(tc, model_config, placement.eval_device.platform)
-  eval_params = placement.for_eval(state["params"])
-  eval_tokens = jax.device_put(tokens, placement.eval_device)
-  _timed(evaluate, eval_params, eval_tokens, jax.random.key(3))
-  _, eval_s = _timed(evaluate, eval_params, eval_tokens, jax.random.key(4))
-  generation = measure_generation(eval_params, model_config, config.sample)
 
-  # Checkpoints: the time a save blocks the loop (its state computed), and the whole cost
-  # (background writing competes for the same cores) from timed runs with and without saves.
+def measure_checkpoints(step, state, batch, saves: int) -> dict:
+  """The time a save blocks the loop (its state computed), and the whole cost (background
+  writing competes for the same cores) from timed runs with and without saves."""
+  import jax
+
+  from randygpt import checkpoint
   save_steps = itertools.count(1)
 
   def run_steps(state, n, checkpoints=None):
@@ -217,34 +178,99 @@ def measure(config, *, steps: int, warmup_steps: int, saves: int, with_torch: bo
     state, with_saves_s, blocked = run_steps(state, n_save_steps, checkpoints)
     checkpoints.close()
   state, without_saves_s, _ = run_steps(state, n_save_steps)
-  save_ms = 1e3 * _percentile(blocked, 50)
-  save_cost_ms = 1e3 * max(with_saves_s - without_saves_s, 0.0) / len(blocked)
-  interval_ms = tc.checkpoint_interval * ms_per_step
+  return {"save_ms": 1e3 * _percentile(blocked, 50), "save_ms_max": 1e3 * max(blocked),
+          "save_cost_ms": 1e3 * max(with_saves_s - without_saves_s, 0.0) / len(blocked)}
 
+
+def measure_eval_and_generation(params, tokens, placement, tc, model_config, sample) -> dict:
+  """Loss-estimate throughput and generation speed on the evaluation device."""
+  import jax
+
+  from randygpt import evaluate
+  from randygpt.runtime import devices
+  estimate = evaluate.jit_eval_loss(tc, model_config, placement.eval_device.platform)
+  eval_params = jax.device_put(devices.local_copy(params), placement.eval_device)
+  eval_tokens = jax.device_put(tokens, placement.eval_device)
+  _timed(estimate, eval_params, eval_tokens, jax.random.key(3))
+  _, eval_s = _timed(estimate, eval_params, eval_tokens, jax.random.key(4))
+  tokens_per_step = tc.batch_size * model_config.block_size
+  return {"eval_tokens_per_sec": tc.eval_iters * tokens_per_step / eval_s,
+          **measure_generation(eval_params, model_config, sample)}
+
+
+def prepare_step(config):
+  """The bench's data, devices, initial state, jitted train step and one batch."""
+  import jax
+
+  from randygpt import data, train
+  from randygpt.runtime import devices, platforms
+  text, _ = data.load_text(config.data.data, url=config.data.data_url,
+                           encoding=config.data.data_encoding)
+  tokenizer = data.CharTokenizer.from_text(text)
+  model_config = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
+  tc, loc = config.train, config.location
+  placement = platforms.place(loc.train_platform, loc.eval_platform, devices.cpu_device_count(
+      loc.num_cpu_devices, tc.batch_size))
+  mesh = devices.data_mesh(placement.train_devices)
+  devices.check_batch_divides(tc.batch_size, mesh.size)
+  state = train.initial_state(jax.random.key(0), model_config, tc, None,
+                              devices.replicated(mesh))
+  microbatches = train.train_microbatches(tc, model_config, mesh.devices.flat[0].platform)
+  get_batch, step = train.jit_train_step(model_config, tc, mesh, microbatches)
+  tokens = jax.device_put(tokenizer.encode(text), devices.replicated(mesh))
+  batch = get_batch(tokens, jax.random.key(1), tc.batch_size, model_config.block_size)
+  return model_config, placement, mesh, microbatches, state, step, tokens, batch
+
+
+def measure(config, *, steps: int, warmup_steps: int, saves: int, with_torch: bool,
+            peak_gflops: float) -> dict:
+  import jax
+  import numpy as np
+
+  from randygpt import model
+  model_config, placement, mesh, microbatches, state, step, tokens, batch = prepare_step(config)
+  tc = config.train
+  start = time.perf_counter()
+  step = step.lower(state, batch, jax.random.key(2)).compile()
+  compile_s = time.perf_counter() - start
+  state, step_seconds = measure_steps(step, state, batch, steps, warmup_steps)
+  ms_per_step = 1e3 * _percentile(step_seconds, 50)
+  tokens_per_sec = tc.batch_size * model_config.block_size / (ms_per_step / 1e3)
+  peak_given = bool(peak_gflops)
+  peak_gflops = peak_gflops or measure_peak_gflops(mesh)
+  flops_per_token = model.train_flops_per_token(model_config)
+  reference = {}
+  if with_torch:
+    try:
+      from randygpt import torch_reference
+    except ImportError:
+      raise UserError("--torch needs PyTorch: pip install torch==2.13.0") from None
+    reference = torch_reference.measure(model_config, tc, np.asarray(tokens), steps,
+                                        warmup_steps)
+    reference["speedup_vs_torch"] = tokens_per_sec / reference["torch_tokens_per_sec"]
+  others = measure_eval_and_generation(state["params"], tokens, placement, tc, model_config,
+                                       config.sample)
+  saves = measure_checkpoints(step, state, batch, saves)
+  interval_ms = tc.checkpoint_interval * ms_per_step
   return {
       "shape": f"{model_config.n_layer}x{model_config.n_embd}/{model_config.n_head}h, "
                f"block {model_config.block_size}, batch {tc.batch_size}",
-      "n_params": model.count_params(state["params"]),
+      "n_params": model.n_params(model_config),
       "devices": f"{mesh.size} x {mesh.devices.flat[0].platform} (data-parallel)",
       "eval_device": f"{placement.eval_device.platform}:{placement.eval_device.id}",
-      "microbatches": microbatches,
-      "compile_s": compile_s,
-      "ms_per_step": ms_per_step,
+      "microbatches": microbatches, "compile_s": compile_s, "ms_per_step": ms_per_step,
       "ms_per_step_p10": 1e3 * _percentile(step_seconds, 10),
       "ms_per_step_p90": 1e3 * _percentile(step_seconds, 90),
-      "tokens_per_sec": tokens_per_sec,
-      "flops_per_token": flops_per_token,
-      "peak_gflops": peak_gflops,
+      "tokens_per_sec": tokens_per_sec, "flops_per_token": flops_per_token,
+      "peak_gflops": peak_gflops, "peak_given": peak_given,
       "mfu_pct": 100 * flops_per_token * tokens_per_sec / (peak_gflops * 1e9),
-      **reference,
-      "eval_tokens_per_sec": tc.eval_iters * tokens_per_step / eval_s,
-      **generation,
-      "checkpoint_save_blocked_ms": save_ms,
-      "checkpoint_save_blocked_ms_max": 1e3 * max(blocked),
-      "checkpoint_save_total_cost_ms": save_cost_ms,
+      **reference, **others,
+      "checkpoint_save_blocked_ms": saves["save_ms"],
+      "checkpoint_save_blocked_ms_max": saves["save_ms_max"],
+      "checkpoint_save_total_cost_ms": saves["save_cost_ms"],
       "checkpoint_interval": tc.checkpoint_interval,
-      "checkpoint_blocked_overhead_pct": 100 * save_ms / interval_ms,
-      "checkpoint_total_overhead_pct": 100 * save_cost_ms / interval_ms,
+      "checkpoint_blocked_overhead_pct": 100 * saves["save_ms"] / interval_ms,
+      "checkpoint_total_overhead_pct": 100 * saves["save_cost_ms"] / interval_ms,
       "bench_peak_rss_mb": memory.peak_resident_mb(),
   }
 
@@ -264,16 +290,8 @@ def generation_rows(result) -> list:
   return rows
 
 
-def bench():
-  config = randygpt_flags.run_config()
-  result = measure(config, steps=flags.FLAGS.steps, warmup_steps=flags.FLAGS.warmup_steps,
-                   saves=flags.FLAGS.saves, with_torch=flags.FLAGS.torch,
-                   peak_gflops=flags.FLAGS.peak_gflops)
-  if flags.FLAGS.run_iters:
-    result |= measure_training_runs(config, flags.FLAGS.run_iters)
-  if flags.FLAGS.json:
-    print(json.dumps(result))
-    return
+def table_rows(result: dict) -> list[tuple[str, str]]:
+  """The benchmark's result as (name, value) rows of the printed table."""
   rows = [
       ("shape", result["shape"]),
       ("parameters", f"{result['n_params']:,}"),
@@ -284,7 +302,7 @@ def bench():
       ("training throughput", f"{result['tokens_per_sec']:,.0f} tokens/s"),
       ("model FLOPs utilisation", f"{result['mfu_pct']:.1f}% of {result['peak_gflops']:.0f} "
        f"GFLOP/s ({result['flops_per_token'] / 1e6:.2f} MFLOP/token; peak "
-       f"{'given' if flags.FLAGS.peak_gflops else 'measured: f32 matmul 2048^3'})"),
+       f"{'given' if result.get('peak_given') else 'measured: f32 matmul 2048^3'})"),
   ]
   if "torch_ms_per_step" in result:
     rows += [
@@ -315,6 +333,20 @@ def bench():
          f"{result['rss_steady_iters'] // 2}-{result['rss_steady_iters']})"),
     ]
   rows.append(("benchmark process peak memory", f"{result['bench_peak_rss_mb']:.0f} MB"))
+  return rows
+
+
+def bench():
+  config = randygpt_flags.run_config()
+  result = measure(config, steps=flags.FLAGS.steps, warmup_steps=flags.FLAGS.warmup_steps,
+                   saves=flags.FLAGS.saves, with_torch=flags.FLAGS.torch,
+                   peak_gflops=flags.FLAGS.peak_gflops)
+  if flags.FLAGS.run_iters:
+    result |= measure_training_runs(config, flags.FLAGS.run_iters)
+  if flags.FLAGS.json:
+    print(json.dumps(result))
+    return
+  rows = table_rows(result)
   width = max(len(name) for name, _ in rows)
   for name, value in rows:
     print(f"{name:<{width}}  {value}")

@@ -167,6 +167,27 @@ def resolve(spec: str, workdir: Path) -> Path:
                   "runs/NAME/checkpoints/latest/1000, or a workdir that holds one).")
 
 
+def make_meta(step: int, best: tuple[float, int] | None, tokenizer, config, **extra) -> dict:
+  """A checkpoint's metadata: the format, the iteration, the best evaluation so far, the
+  vocabulary and the run's flags (with `extra` entries, e.g. where an import came from)."""
+  best_val, best_iter = best or (None, None)
+  return {"format": FORMAT, "iter": step, "best_val_loss": best_val, "best_iter": best_iter,
+          "vocab": list(tokenizer.chars), "config": config.to_flags(), **extra}
+
+
+def check_vocab(saved_chars, tokenizer, path: Path, data_path: str) -> None:
+  """Refuses to resume a checkpoint on text with another vocabulary."""
+  if tuple(saved_chars) == tokenizer.chars:
+    return
+  if len(saved_chars) != tokenizer.vocab_size:
+    detail = f"Checkpoint vocab_size {len(saved_chars)} != data vocab_size {tokenizer.vocab_size}"
+  else:
+    detail = "Checkpoint vocabulary differs from the data's (same size, other characters)"
+  raise UserError(f"{detail}: {path} was trained on other text than --data={data_path}. "
+                  "Resume with the text it was trained on, or start a new run in another "
+                  "--workdir.")
+
+
 def read_meta(path: Path) -> dict:
   meta = _restore(path, meta=ocp.args.JsonRestore())["meta"]
   found = meta.get("format") if isinstance(meta, dict) else None

@@ -8,7 +8,7 @@ import math
 
 from absl import flags
 
-from randygpt import platforms
+from randygpt.runtime import platforms
 from randygpt.config import RunConfig
 
 # Data and run location.

@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from randygpt import model
+from randygpt import data, model
 from randygpt.config import ModelConfig, SampleConfig
+from randygpt.errors import UserError
 
 # Sampling keys derive from the seed with this stream id (training uses 0-3), so sampling
 # from a checkpoint with the run's seed reproduces the run's samples.
@@ -55,8 +56,8 @@ def generate(params, prompt_BxP: jax.Array, key: jax.Array, model_config: ModelC
   batch, n_prompt = prompt_BxP.shape
   n_new, block = sample_config.max_new_tokens, model_config.block_size
   n_cached = min(n_new, block - n_prompt + 1) if use_cache and n_prompt <= block else 0
-  buffer_BxL = jnp.zeros((batch, max(n_prompt + n_new, block)), jnp.int32)
-  buffer_BxL = buffer_BxL.at[:, :n_prompt].set(prompt_BxP)
+  buffer_BxM = jnp.zeros((batch, max(n_prompt + n_new, block)), jnp.int32)
+  buffer_BxM = buffer_BxM.at[:, :n_prompt].set(prompt_BxP)
 
   def draw(logits_BxV, i):
     return _draw(logits_BxV, jax.random.fold_in(key, i), sample_config)
@@ -73,28 +74,46 @@ def generate(params, prompt_BxP: jax.Array, key: jax.Array, model_config: ModelC
       return (cache, token_B), token_B
 
     first_B = draw(logits_BxPxV[:, -1], 0)
-    _, rest_NxB = jax.lax.scan(decode, (cache, first_B), jnp.arange(1, n_cached))
-    cached_BxN = jnp.concatenate([first_B[:, None], rest_NxB.T], axis=1)
-    buffer_BxL = buffer_BxL.at[:, n_prompt:n_prompt + n_cached].set(cached_BxN)
+    _, rest_GxB = jax.lax.scan(decode, (cache, first_B), jnp.arange(1, n_cached))
+    cached_BxG = jnp.concatenate([first_B[:, None], rest_GxB.T], axis=1)
+    buffer_BxM = buffer_BxM.at[:, n_prompt:n_prompt + n_cached].set(cached_BxG)
 
-  def window_step(i, buffer_BxL):
+  def window_step(i, buffer_BxM):
     pos = n_prompt + i  # Tokens known so far; the next one goes here.
     start = jnp.maximum(pos - block, 0)
     # Causal attention: positions after `pos` in the window cannot affect its logits.
-    window_BxT = jax.lax.dynamic_slice_in_dim(buffer_BxL, start, block, axis=1)
+    window_BxT = jax.lax.dynamic_slice_in_dim(buffer_BxM, start, block, axis=1)
     logits_BxV = model.forward(params, window_BxT, model_config)[:, pos - 1 - start]
-    return buffer_BxL.at[:, pos].set(draw(logits_BxV, i))
+    return buffer_BxM.at[:, pos].set(draw(logits_BxV, i))
 
-  buffer_BxL = jax.lax.fori_loop(n_cached, n_new, window_step, buffer_BxL)
-  return buffer_BxL[:, n_prompt:n_prompt + n_new]
+  buffer_BxM = jax.lax.fori_loop(n_cached, n_new, window_step, buffer_BxM)
+  return buffer_BxM[:, n_prompt:n_prompt + n_new]
+
+
+def check_prompts(prompts, tokenizer: data.CharTokenizer, default_prompts=("ROMEO:",)):
+  """Prompts the vocabulary can encode: a user's prompt that cannot is an error; a
+  default that cannot falls back to a newline (or the vocabulary's first character)."""
+  start = "\n" if "\n" in tokenizer.chars else tokenizer.chars[0]
+  checked = []
+  for prompt in prompts:
+    missing = tokenizer.missing(prompt)
+    if missing and tuple(prompts) == tuple(default_prompts):
+      print(f"Note: the default prompt {prompt!r} has characters outside this data's "
+            f"vocabulary; samples start from {start!r} instead.")
+      prompt = start
+    elif missing:
+      raise UserError(f"--prompt={prompt!r} has characters that are not in the training "
+                      f"text's vocabulary: {' '.join(repr(c) for c in missing)}.")
+    checked.append(prompt or start)
+  return tuple(checked)
 
 
 def complete(params, tokenizer, prompt: str, key: jax.Array, model_config: ModelConfig,
              sample_config: SampleConfig) -> list[str]:
   """`num_samples` continuations of the prompt, drawn as one batch."""
   prompt_BxP = np.tile(tokenizer.encode(prompt), (sample_config.num_samples, 1))
-  tokens_BxN = generate(params, prompt_BxP, key, model_config, sample_config)
-  return [tokenizer.decode(row) for row in np.asarray(tokens_BxN)]
+  tokens_BxG = generate(params, prompt_BxP, key, model_config, sample_config)
+  return [tokenizer.decode(row) for row in np.asarray(tokens_BxG)]
 
 
 def write_samples(params, tokenizer, prompts, seed: int, model_config: ModelConfig,

@@ -9,7 +9,6 @@ The file does not store the model shape: it comes from --n_embd, --n_layer, --n_
 
 import dataclasses
 import math
-import shutil
 from pathlib import Path
 
 import jax
@@ -19,7 +18,8 @@ import optax
 from absl import app
 from absl import flags
 
-from randygpt import cli, data, metrics, model, optim, rundir
+from randygpt import data, metrics, model, optim
+from randygpt.runtime import cli, rundir
 from randygpt import flags as randygpt_flags
 from randygpt.config import ModelConfig
 from randygpt.errors import UserError
@@ -35,11 +35,6 @@ BYTES_PER_PARAM = 12  # The weight and its two Adam moments, f32 each.
 RANDYGPT_BETAS = {"beta1": 0.9, "beta2": 0.999}
 USAGE = ("python -m randygpt.import_bin checkpoint.bin --data=train.txt --workdir=DIR "
          "[--n_embd= --n_layer= --n_head= --block_size=]")
-
-
-def n_params(vocab_size: int, n_embd: int, n_layer: int, block_size: int) -> int:
-  """Parameters of randyGPT's model (randygpt's has the same)."""
-  return (2 * vocab_size + block_size) * n_embd + 12 * n_layer * n_embd * n_embd
 
 
 def tensor_shapes(model_config: ModelConfig) -> list[tuple[int, int]]:
@@ -62,7 +57,8 @@ def shapes_that_fit(count: int, vocab_size: int, like: ModelConfig, limit: int =
       # Solve 12*layer*e^2 + (2*vocab_size + block)*e = count for a whole e.
       b = 2 * vocab_size + block
       e = round((math.sqrt(b * b + 48 * layer * count) - b) / (24 * layer))
-      if e > 0 and n_params(vocab_size, e, layer, block) == count:
+      shape = ModelConfig(vocab_size=vocab_size, n_embd=e, n_layer=layer, block_size=block)
+      if e > 0 and model.n_params(shape) == count:
         found.append((e, layer, block))
   given = (like.n_embd, like.n_layer, like.block_size)
   return sorted(found, key=lambda s: (sum(a != b for a, b in zip(s, given)), s))[:limit]
@@ -90,8 +86,7 @@ def check_size(path: Path, model_config: ModelConfig) -> None:
   """Refuses a file whose size is not that of `model_config`'s shape, naming shapes that fit."""
   c = model_config
   size = path.stat().st_size
-  expected = HEADER_BYTES + BYTES_PER_PARAM * n_params(c.vocab_size, c.n_embd, c.n_layer,
-                                                       c.block_size)
+  expected = HEADER_BYTES + BYTES_PER_PARAM * model.n_params(c)
   if size == expected:
     return
   shape = f"{_shape_flags(c.n_embd, c.n_layer, c.block_size)} (vocab_size {c.vocab_size})"
@@ -167,17 +162,9 @@ def train_state(params, mu, nu, *, step: int, iteration: int,
   return {"params": jax.tree.map(jnp.asarray, params), "opt": opt}
 
 
-def import_bin(args: list[str]) -> None:
-  from randygpt import checkpoint  # Imports Orbax: after flag parsing, --help stays fast.
-
-  if len(args) != 1:
-    raise UserError(f"Give one randyGPT checkpoint file: {USAGE}")
-  path = Path(args[0]).expanduser()
-  config = randygpt_flags.run_config()
-  header = read_header(path)
-  model_config = dataclasses.replace(config.model, vocab_size=int(header["vocab_size"]))
-  check_size(path, model_config)
-
+def read_text(config, path: Path, model_config: ModelConfig):
+  """The text randyGPT trained on, as it read it, and its vocabulary (checked against the
+  checkpoint's size)."""
   text, tokenizer = data.tokenize(
       data.read_text(Path(config.data.data).expanduser(), config.data.data_encoding),
       "randygpt")
@@ -187,6 +174,38 @@ def import_bin(args: list[str]) -> None:
         f"{tokenizer.vocab_size} of --data={config.data.data} ('<', '>' and its "
         f"{tokenizer.vocab_size - 2} distinct characters): {path} was trained on other text. "
         "Pass the train.txt randyGPT trained it on.")
+  return text, tokenizer
+
+
+def write_run(workdir: Path, config, tokenizer, state, iteration: int, source: dict,
+              model_config: ModelConfig) -> Path:
+  """A new run in `workdir` whose latest checkpoint is the imported state; returns it."""
+  from randygpt import checkpoint  # Imports Orbax: after flag parsing, --help stays fast.
+  with rundir.claim(workdir):
+    _, discard = checkpoint.plan_start(workdir, False, "", config.location.overwrite)
+    # The import begins the run's history.
+    rundir.initialise(workdir, config, tokenizer, iteration, discard, new_history=True)
+    checkpoints = checkpoint.Checkpoints(workdir)
+    checkpoints.save("latest", iteration, state, checkpoint.make_meta(
+        iteration, None, tokenizer, config, imported_from=source))
+    checkpoints.wait()
+    checkpoints.close()
+    metrics.write_json(workdir / "summary.json", {
+        "status": "imported", "iters": iteration, "imported_from": source,
+        "latest_checkpoint": str(checkpoints.path("latest")),
+        "n_params": model.n_params(model_config)})
+  return checkpoints.path("latest")
+
+
+def import_bin(args: list[str]) -> None:
+  if len(args) != 1:
+    raise UserError(f"Give one randyGPT checkpoint file: {USAGE}")
+  path = Path(args[0]).expanduser()
+  config = randygpt_flags.run_config()
+  header = read_header(path)
+  model_config = dataclasses.replace(config.model, vocab_size=int(header["vocab_size"]))
+  check_size(path, model_config)
+  text, tokenizer = read_text(config, path, model_config)
 
   iteration = int(header["iter"]) + 1  # randyGPT counts from 0, randygpt from 1.
   train_config = dataclasses.replace(
@@ -197,9 +216,8 @@ def import_bin(args: list[str]) -> None:
       data=dataclasses.replace(config.data, tokenizer="randygpt"))
   params, mu, nu = read_tensors(path, model_config)
   # Only the structure of its state is used: the schedule is that of the resumed run.
-  optimizer = optim.make_optimizer(train_config, iteration)
   state = train_state(params, mu, nu, step=int(header["step"]), iteration=iteration,
-                      optimizer=optimizer)
+                      optimizer=optim.make_optimizer(train_config))
   source = {"path": str(path), "format": MAGIC.decode(), "iter": int(header["iter"]),
             "step": int(header["step"]), "best_loss": float(header["best_loss"])}
 
@@ -209,30 +227,10 @@ def import_bin(args: list[str]) -> None:
         f"{tokenizer.vocab_size} ('<', '>' and {tokenizer.vocab_size - 2} characters)")
   print(f"model: {model_config.n_layer} layers, {model_config.n_head} heads, n_embd "
         f"{model_config.n_embd}, block {model_config.block_size} | "
-        f"{model.count_params(state['params']):,} parameters")
-
+        f"{model.n_params(model_config):,} parameters")
   workdir = Path(config.location.workdir)
-  with rundir.claim(workdir):
-    _, discard = checkpoint.plan_start(workdir, False, "", config.location.overwrite)
-    for old in discard:
-      shutil.rmtree(old)
-    tokenizer.save(workdir / "vocab.json")
-    metrics.write_text(workdir / "flags.cfg", config.flagfile())
-    metrics.write_text(workdir / "metrics.jsonl", "")
-    (workdir / "run.json").unlink(missing_ok=True)  # The import begins the run's history.
-    rundir.record_start(workdir, iteration)
-    checkpoints = checkpoint.Checkpoints(workdir)
-    checkpoints.save("latest", iteration, state, {
-        "format": checkpoint.FORMAT, "iter": iteration, "best_val_loss": None,
-        "best_iter": None, "vocab": list(tokenizer.chars), "config": config.to_flags(),
-        "imported_from": source})
-    checkpoints.wait()
-    checkpoints.close()
-    metrics.write_json(workdir / "summary.json", {
-        "status": "imported", "iters": iteration, "imported_from": source,
-        "latest_checkpoint": str(checkpoints.path("latest")),
-        "n_params": model.count_params(state["params"])})
-  print(f"Saved latest checkpoint: {checkpoints.path('latest')} (iteration {iteration})")
+  latest = write_run(workdir, config, tokenizer, state, iteration, source, model_config)
+  print(f"Saved latest checkpoint: {latest} (iteration {iteration})")
   print(f"Resume: python -m randygpt.main --resume --workdir={workdir} "
         f"--iters={iteration + 1000}  (any target above {iteration})")
   print(f"Sample: python -m randygpt.sample --workdir={workdir}")

@@ -3,15 +3,15 @@
 from absl import app
 from absl import flags
 
-from randygpt import cli
+from randygpt.runtime import cli
 from randygpt import flags as randygpt_flags
 
 flags.adopt_module_key_flags(randygpt_flags)  # --help lists randygpt's flags, not absl's.
 
 
 def train():
-  from randygpt import train as train_lib  # After flag parsing: --help stays fast.
-  return train_lib.run(randygpt_flags.run_config())
+  from randygpt import trainer  # After flag parsing: --help stays fast.
+  return trainer.run(randygpt_flags.run_config())
 
 
 if __name__ == "__main__":

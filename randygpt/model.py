@@ -4,13 +4,21 @@ Pre-norm blocks with gain-free RMSNorm, causal multi-head attention, a squared-R
 MLP of width 4*n_embd, no biases, learned token and position embeddings and an
 untied lm_head applied to the last residual stream (randyGPT has no final norm).
 
-Activations are kept as 2-D (B*T, D) matrices around every projection: XLA's CPU
-backend runs those matmuls about 1.7x faster than the 3-D (B, T, D) equivalents. The
-blocks' weights are stacked along a leading n_layer axis, so that the init and the
-optimizer compile once per kind of weight rather than once per layer: the compiled train
-step then holds half the memory (measured, see WORKSPACE.md).
-"""
+Names carry their shapes (`logits_BxTxV`), in letters that mean the same in every file:
+  B  sequences in a batch          T  positions in a window (at most block_size)
+  S  positions attended over       D  n_embd
+  H  heads                         K  head_dim = D / H
+  C  3·D: the fused q, k, v        F  4·D: the MLP's width
+  V  vocabulary                    L  layers
+  N  tokens of a batch, B·T        P  prompt length
+  G  generated tokens              M  a sample's whole buffer (prompt, generated)
 
+Activations are kept as 2-D (N, D) matrices around every projection: XLA's CPU backend
+runs those matmuls about 1.7x faster than the 3-D (B, T, D) equivalents. The blocks'
+weights are stacked along a leading L axis, so that the init and the optimizer compile
+once per kind of weight rather than once per layer: the compiled train step then holds
+half the memory (docs/measurements.md, "Memory").
+"""
 import math
 
 import jax
@@ -42,8 +50,11 @@ def init_params(key: jax.Array, config: ModelConfig) -> dict:
           "blocks": jax.vmap(block)(jax.random.split(k_blocks, config.n_layer))}
 
 
-def count_params(params) -> int:
-  return sum(x.size for x in jax.tree.leaves(params))
+def n_params(config: ModelConfig) -> int:
+  """The parameters of `init_params(key, config)`: per block 12·D² (attention 4, MLP 8),
+  the token and position embeddings and the lm_head."""
+  d = config.n_embd
+  return 12 * config.n_layer * d * d + (2 * config.vocab_size + config.block_size) * d
 
 
 def train_flops_per_token(config: ModelConfig) -> int:
@@ -98,7 +109,7 @@ def _mlp(mlp, x_NxD):
 
 def _transformer(params, tokens_BxT, config: ModelConfig, keep_Lx2xNxD, cache, pos):
   """The blocks as a `lax.scan` over their stacked weights, unrolled: a rolled loop ran the
-  train step 15-30% slower on the CPU (measured, see WORKSPACE.md)."""
+  train step 15-30% slower on the CPU (docs/measurements.md, "Training speed")."""
   batch, t = tokens_BxT.shape
   x_BxTxD = params["wte"][tokens_BxT] + jax.lax.dynamic_slice_in_dim(params["wpe"], pos, t)
 

@@ -13,12 +13,25 @@ from randygpt.config import TrainConfig
 NO_DECAY = frozenset({"wte", "wpe"})
 
 
-def lr_schedule(config: TrainConfig, decay_iters: int) -> optax.Schedule:
-  """Linear warmup to `learning_rate`, cosine down to `min_lr` at `decay_iters`, then flat."""
+def decay_horizon(config: TrainConfig) -> int:
+  """The iteration the cosine decay ends at: --lr_decay_iters, or for 0 the --iters of the
+  run's first start (the run then records it, so that a resume keeps it)."""
+  return config.lr_decay_iters or config.iters
+
+
+def lr_schedule(config: TrainConfig) -> optax.Schedule:
+  """Linear warmup to `learning_rate`, cosine down to `min_lr` at the horizon, then flat."""
+  decay_iters = decay_horizon(config)
   warmup = min(config.warmup_iters, decay_iters)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
       decay_steps=max(decay_iters, warmup + 1), end_value=config.min_lr)
+
+
+def schedule_count(opt_state) -> jax.Array:
+  """The schedule's step count in the optimizer state: the updates done so far."""
+  return optax.tree_utils.tree_get(
+      opt_state, "count", filtering=lambda path, _: path[-1].tuple_name == "ScaleByScheduleState")
 
 
 def decay_mask(params) -> dict:
@@ -26,9 +39,9 @@ def decay_mask(params) -> dict:
   return jax.tree_util.tree_map_with_path(lambda path, _: path[0].key not in NO_DECAY, params)
 
 
-def make_optimizer(config: TrainConfig, decay_iters: int) -> optax.GradientTransformation:
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
   return optax.chain(
       optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity(),
-      optax.adamw(lr_schedule(config, decay_iters), b1=config.beta1, b2=config.beta2,
+      optax.adamw(lr_schedule(config), b1=config.beta1, b2=config.beta2,
                   weight_decay=config.weight_decay, mask=decay_mask),
   )

@@ -16,7 +16,8 @@ from pathlib import Path
 from absl import app
 from absl import flags
 
-from randygpt import cli, metrics, rundir
+from randygpt import metrics
+from randygpt.runtime import cli, rundir
 from randygpt.errors import UserError
 
 flags.DEFINE_string("sort", "name", "Column to sort the rows by; a leading - sorts "

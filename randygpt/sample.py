@@ -11,7 +11,7 @@ from pathlib import Path
 from absl import app
 from absl import flags
 
-from randygpt import cli
+from randygpt.runtime import cli
 from randygpt import flags as randygpt_flags
 
 flags.DEFINE_string("checkpoint", "", "best, latest, or a checkpoint path (a step directory "
@@ -24,8 +24,9 @@ for _name in ("workdir", "prompt", "max_new_tokens", "num_samples", "temperature
 def sample_from_checkpoint(spec: str, config) -> None:
   import jax
 
-  from randygpt import checkpoint, data, footprint, generate, optim, platforms, train
+  from randygpt import checkpoint, data, generate, train
   from randygpt.config import RunConfig
+  from randygpt.runtime import footprint, platforms
 
   workdir = Path(config.location.workdir)
   if not spec:
@@ -35,20 +36,20 @@ def sample_from_checkpoint(spec: str, config) -> None:
   meta = checkpoint.read_meta(path)
   saved = RunConfig.from_flags(meta["config"])
   tokenizer = data.CharTokenizer(tuple(meta["vocab"]))
-  prompts = train.check_prompts(config.sample.prompt, tokenizer)
+  prompts = generate.check_prompts(config.sample.prompt, tokenizer)
   model_config = dataclasses.replace(saved.model, vocab_size=tokenizer.vocab_size)
   footprint.check(model_config, config.sample)
-  optimizer = optim.make_optimizer(saved.train, saved.train.lr_decay_iters)
   placement = platforms.place("cpu", config.location.eval_platform)
   for note in placement.notes:
     print(note)
-  state = train.restore_or_init(jax.random.key(0), model_config, optimizer, path,
-                                jax.sharding.SingleDeviceSharding(placement.eval_device))
+  state = train.initial_state(jax.random.key(0), model_config, saved.train, path,
+                              jax.sharding.SingleDeviceSharding(placement.eval_device))
   seed = config.train.seed if "seed" in config.explicit else saved.train.seed
   print(f"checkpoint: {path} (iteration {meta['iter']}; best val loss so far "
         f"{meta['best_val_loss']})")
-  generate.write_samples(state["params"], tokenizer, prompts, seed, model_config,
-                         config.sample)
+  with jax.default_device(placement.eval_device):
+    generate.write_samples(state["params"], tokenizer, prompts, seed, model_config,
+                           config.sample)
 
 
 def sample():

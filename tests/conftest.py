@@ -9,6 +9,12 @@ from pathlib import Path
 import jax
 import pytest
 
+from randygpt.runtime import devices
+
+# Two CPU devices, fixed when JAX starts its backends (below): in-process runs train
+# data-parallel as the command line does on two cores, and tests can compare 1 and 2.
+devices.set_cpu_device_count(2)
+
 REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 

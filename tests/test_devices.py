@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from randygpt import checkpoint, devices, optim, train
+from randygpt import checkpoint, optim, train
+from randygpt.runtime import devices
 from randygpt.config import ModelConfig, TrainConfig
 from randygpt.errors import UserError
 

@@ -126,14 +126,14 @@ def test_next_adam_update_is_randygpts_next_update(checkpoint_file):
   params, mu, nu, header, _ = imported(checkpoint_file[0])
   tc = TrainConfig(beta1=0.9, beta2=0.999, weight_decay=0.0, grad_clip=1e9,
                    learning_rate=1e-3, warmup_iters=5)
-  optimizer = optim.make_optimizer(tc, 100)
+  optimizer = optim.make_optimizer(tc)
   iteration = int(header["iter"]) + 1
   state = import_bin.train_state(params, mu, nu, step=int(header["step"]),
                                  iteration=iteration, optimizer=optimizer)
   grads = jax.tree.map(lambda p: np.random.default_rng(p.size).standard_normal(p.shape)
                        .astype(np.float32), params)
   updates, _ = optimizer.update(grads, state["opt"], state["params"])
-  t, lr = STEP + 1, float(optim.lr_schedule(tc, 100)(ITER + 1))
+  t, lr = STEP + 1, float(optim.lr_schedule(dataclasses.replace(tc, lr_decay_iters=100))(ITER + 1))
 
   def randygpt_update(g, m, v):
     m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g

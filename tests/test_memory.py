@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from randygpt import memory
+from randygpt.runtime import memory
 
 LINUX = Path("/proc/self/smaps_rollup").exists()
 

@@ -22,8 +22,9 @@ def tokens(batch=3, t=16, seed=1):
 
 
 def test_default_shape_has_about_1_2m_params():
-  params = model.init_params(jax.random.key(0), ModelConfig(vocab_size=65))
-  assert model.count_params(params) == 1_204_480
+  config = ModelConfig(vocab_size=65)
+  params = model.init_params(jax.random.key(0), config)
+  assert sum(x.size for x in jax.tree.leaves(params)) == model.n_params(config) == 1_204_480
 
 
 def test_init_std_scales_residual_projections(params):

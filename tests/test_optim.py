@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ TRAIN = TrainConfig(learning_rate=1e-2, min_lr=1e-3, warmup_iters=10, weight_dec
 
 
 def test_schedule_warms_up_decays_and_holds():
-  lr = optim.lr_schedule(TRAIN, decay_iters=100)
+  lr = optim.lr_schedule(dataclasses.replace(TRAIN, lr_decay_iters=100))
   assert float(lr(0)) == 0.0
   assert float(lr(5)) == pytest.approx(5e-3)
   assert float(lr(10)) == pytest.approx(1e-2)
@@ -23,7 +25,7 @@ def test_schedule_warms_up_decays_and_holds():
 
 
 def test_schedule_with_horizon_shorter_than_warmup_is_valid():
-  lr = optim.lr_schedule(TRAIN, decay_iters=5)
+  lr = optim.lr_schedule(dataclasses.replace(TRAIN, lr_decay_iters=5))
   assert np.isfinite([float(lr(s)) for s in range(20)]).all()
   assert float(lr(19)) == pytest.approx(1e-3)
 
@@ -40,7 +42,7 @@ def test_decay_mask_skips_embeddings_only():
 def test_weight_decay_shrinks_matrices_but_not_embeddings():
   params = model.init_params(jax.random.key(0), ModelConfig(vocab_size=7, n_embd=8, n_head=2,
                                                             n_layer=1, block_size=4))
-  opt = optim.make_optimizer(TRAIN, decay_iters=100)
+  opt = optim.make_optimizer(TRAIN)
   state = opt.init(params)
   zero_grads = jax.tree.map(jnp.zeros_like, params)
   for _ in range(20):  # Past the warmup, so the learning rate is not zero.

@@ -4,7 +4,7 @@ import pytest
 
 import json
 
-from randygpt import platforms
+from randygpt.runtime import platforms
 
 from conftest import make_corpus, needs_gpu, without_gpu
 

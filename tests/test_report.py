@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from randygpt import report, rundir
+from randygpt import report
+from randygpt.runtime import rundir
 from randygpt.errors import UserError
 
 from conftest import make_corpus

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from randygpt import rundir
+from randygpt.runtime import rundir
 from randygpt.errors import UserError
 
 from conftest import REPO, make_corpus
@@ -68,7 +68,7 @@ def test_record_start_keeps_resumes_and_restarts_fresh(tmp_path):
   rundir.record_start(tmp_path, 40)
   starts = json.loads((tmp_path / "run.json").read_text())["starts"]
   assert [s["iter"] for s in starts] == [0, 40]
-  for key in ("jax", "jaxlib", "optax", "flax", "orbax-checkpoint"):
+  for key in ("jax", "jaxlib", "optax", "orbax-checkpoint"):
     assert re.match(r"\d+\.\d+", starts[0]["packages"][key]), key
   assert re.match(r"\d+\.\d+", starts[0]["python"])
   rundir.record_start(tmp_path, 0)

@@ -11,7 +11,7 @@ from randygpt.config import ModelConfig, TrainConfig
 
 torch = pytest.importorskip("torch", reason="the PyTorch reference is optional "
                             "(pip install torch==2.13.0)")
-from randygpt import torch_reference  # noqa: E402  (needs torch)
+from randygpt import torch_reference  # noqa: E402  needs torch
 
 CONFIG = ModelConfig(vocab_size=23, n_embd=32, n_head=4, n_layer=2, block_size=16,
                      dropout=0.0)

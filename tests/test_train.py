@@ -21,7 +21,7 @@ def setup():
   tok = data.CharTokenizer.from_text(text)
   cfg = ModelConfig(**{**vars(CONFIG), "vocab_size": tok.vocab_size})
   tokens = jnp.asarray(tok.encode(text))
-  optimizer = optim.make_optimizer(TRAIN, decay_iters=100)
+  optimizer = optim.make_optimizer(TRAIN)
   return cfg, tokens, optimizer
 
 
@@ -128,18 +128,18 @@ DEFAULT = ("ROMEO:",)
 
 
 def test_default_prompt_without_newline_in_vocabulary_starts_from_first_character():
-  assert train.check_prompts(DEFAULT, data.CharTokenizer.from_text("abc")) == ("a",)
+  assert generate.check_prompts(DEFAULT, data.CharTokenizer.from_text("abc")) == ("a",)
 
 
 def test_user_prompt_outside_vocabulary_is_an_error():
   with pytest.raises(UserError, match="'Z'"):
-    train.check_prompts(("hello", "Zed"), TOKENIZER)
+    generate.check_prompts(("hello", "Zed"), TOKENIZER)
 
 
 def test_default_prompt_outside_vocabulary_falls_back_to_newline(capsys):
-  assert train.check_prompts(DEFAULT, TOKENIZER) == ("\n",)
+  assert generate.check_prompts(DEFAULT, TOKENIZER) == ("\n",)
   assert "default prompt" in capsys.readouterr().out
 
 
 def test_prompts_that_fit_are_kept():
-  assert train.check_prompts(("HELLO:", "world"), TOKENIZER) == ("HELLO:", "world")
+  assert generate.check_prompts(("HELLO:", "world"), TOKENIZER) == ("HELLO:", "world")

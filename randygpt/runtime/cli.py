@@ -1,6 +1,7 @@
 """What every randygpt command does around its work: quiet logs, the compilation cache,
 short errors instead of tracebacks, and ending by the signal that stopped it."""
 
+import contextlib
 import io
 import logging as pylogging
 import os
@@ -13,8 +14,30 @@ from pathlib import Path
 from absl import flags
 from absl import logging
 
-from randygpt import memory
+from randygpt.runtime import memory
 from randygpt.errors import UserError
+
+
+class StopRequest:
+  """Turns SIGINT/SIGTERM into a request that the training loop (or the sampler) honours
+  after the current step."""
+
+  def __init__(self):
+    self.signum = None
+
+  def __call__(self, signum, frame):
+    if self.signum is None:  # A second Ctrl-C while stopping changes nothing.
+      self.signum = signum
+      print(f"\n{signal.Signals(signum).name} received: stopping after this step.", flush=True)
+
+  @contextlib.contextmanager
+  def installed(self):
+    previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+      yield self
+    finally:
+      for s, handler in previous.items():
+        signal.signal(s, handler)
 
 
 def cache_dir() -> Path:
@@ -84,7 +107,7 @@ def entry_point(work):
     _quiet_background_failures()
     memory.configure_malloc()  # Before JAX starts its threads.
     import jax  # After flag parsing: --help and flag errors stay fast.
-    from randygpt import devices, platforms
+    from randygpt.runtime import devices, platforms
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
     devices.set_cpu_device_count(devices.cpu_device_count(
         flags.FLAGS.num_cpu_devices, flags.FLAGS.batch_size, flags.FLAGS.num_processes))

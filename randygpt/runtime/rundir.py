@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from randygpt import metrics
 from randygpt.errors import UserError
 
 LOCK_NAME = "run.lock"
-PACKAGES = ("jax", "jaxlib", "optax", "flax", "orbax-checkpoint")
+PACKAGES = ("jax", "jaxlib", "optax", "orbax-checkpoint")
 CODE_DIR = Path(__file__).resolve().parent
 
 
@@ -109,13 +110,29 @@ def environment() -> dict:
           "git": code_version()}
 
 
-def record_start(workdir: Path, start_iter: int) -> None:
-  """Adds this start to run.json's `starts`; a fresh start (iteration 0) begins the list."""
+def record_start(workdir: Path, start_iter: int, new_history: bool) -> None:
+  """Adds this start to run.json's `starts`; `new_history` begins the list."""
   path = workdir / "run.json"
   starts = []
-  if start_iter and path.is_file():
+  if not new_history and path.is_file():
     starts = json.loads(path.read_text(encoding="utf-8")).get("starts", [])
   metrics.write_json(path, {"starts": [*starts, {"iter": start_iter, **environment()}]})
+
+
+def initialise(workdir: Path, config, tokenizer, start_iter: int, discard=(),
+               new_history: bool | None = None) -> None:
+  """Readies `workdir` for a run starting at `start_iter`: deletes the checkpoints it
+  discards, writes vocab.json, flags.cfg, run.json and a `running` summary.json. A new
+  history (by default, a start at iteration 0) empties metrics.jsonl and begins run.json."""
+  new_history = start_iter == 0 if new_history is None else new_history
+  for path in discard:
+    shutil.rmtree(path)
+  tokenizer.save(workdir / "vocab.json")
+  metrics.write_text(workdir / "flags.cfg", config.flagfile())
+  if new_history:
+    metrics.write_text(workdir / "metrics.jsonl", "")
+  record_start(workdir, start_iter, new_history)
+  metrics.write_json(workdir / "summary.json", {"status": "running", "iters": start_iter})
 
 
 def next_steps(workdir: Path, status: str, iters: int) -> list[str]:

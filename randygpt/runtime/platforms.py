@@ -14,7 +14,6 @@ import re
 import jax
 import numpy as np
 
-from randygpt import devices
 
 # --train_platform / --eval_platform values and the JAX platform each names.
 CHOICES = {"auto": "auto", "cpu": "cpu", "gpu": "gpu", "cuda": "cuda", "rocm": "rocm",
@@ -99,18 +98,24 @@ class Placement:
   eval_device: jax.Device  # One of this process's devices.
   notes: tuple[str, ...]  # The header's lines about the choice.
 
-  def for_eval(self, tree):
-    """`tree`, replicated over the training devices, copied to the evaluation device."""
-    return jax.device_put(devices.local_copy(tree), self.eval_device)
+  @property
+  def default_device(self) -> jax.Device:
+    """Where work placed nowhere in particular should run: this process's first training
+    device (for `jax.default_device`)."""
+    return next(d for d in self.train_devices if d.process_index == jax.process_index())
 
 
-def place(train_platform: str = "cpu", eval_platform: str = "auto") -> Placement:
-  """The devices for training and for evaluation and generation, from the flag values;
-  work placed nowhere in particular goes to the first training device."""
+def place(train_platform: str = "cpu", eval_platform: str = "auto",
+          num_cpu_devices: int = 0) -> Placement:
+  """The devices for training and the device for evaluation and generation, from the flag
+  values. Training on the CPU uses its first `num_cpu_devices` devices (0: all of them; the
+  command line makes exactly as many as it needs, a test process may have more)."""
   failed = start_backends()
   notes = []
   train = _choose("train_platform", train_platform, TRAIN_AUTO, "training", failed, notes)
   evaluation = _choose("eval_platform", eval_platform, EVAL_AUTO, "evaluation", failed, notes)
-  jax.config.update("jax_default_device", jax.local_devices(backend=train)[0])
-  return Placement(tuple(jax.devices(train)), jax.local_devices(backend=evaluation)[0],
+  train_devices = jax.devices(train)
+  if train == "cpu" and num_cpu_devices and jax.process_count() == 1:
+    train_devices = train_devices[:num_cpu_devices]
+  return Placement(tuple(train_devices), jax.local_devices(backend=evaluation)[0],
                    tuple(notes))

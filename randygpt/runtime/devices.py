@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from randygpt.errors import UserError
 
 
-AUTO_MAX_DEVICES = 2  # Measured best on 2 cores; see WORKSPACE.md.
+AUTO_MAX_DEVICES = 2  # Measured best on 2 cores (docs/measurements.md, "Data parallelism").
 
 
 def cpu_device_count(requested: int, batch_size: int, num_processes: int = 1) -> int:

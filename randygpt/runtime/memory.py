@@ -6,7 +6,7 @@ raises its mmap threshold as large blocks are freed, so a train step's temporary
 end up in the heap and stay resident, and compiling leaves hundreds of MB free but
 resident. Linux, for its part, keeps every page of library code the process has run
 mapped: after compiling, ~150 MB of jaxlib (mostly XLA's compiler) that training never
-runs again. All of it is undone here where the system allows (measured, see WORKSPACE.md).
+runs again. All of it is undone here where the system allows (docs/measurements.md, "Memory").
 """
 
 import ctypes

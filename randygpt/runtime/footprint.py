@@ -3,6 +3,7 @@ shape the machine cannot hold gets an error naming the flags, not an allocation 
 
 import os
 
+from randygpt import model
 from randygpt.config import ModelConfig, SampleConfig, TrainConfig
 from randygpt.errors import UserError
 
@@ -21,17 +22,12 @@ def physical_memory() -> int:
   return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def n_params(mc: ModelConfig) -> int:
-  """Per block 12 n_embd^2 (attention 4, MLP 8); token and position embeddings, lm_head."""
-  return 12 * mc.n_layer * mc.n_embd**2 + (2 * mc.vocab_size + mc.block_size) * mc.n_embd
-
-
 def estimate(mc: ModelConfig, sample: SampleConfig, tc: TrainConfig | None = None) -> dict:
   """Bytes by what needs them, keyed by the flags that set them (training needs `tc`)."""
   per_sample = (sample.max_new_tokens + mc.block_size  # The token buffer.
                 + 2 * mc.n_layer * mc.block_size * mc.n_embd  # The key/value cache.
                 + 4 * mc.vocab_size)  # Logits while drawing.
-  parts = {"--n_embd, --n_layer": FLOAT_BYTES * n_params(mc) * (STATE_COPIES if tc else 1),
+  parts = {"--n_embd, --n_layer": FLOAT_BYTES * model.n_params(mc) * (STATE_COPIES if tc else 1),
            "--num_samples, --max_new_tokens": FLOAT_BYTES * sample.num_samples * per_sample}
   if tc:
     per_token = (mc.n_layer * (ACTIVATIONS_PER_EMBD * mc.n_embd + 2 * mc.n_head * mc.block_size)

@@ -1,0 +1,326 @@
+"""A training run in named stages: `prepare(config) -> Setup`, `Trainer(setup).loop()`,
+`finish(trainer, status)`.
+
+`prepare` resolves everything fixed before the first step: where the run starts (fresh or
+from a checkpoint), the text and its tokens, the devices, the initial state and the jitted
+functions. The `Trainer` holds what changes as the run goes (the state, the best evaluation,
+the records); its methods are what a researcher changes: `step`, `record`, `evaluate`,
+`save`. `finish` prints where the checkpoints are and draws the samples.
+"""
+
+import dataclasses
+import functools
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+from randygpt import checkpoint, data, evaluate, generate, metrics, model, optim, train
+from randygpt.config import ModelConfig, RunConfig
+from randygpt.errors import UserError
+from randygpt.runtime import cli, devices, footprint, memory, platforms, rundir
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a run fixes before its first step."""
+  config: RunConfig  # The checkpoint's flags on a resume; the schedule's horizon fixed.
+  model_config: ModelConfig  # config.model with the vocabulary's size.
+  start_iter: int
+  source: Path | None  # The checkpoint the run resumes from.
+  best: tuple[float, int] | None  # (val loss, iteration) of the best evaluation so far.
+  tokenizer: data.CharTokenizer
+  prompts: tuple[str, ...]
+  placement: platforms.Placement
+  mesh: jax.sharding.Mesh
+  microbatches: int
+  state: dict  # The initial train state, replicated over the mesh.
+  train_tokens: jax.Array  # Replicated over the mesh.
+  get_batch: Callable  # (tokens, key, batch_size, block_size) -> (inputs, targets).
+  step_fn: Callable  # (state, batch, rng) -> (state, metrics), jitted, the state donated.
+  evaluator: evaluate.Evaluator
+
+  @property
+  def workdir(self) -> Path:
+    return Path(self.config.location.workdir)
+
+
+class Diverged(UserError):
+  """The loss or the weights stopped being finite."""
+
+
+def _resolve_start(config: RunConfig):
+  """The run's config (the checkpoint's on a resume), the checkpoint it starts from, its
+  metadata, and the checkpoints a fresh start or a fork discards."""
+  loc = config.location
+  source, discard = checkpoint.plan_start(Path(loc.workdir), loc.resume, loc.resume_from,
+                                          loc.overwrite)
+  meta = checkpoint.read_meta(source) if source else None
+  if meta:
+    config = config.resumed(meta["config"], str(source))
+  # The horizon is fixed at the first start and kept in checkpoints.
+  config = dataclasses.replace(config, train=dataclasses.replace(
+      config.train, lr_decay_iters=optim.decay_horizon(config.train)))
+  return config, source, meta, discard
+
+
+def _read_text(config: RunConfig, meta: dict | None, source: Path | None):
+  """The tokenizer, the {"train", "val"} tokens, and the header's line about the data."""
+  dc = config.data
+  text, description = data.load_text(dc.data, url=dc.data_url, encoding=dc.data_encoding)
+  text, tokenizer = data.tokenize(text, dc.tokenizer)
+  if meta:
+    checkpoint.check_vocab(meta["vocab"], tokenizer, source, dc.data)
+  train_np, val_np = data.split(tokenizer.encode(text), config.model.block_size)
+  line = (f"data: {description} | {len(text):,} characters | vocab {tokenizer.vocab_size} | "
+          f"train {len(train_np):,} / val {len(val_np):,} tokens")
+  return tokenizer, {"train": train_np, "val": val_np}, line
+
+
+def prepare(config: RunConfig) -> Setup | None:
+  """Everything before the first step, the workdir readied and the header printed; None
+  when the checkpoint is already at the target iteration."""
+  config, source, meta, discard = _resolve_start(config)
+  start_iter = meta["iter"] if meta else 0
+  tc, loc = config.train, config.location
+  if start_iter >= tc.iters:
+    print(f"Already at iteration {start_iter} (target {tc.iters}). Nothing to train. "
+          f"Pass a higher --iters to train further.")
+    return None
+  tokenizer, splits, data_line = _read_text(config, meta, source)
+  prompts = generate.check_prompts(config.sample.prompt, tokenizer)
+  model_config = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
+  footprint.check(model_config, config.sample, tc)
+
+  placement = platforms.place(loc.train_platform, loc.eval_platform, devices.cpu_device_count(
+      loc.num_cpu_devices, tc.batch_size, loc.num_processes))
+  mesh = devices.data_mesh(placement.train_devices)
+  devices.check_batch_divides(tc.batch_size, mesh.size)
+  microbatches = train.train_microbatches(tc, model_config, mesh.devices.flat[0].platform)
+  replicated = devices.replicated(mesh)
+  key = jax.random.key(tc.seed)
+  state = train.initial_state(jax.random.fold_in(key, train.INIT_STREAM), model_config, tc,
+                              source, replicated)
+  best = None
+  if meta and meta["best_iter"] is not None:
+    best = (meta["best_val_loss"], meta["best_iter"])
+  if devices.is_main_process():
+    rundir.initialise(Path(loc.workdir), config, tokenizer, start_iter, discard)
+  devices.sync("workdir ready")
+  get_batch, step_fn = train.jit_train_step(model_config, tc, mesh, microbatches)
+  evaluator = evaluate.Evaluator(placement.eval_device, splits,
+                                 jax.random.fold_in(key, train.EVAL_STREAM), tc, model_config)
+  setup = Setup(config, model_config, start_iter, source, best, tokenizer, prompts, placement,
+                mesh, microbatches, state, jax.device_put(splits["train"], replicated),
+                get_batch, step_fn, evaluator)
+  print_header(setup, data_line)
+  return setup
+
+
+def print_header(setup: Setup, data_line: str) -> None:
+  mc, tc = setup.model_config, setup.config.train
+  print(data_line)
+  print(f"model: {mc.n_layer} layers, {mc.n_head} heads, n_embd {mc.n_embd}, block "
+        f"{mc.block_size}, dropout {mc.dropout} | {model.n_params(mc):,} parameters")
+  mb = setup.microbatches
+  print(f"devices: {setup.mesh.size} x {setup.mesh.devices.flat[0].platform} (data-parallel) "
+        f"| batch {tc.batch_size} x {mc.block_size} = {tc.batch_size * mc.block_size:,} "
+        f"tokens/step in {mb} microbatch{'es' if mb > 1 else ''} | workdir: {setup.workdir}")
+  for note in setup.placement.notes:
+    print(note)
+  if setup.source:
+    print(f"Resumed from {setup.source} at iteration {setup.start_iter} (target {tc.iters}, "
+          f"learning rate horizon {tc.lr_decay_iters}).")
+
+
+class Trainer:
+  """The run's changing state, and what happens at each step."""
+
+  def __init__(self, setup: Setup, started: float, after_imports_mb: float | None):
+    self.setup, self.tc = setup, setup.config.train
+    self.state, self.best = setup.state, setup.best
+    self.started = started  # When the run began, its imports done.
+    self.is_main = devices.is_main_process()  # Only process 0 writes the run's files.
+    self.checkpoints = checkpoint.Checkpoints(setup.workdir)
+    self.metrics_file = metrics.MetricsFile(
+        setup.workdir / "metrics.jsonl" if self.is_main else None, setup.start_iter)
+    self.stop = cli.StopRequest()
+    key = jax.random.key(self.tc.seed)
+    self.data_key = jax.random.fold_in(key, train.DATA_STREAM)
+    self.dropout_key = jax.random.fold_in(key, train.DROPOUT_STREAM)
+    self.throughput = metrics.Throughput(
+        self.tc.batch_size * setup.model_config.block_size, setup.start_iter)
+    self.last_record, self.save_ms, self.eval_seconds = None, [], 0.0
+    self.startup_s, self.memory_mb = None, {"after_imports": after_imports_mb}
+    self.loop_start = time.perf_counter()
+
+  def loop(self) -> str:
+    """Trains to the target iteration or until stopped; returns the run's status."""
+    tc, pending, stopping = self.tc, None, False  # pending: read one step behind.
+    self.compile()
+    for step in range(self.setup.start_iter + 1, tc.iters + 1):
+      step_metrics = self.step(step)
+      if pending and pending[0] % tc.log_interval == 0:
+        self.record(*pending)
+      pending = (step, step_metrics)
+      stopping = devices.any_process(self.stop.signum is not None)
+      if step % tc.eval_interval == 0 or step == tc.iters or stopping:
+        self.record(step, step_metrics, with_eval=not stopping)
+        pending = None
+      if step % tc.checkpoint_interval == 0 or step == tc.iters or stopping:
+        if stopping:
+          print(f"Interrupted at iteration {step}. Saving checkpoint...", flush=True)
+        else:
+          metrics.phase(f"Saving checkpoint at iteration {step}...")
+        self.save_ms.append(1e3 * self.save("latest", step))
+        self.throughput.mark(step)
+      if stopping:
+        break
+    self.checkpoints.wait()  # A save that failed fails the run.
+    return "interrupted" if stopping else "completed"
+
+  def batch(self, step: int):
+    return self.setup.get_batch(self.setup.train_tokens, jax.random.fold_in(self.data_key, step),
+                                self.tc.batch_size, self.setup.model_config.block_size)
+
+  def compile(self) -> None:
+    print("Compiling train step...", end=" ", flush=True)
+    start = time.perf_counter()
+    step_fn = self.setup.step_fn.lower(self.state, self.batch(self.setup.start_iter + 1),
+                                       self.dropout_key).compile()
+    self.step_fn = step_fn
+    print(f"done in {time.perf_counter() - start:.1f}s", flush=True)
+    self.memory_mb["compile_peak"] = memory.peak_resident_mb()
+    self.throughput.mark(self.setup.start_iter)
+
+  def step(self, step: int) -> dict:
+    """Dispatches one train step; returns its metrics (still on the device)."""
+    self.state, step_metrics = self.step_fn(self.state, self.batch(step),
+                                            jax.random.fold_in(self.dropout_key, step))
+    if self.startup_s is None:  # Once: wait for the first iteration to end.
+      jax.block_until_ready(step_metrics)
+      self.startup_s = time.perf_counter() - self.started
+      memory.release_free_memory()  # What compiling the loop's functions left behind.
+    return step_metrics
+
+  def record(self, step: int, step_metrics: dict, with_eval: bool = False) -> None:
+    """Logs a step: metrics.jsonl and a line; with an evaluation when `with_eval`."""
+    loss = float(step_metrics["loss"])
+    if not np.isfinite(loss):
+      raise self.diverged(step, f"loss {loss}")
+    rec = {"iter": step, "train_loss": loss, "lr": float(step_metrics["lr"]),
+           "grad_norm": float(step_metrics["grad_norm"]), **self.throughput.since_mark(step),
+           "rss_mb": memory.resident_mb()}
+    if with_eval:
+      rec |= self.evaluate(step)
+    rec["wall_s"] = time.perf_counter() - self.loop_start
+    eta = None
+    if "ms_per_iter" in rec:
+      left = self.tc.iters - step
+      evals_left = -(-left // self.tc.eval_interval)
+      eta = left * rec["ms_per_iter"] / 1e3 + evals_left * self.eval_seconds
+    self.metrics_file.write(rec)
+    print(metrics.log_line(rec, self.best, eta), flush=True)
+    self.last_record = rec
+    self.throughput.mark(step)
+
+  def evaluate(self, step: int) -> dict:
+    """The loss estimates at `step`; a new best val loss saves the best checkpoint."""
+    metrics.phase(f"Evaluating at iteration {step}...")
+    start = time.perf_counter()
+    estimates = self.setup.evaluator(self.state["params"])
+    self.eval_seconds = time.perf_counter() - start
+    if self.best is None or estimates["val_loss"] < self.best[0]:
+      self.best = (estimates["val_loss"], step)
+      self.save("best", step)
+    memory.release_free_memory()  # What compiling the first estimate and save left.
+    return estimates
+
+  def save(self, kind: str, step: int) -> float:
+    """Starts saving the state unless it diverged (NaN weights never replace good ones);
+    returns the seconds it blocked."""
+    if not train.all_finite(self.state["params"]):
+      raise self.diverged(step, "weights not finite")
+    meta = checkpoint.make_meta(step, self.best, self.setup.tokenizer, self.setup.config)
+    return self.checkpoints.save(kind, step, self.state, meta)
+
+  def diverged(self, step: int, what: str) -> Diverged:
+    self.checkpoints.wait()
+    kept = self.checkpoints.path("latest") or self.checkpoints.path("best")
+    return Diverged(f"Training diverged at iteration {step} ({what}). "
+                    + (f"The last good checkpoint is kept: {kept}. " if kept else "")
+                    + "Try a lower --learning_rate or --grad_clip.")
+
+  def close(self, status: str) -> dict:
+    """Ends the checkpoint writers and the metrics file; writes and returns the summary."""
+    self.checkpoints.close()
+    self.metrics_file.close()
+    last, best = self.last_record or {}, self.best or (None, None)
+    summary = {
+        "status": status,
+        "iters": last.get("iter", self.setup.start_iter),
+        "final_train_loss": last.get("train_loss"),
+        "final_val_loss": last.get("val_loss"),
+        "best_val_loss": best[0],
+        "best_iter": best[1],
+        "best_checkpoint": str(self.checkpoints.path("best") or "") or None,
+        "latest_checkpoint": str(self.checkpoints.path("latest") or "") or None,
+        "tokens_per_sec": last.get("tokens_per_sec"),
+        "wall_s": time.perf_counter() - self.loop_start,
+        "n_params": model.n_params(self.setup.model_config),
+        "checkpoint_blocked_ms_max": max(self.save_ms, default=None),
+        "startup_s": self.startup_s,
+        "memory_mb": self.memory_mb | {"peak": memory.peak_resident_mb()},
+    }
+    if self.is_main:
+      metrics.write_json(self.setup.workdir / "summary.json", summary)
+    return summary
+
+
+def train_and_close(trainer: Trainer) -> dict:
+  """The loop, then the summary whatever happened; a stop by an error re-raises it."""
+  status = "failed"
+  try:
+    status = trainer.loop()
+  except Diverged:
+    status = "diverged"
+    raise
+  finally:
+    summary = trainer.close(status)
+  return summary
+
+
+def finish(trainer: Trainer, summary: dict) -> dict:
+  """Says where the checkpoints are, draws the samples, and says how to go on."""
+  setup, status = trainer.setup, summary["status"]
+  if trainer.save_ms:
+    print(f"Saved latest checkpoint: {summary['latest_checkpoint']}")
+    print(f"Best checkpoint: {summary['best_checkpoint']} (val {trainer.best[0]:.4f})"
+          if trainer.best else "No best checkpoint yet: no evaluation has run.", flush=True)
+  if trainer.is_main and status == "completed":
+    generate.write_samples(setup.evaluator.place(trainer.state["params"]), setup.tokenizer,
+                           setup.prompts, setup.config.train.seed, setup.model_config,
+                           setup.config.sample, setup.workdir / "samples.txt", trainer.stop)
+  if trainer.save_ms:
+    print("\n".join(rundir.next_steps(setup.workdir, status, setup.config.train.iters)),
+          flush=True)
+  if status == "interrupted" or trainer.stop.signum:
+    return summary | {"signal": trainer.stop.signum or signal.SIGINT}
+  return summary
+
+
+def run(config: RunConfig) -> dict:
+  """Trains as `config` says, writes the workdir, prints samples; returns the summary. The
+  workdir is locked meanwhile: a second run on it is refused."""
+  started, after_imports_mb = time.perf_counter(), memory.resident_mb()
+  workdir = Path(config.location.workdir)
+  with rundir.claim(workdir, lock=devices.is_main_process()):
+    setup = prepare(config)
+    if setup is None:
+      return {"status": "nothing to train"}
+    trainer = Trainer(setup, started, after_imports_mb)
+    with trainer.stop.installed(), jax.default_device(setup.placement.default_device):
+      return finish(trainer, train_and_close(trainer))
