@@ -187,15 +187,13 @@ def measure_eval_and_generation(params, tokens, placement, tc, model_config, sam
   import jax
 
   from randygpt import evaluate
-  from randygpt.runtime import devices
-  estimate = evaluate.jit_eval_loss(tc, model_config, placement.eval_device.platform)
-  eval_params = jax.device_put(devices.local_copy(params), placement.eval_device)
-  eval_tokens = jax.device_put(tokens, placement.eval_device)
-  _timed(estimate, eval_params, eval_tokens, jax.random.key(3))
-  _, eval_s = _timed(estimate, eval_params, eval_tokens, jax.random.key(4))
+  evaluator = evaluate.Evaluator(placement.eval_device, {"train": tokens, "val": tokens},
+                                 jax.random.key(3), tc, model_config)
+  evaluator(params)  # Compiles.
+  _, eval_s = _timed(evaluator, params)
   tokens_per_step = tc.batch_size * model_config.block_size
-  return {"eval_tokens_per_sec": tc.eval_iters * tokens_per_step / eval_s,
-          **measure_generation(eval_params, model_config, sample)}
+  return {"eval_tokens_per_sec": 2 * tc.eval_iters * tokens_per_step / eval_s,
+          **measure_generation(evaluator.place(params), model_config, sample)}
 
 
 def prepare_step(config):
@@ -203,11 +201,11 @@ def prepare_step(config):
   import jax
 
   from randygpt import data, train
-  from randygpt.runtime import devices, platforms
-  text, _ = data.load_text(config.data.data, url=config.data.data_url,
-                           encoding=config.data.data_encoding)
-  tokenizer = data.CharTokenizer.from_text(text)
-  model_config = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
+  from randygpt.runtime import cli, devices, platforms
+  dc = config.data
+  corpus = data.load_corpus(dc.data, cli.cache_dir("tokens"), url=dc.data_url,
+                            encoding=dc.data_encoding, tokenizer=dc.tokenizer)
+  model_config = dataclasses.replace(config.model, vocab_size=corpus.tokenizer.vocab_size)
   tc, loc = config.train, config.location
   placement = platforms.place(loc.train_platform, loc.eval_platform, devices.cpu_device_count(
       loc.num_cpu_devices, tc.batch_size))
@@ -216,10 +214,10 @@ def prepare_step(config):
   state = train.initial_state(jax.random.key(0), model_config, tc, None,
                               devices.replicated(mesh))
   microbatches = train.train_microbatches(tc, model_config, mesh.devices.flat[0].platform)
-  get_batch, step = train.jit_train_step(model_config, tc, mesh, microbatches)
-  tokens = jax.device_put(tokenizer.encode(text), devices.replicated(mesh))
-  batch = get_batch(tokens, jax.random.key(1), tc.batch_size, model_config.block_size)
-  return model_config, placement, mesh, microbatches, state, step, tokens, batch
+  step = train.jit_train_step(model_config, tc, mesh, microbatches)
+  batch = jax.device_put(data.get_batch(corpus.tokens, jax.random.key(1), tc.batch_size,
+                                        model_config.block_size), devices.batch_sharded(mesh))
+  return model_config, placement, mesh, microbatches, state, step, corpus.tokens, batch
 
 
 def measure(config, *, steps: int, warmup_steps: int, saves: int, with_torch: bool,

@@ -162,32 +162,35 @@ def train_state(params, mu, nu, *, step: int, iteration: int,
   return {"params": jax.tree.map(jnp.asarray, params), "opt": opt}
 
 
-def read_text(config, path: Path, model_config: ModelConfig):
+def read_vocabulary(config, path: Path, model_config: ModelConfig) -> data.Corpus:
   """The text randyGPT trained on, as it read it, and its vocabulary (checked against the
   checkpoint's size)."""
-  text, tokenizer = data.tokenize(
-      data.read_text(Path(config.data.data).expanduser(), config.data.data_encoding),
-      "randygpt")
+  corpus = data.load_corpus(config.data.data, cli.cache_dir("tokens"),
+                            encoding=config.data.data_encoding, tokenizer="randygpt",
+                            sample_fallback=False)
+  tokenizer = corpus.tokenizer
   if tokenizer.vocab_size != model_config.vocab_size:
     raise UserError(
         f"Checkpoint vocab_size {model_config.vocab_size} != vocab_size "
         f"{tokenizer.vocab_size} of --data={config.data.data} ('<', '>' and its "
         f"{tokenizer.vocab_size - 2} distinct characters): {path} was trained on other text. "
         "Pass the train.txt randyGPT trained it on.")
-  return text, tokenizer
+  return corpus
 
 
-def write_run(workdir: Path, config, tokenizer, state, iteration: int, source: dict,
+def write_run(workdir: Path, config, corpus: data.Corpus, state, iteration: int, source: dict,
               model_config: ModelConfig) -> Path:
   """A new run in `workdir` whose latest checkpoint is the imported state; returns it."""
   from randygpt import checkpoint  # Imports Orbax: after flag parsing, --help stays fast.
   with rundir.claim(workdir):
     _, discard = checkpoint.plan_start(workdir, False, "", config.location.overwrite)
     # The import begins the run's history.
-    rundir.initialise(workdir, config, tokenizer, iteration, discard, new_history=True)
+    rundir.initialise(workdir, config, corpus.tokenizer, iteration, discard, new_history=True,
+                      data=corpus.fingerprint)
     checkpoints = checkpoint.Checkpoints(workdir)
     checkpoints.save("latest", iteration, state, checkpoint.make_meta(
-        iteration, None, tokenizer, config, imported_from=source))
+        iteration, None, corpus.tokenizer, config, imported_from=source,
+        data=corpus.fingerprint))
     checkpoints.wait()
     checkpoints.close()
     metrics.write_json(workdir / "summary.json", {
@@ -205,7 +208,8 @@ def import_bin(args: list[str]) -> None:
   header = read_header(path)
   model_config = dataclasses.replace(config.model, vocab_size=int(header["vocab_size"]))
   check_size(path, model_config)
-  text, tokenizer = read_text(config, path, model_config)
+  corpus = read_vocabulary(config, path, model_config)
+  tokenizer = corpus.tokenizer
 
   iteration = int(header["iter"]) + 1  # randyGPT counts from 0, randygpt from 1.
   train_config = dataclasses.replace(
@@ -223,13 +227,13 @@ def import_bin(args: list[str]) -> None:
 
   print(f"randyGPT checkpoint: {path} | iteration {source['iter']} (from 0), Adam step "
         f"{source['step']}, best batch loss {source['best_loss']:.4f}")
-  print(f"data: {config.data.data} | {len(text):,} characters | vocab "
+  print(f"data: {config.data.data} | {len(corpus.tokens):,} characters | vocab "
         f"{tokenizer.vocab_size} ('<', '>' and {tokenizer.vocab_size - 2} characters)")
   print(f"model: {model_config.n_layer} layers, {model_config.n_head} heads, n_embd "
         f"{model_config.n_embd}, block {model_config.block_size} | "
         f"{model.n_params(model_config):,} parameters")
   workdir = Path(config.location.workdir)
-  latest = write_run(workdir, config, tokenizer, state, iteration, source, model_config)
+  latest = write_run(workdir, config, corpus, state, iteration, source, model_config)
   print(f"Saved latest checkpoint: {latest} (iteration {iteration})")
   print(f"Resume: python -m randygpt.main --resume --workdir={workdir} "
         f"--iters={iteration + 1000}  (any target above {iteration})")

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from randygpt import checkpoint, data, model, optim
+from randygpt import checkpoint, model, optim
 from randygpt.config import ModelConfig, TrainConfig
 from randygpt.runtime import devices
 
@@ -78,16 +78,13 @@ def train_microbatches(tc: TrainConfig, model_config: ModelConfig, platform: str
 
 def jit_train_step(model_config: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh,
                    microbatches: int = 1):
-  """The jitted batch sampler and train step over `mesh`: batches split along `data`, the
-  state replicated (XLA all-reduces the gradients), the old state donated."""
-  replicated, batch_sharded = devices.replicated(mesh), devices.batch_sharded(mesh)
-  get_batch = jax.jit(data.get_batch, static_argnums=(2, 3),
-                      out_shardings=(batch_sharded, batch_sharded))
-  step = jax.jit(functools.partial(
+  """The jitted train step over `mesh`: batches split along `data` (`devices.batch_sharded`),
+  the state replicated (XLA all-reduces the gradients), the old state donated."""
+  replicated = devices.replicated(mesh)
+  return jax.jit(functools.partial(
       train_step, model_config=model_config, optimizer=optim.make_optimizer(tc),
       schedule=optim.lr_schedule(tc), microbatches=microbatches),
                  out_shardings=(replicated, replicated), donate_argnums=0)
-  return get_batch, step
 
 
 @jax.jit

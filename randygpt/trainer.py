@@ -38,8 +38,8 @@ class Setup:
   mesh: jax.sharding.Mesh
   microbatches: int
   state: dict  # The initial train state, replicated over the mesh.
-  train_tokens: jax.Array  # Replicated over the mesh.
-  get_batch: Callable  # (tokens, key, batch_size, block_size) -> (inputs, targets).
+  corpus: data.Corpus
+  sampler: data.WindowSampler  # step -> the step's windows (inputs, targets) on the host.
   step_fn: Callable  # (state, batch, rng) -> (state, metrics), jitted, the state donated.
   evaluator: evaluate.Evaluator
 
@@ -68,16 +68,17 @@ def _resolve_start(config: RunConfig):
 
 
 def _read_text(config: RunConfig, meta: dict | None, source: Path | None):
-  """The tokenizer, the {"train", "val"} tokens, and the header's line about the data."""
+  """The text's tokens, and its {"train", "val"} splits."""
   dc = config.data
-  text, description = data.load_text(dc.data, url=dc.data_url, encoding=dc.data_encoding)
-  text, tokenizer = data.tokenize(text, dc.tokenizer)
+  corpus = data.load_corpus(dc.data, cli.cache_dir("tokens"), url=dc.data_url,
+                            encoding=dc.data_encoding, tokenizer=dc.tokenizer)
   if meta:
-    checkpoint.check_vocab(meta["vocab"], tokenizer, source, dc.data)
-  train_np, val_np = data.split(tokenizer.encode(text), config.model.block_size)
-  line = (f"data: {description} | {len(text):,} characters | vocab {tokenizer.vocab_size} | "
-          f"train {len(train_np):,} / val {len(val_np):,} tokens")
-  return tokenizer, {"train": train_np, "val": val_np}, line
+    checkpoint.check_vocab(meta["vocab"], corpus.tokenizer, source, dc.data)
+    if meta.get("data", {}).get("files") not in (None, corpus.fingerprint["files"]):
+      print(f"⚠ --data={dc.data} is not the text {source} was trained on (same vocabulary, "
+            "other content): training continues on this text.")
+  train_np, val_np = data.split(corpus.tokens, config.model.block_size)
+  return corpus, {"train": train_np, "val": val_np}
 
 
 def prepare(config: RunConfig) -> Setup | None:
@@ -90,7 +91,8 @@ def prepare(config: RunConfig) -> Setup | None:
     print(f"Already at iteration {start_iter} (target {tc.iters}). Nothing to train. "
           f"Pass a higher --iters to train further.")
     return None
-  tokenizer, splits, data_line = _read_text(config, meta, source)
+  corpus, splits = _read_text(config, meta, source)
+  tokenizer = corpus.tokenizer
   prompts = generate.check_prompts(config.sample.prompt, tokenizer)
   model_config = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
   footprint.check(model_config, config.sample, tc)
@@ -108,21 +110,27 @@ def prepare(config: RunConfig) -> Setup | None:
   if meta and meta["best_iter"] is not None:
     best = (meta["best_val_loss"], meta["best_iter"])
   if devices.is_main_process():
-    rundir.initialise(Path(loc.workdir), config, tokenizer, start_iter, discard)
+    rundir.initialise(Path(loc.workdir), config, tokenizer, start_iter, discard,
+                      data=corpus.fingerprint)
   devices.sync("workdir ready")
-  get_batch, step_fn = train.jit_train_step(model_config, tc, mesh, microbatches)
+  step_fn = train.jit_train_step(model_config, tc, mesh, microbatches)
+  sampler = data.WindowSampler(splits["train"], jax.random.fold_in(key, train.DATA_STREAM),
+                               tc.batch_size, model_config.block_size)
   evaluator = evaluate.Evaluator(placement.eval_device, splits,
                                  jax.random.fold_in(key, train.EVAL_STREAM), tc, model_config)
   setup = Setup(config, model_config, start_iter, source, best, tokenizer, prompts, placement,
-                mesh, microbatches, state, jax.device_put(splits["train"], replicated),
-                get_batch, step_fn, evaluator)
-  print_header(setup, data_line)
+                mesh, microbatches, state, corpus, sampler, step_fn, evaluator)
+  print_header(setup, splits)
   return setup
 
 
-def print_header(setup: Setup, data_line: str) -> None:
-  mc, tc = setup.model_config, setup.config.train
-  print(data_line)
+def print_header(setup: Setup, splits: dict) -> None:
+  mc, tc, corpus = setup.model_config, setup.config.train, setup.corpus
+  print(f"data: {corpus.description} | {len(corpus.tokens):,} characters | vocab "
+        f"{mc.vocab_size} | train {len(splits['train']):,} / val {len(splits['val']):,} tokens")
+  how = f"built in {corpus.built_s:.1f}s" if corpus.built_s is not None else "reused"
+  size = footprint.human_bytes(corpus.cache_path.stat().st_size)
+  print(f"token cache: {corpus.cache_path} ({size}, {corpus.tokens.dtype.name}, {how})")
   print(f"model: {mc.n_layer} layers, {mc.n_head} heads, n_embd {mc.n_embd}, block "
         f"{mc.block_size}, dropout {mc.dropout} | {model.n_params(mc):,} parameters")
   mb = setup.microbatches
@@ -149,7 +157,6 @@ class Trainer:
         setup.workdir / "metrics.jsonl" if self.is_main else None, setup.start_iter)
     self.stop = cli.StopRequest()
     key = jax.random.key(self.tc.seed)
-    self.data_key = jax.random.fold_in(key, train.DATA_STREAM)
     self.dropout_key = jax.random.fold_in(key, train.DROPOUT_STREAM)
     self.throughput = metrics.Throughput(
         self.tc.batch_size * setup.model_config.block_size, setup.start_iter)
@@ -183,8 +190,8 @@ class Trainer:
     return "interrupted" if stopping else "completed"
 
   def batch(self, step: int):
-    return self.setup.get_batch(self.setup.train_tokens, jax.random.fold_in(self.data_key, step),
-                                self.tc.batch_size, self.setup.model_config.block_size)
+    """The step's windows, placed on the training devices."""
+    return jax.device_put(self.setup.sampler(step), devices.batch_sharded(self.setup.mesh))
 
   def compile(self) -> None:
     print("Compiling train step...", end=" ", flush=True)
@@ -244,7 +251,8 @@ class Trainer:
     returns the seconds it blocked."""
     if not train.all_finite(self.state["params"]):
       raise self.diverged(step, "weights not finite")
-    meta = checkpoint.make_meta(step, self.best, self.setup.tokenizer, self.setup.config)
+    meta = checkpoint.make_meta(step, self.best, self.setup.tokenizer, self.setup.config,
+                                data=self.setup.corpus.fingerprint)
     return self.checkpoints.save(kind, step, self.state, meta)
 
   def diverged(self, step: int, what: str) -> Diverged:

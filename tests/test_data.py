@@ -1,6 +1,11 @@
+import concurrent.futures
 import functools
 import hashlib
 import http.server
+import os
+import random
+import resource
+import signal
 import threading
 
 import jax
@@ -12,6 +17,10 @@ from randygpt import data
 from randygpt.errors import UserError
 
 from conftest import SHAKESPEARE, make_corpus, needs_shakespeare
+
+
+def load(path, tmp_path, **kwargs) -> data.Corpus:
+  return data.load_corpus(str(path), tmp_path / "cache", **kwargs)
 
 
 def test_tokenizer_round_trips_unicode(tmp_path):
@@ -28,11 +37,217 @@ def test_tokenizer_names_missing_characters():
   assert tok.missing("cabbage!") == ["g", "e", "!"]
 
 
-def test_split_is_90_10_and_in_order():
+@pytest.mark.parametrize("vocab_size, dtype", [
+    (1, np.uint8), (256, np.uint8), (257, np.uint16), (65_536, np.uint16), (65_537, np.uint32)])
+def test_tokens_take_the_smallest_unsigned_type_that_holds_the_vocabulary(vocab_size, dtype):
+  chars = tuple(chr(c) for c in range(0x20, 0x20 + vocab_size + 2048)
+                if not 0xD800 <= c < 0xE000)[:vocab_size]
+  tok = data.CharTokenizer(chars)
+  assert tok.dtype == dtype
+  last = chars[-min(3, vocab_size):]
+  ids = tok.encode("".join(last))
+  assert ids.dtype == dtype and ids.tolist() == list(range(vocab_size - len(last), vocab_size))
+
+
+@pytest.mark.parametrize("extra, dtype", [("", np.uint8), ("".join(map(chr, range(0x4E00, 0x4F00))),
+                                                          np.uint16)])
+def test_the_cache_stores_the_vocabularys_dtype(tmp_path, extra, dtype):
+  (tmp_path / "t.txt").write_text(make_corpus(3000) + extra, encoding="utf-8")
+  corpus = load(tmp_path / "t.txt", tmp_path)
+  assert corpus.tokens.dtype == dtype and isinstance(corpus.tokens, np.memmap)
+  text = (tmp_path / "t.txt").read_text(encoding="utf-8")
+  assert corpus.tokenizer == data.CharTokenizer.from_text(text)
+  assert corpus.tokenizer.decode(corpus.tokens) == text
+
+
+@pytest.mark.parametrize("text", [
+    "plain ascii\nlines\n",
+    "Кириллица и немного ASCII.\n" * 50,
+    "one emoji 🙂 among ascii text\n" * 20,
+    "中文字符" * 300 + "\r\n" + "ü",
+])
+def test_chunked_encoding_equals_encoding_the_whole_text(tmp_path, monkeypatch, text):
+  monkeypatch.setattr(data, "CHUNK_BYTES", 7)  # Multi-byte characters across chunk edges.
+  (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+  corpus = load(tmp_path / "t.txt", tmp_path)
+  want = data.CharTokenizer.from_text(text)
+  assert corpus.tokenizer == want
+  np.testing.assert_array_equal(corpus.tokens, [want.chars.index(c) for c in text])
+
+
+def randygpt_reads_reference(text: str) -> str:
+  """randyGPT's line reading as the previous implementation wrote it: split at "\\n", a
+  trailing "\\r" dropped, each line ending in "\\n"."""
+  lines = text.split("\n")
+  if lines[-1] == "":
+    lines.pop()
+  return "".join(line.removesuffix("\r") + "\n" for line in lines)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_randygpt_line_reading_in_pieces_matches_the_whole(seed):
+  rng = random.Random(seed)
+  text = "".join(rng.choice(["a", "b", "\r", "\n", "\r\n", "é"]) for _ in range(rng.randint(1, 60)))
+  cuts = sorted(rng.sample(range(len(text) + 1), min(len(text), 5)))
+  lines = data.RandygptLines()
+  pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+  assert "".join(map(lines.feed, pieces)) + lines.end() == randygpt_reads_reference(text)
+
+
+def test_randygpt_tokenizer_across_chunks_and_files(tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "CHUNK_BYTES", 4)
+  (tmp_path / "a.txt").write_bytes(b"ab\r\ncd\r")
+  (tmp_path / "b.txt").write_bytes(b"\nef\r\n\r\ngh")
+  corpus = load(tmp_path, tmp_path, tokenizer="randygpt")
+  text = randygpt_reads_reference("ab\r\ncd\r\nef\r\n\r\ngh")
+  assert corpus.tokenizer == data.CharTokenizer.randygpt(text)
+  assert corpus.tokenizer.decode(corpus.tokens) == text
+
+
+def test_cache_is_reused_and_a_content_change_rebuilds_it(tmp_path):
+  path = tmp_path / "t.txt"
+  path.write_text(make_corpus(3000), encoding="utf-8")
+  first = load(path, tmp_path)
+  second = load(path, tmp_path)
+  assert first.built_s is not None and second.built_s is None
+  assert second.cache_path == first.cache_path
+  stat = path.stat()
+  edited = path.read_bytes().replace(b"river", b"rivet", 1)
+  path.write_bytes(edited)
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # Same size and time stamp.
+  third = load(path, tmp_path)
+  assert third.built_s is not None and third.cache_path != first.cache_path
+  assert third.tokenizer.decode(third.tokens) == edited.decode()
+
+
+def test_a_cache_file_cut_short_is_not_trusted(tmp_path):
+  path = tmp_path / "t.txt"
+  path.write_text(make_corpus(3000), encoding="utf-8")
+  cache = load(path, tmp_path).cache_path
+  with open(cache, "r+b") as f:
+    f.truncate(cache.stat().st_size - 10)
+  again = load(path, tmp_path)
+  assert again.built_s is not None and len(again.tokens) == 3000
+
+
+def test_two_runs_building_the_same_cache_at_once_both_succeed(tmp_path):
+  path = tmp_path / "t.txt"
+  path.write_text(make_corpus(200_000), encoding="utf-8")
+  barrier = threading.Barrier(2)
+
+  def build(_):
+    barrier.wait()
+    return load(path, tmp_path)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    corpora = list(pool.map(build, range(2)))
+  assert corpora[0].cache_path == corpora[1].cache_path
+  assert [p.name for p in (tmp_path / "cache").iterdir()] == [corpora[0].cache_path.name]
+  np.testing.assert_array_equal(corpora[0].tokens, corpora[1].tokens)
+
+
+def test_a_full_disk_while_writing_the_cache_leaves_nothing_half_written(tmp_path):
+  path = tmp_path / "t.txt"
+  path.write_text(make_corpus(200_000), encoding="utf-8")
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # A write past the limit fails.
+  resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+  try:
+    with pytest.raises(UserError, match=r"^Could not write the token cache .*\(File too large\)"):
+      load(path, tmp_path)
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous)
+  assert list((tmp_path / "cache").iterdir()) == []
+  assert load(path, tmp_path).built_s is not None  # Once there is room, it builds.
+
+
+def test_a_directory_is_its_files_in_byte_order_joined(tmp_path):
+  folder = tmp_path / "docs"
+  folder.mkdir()
+  for name, text in (("b.md", "bee\n"), ("B.md", "BIG\n"), ("a.md", "ay\n"), ("empty.md", "")):
+    (folder / name).write_text(text * 100, encoding="utf-8")
+  (folder / "sub").mkdir()
+  (folder / "sub" / "z.md").write_text("not read\n", encoding="utf-8")
+  corpus = load(folder, tmp_path)
+  assert corpus.tokenizer.decode(corpus.tokens) == "BIG\n" * 100 + "ay\n" * 100 + "bee\n" * 100
+  assert [os.path.basename(f["path"]) for f in corpus.files] == ["B.md", "a.md", "b.md",
+                                                                  "empty.md"]
+  assert corpus.description == f"{folder} (4 files)"
+
+
+def test_a_glob_and_a_list_name_files_in_order(tmp_path):
+  for name in ("x1.txt", "x2.txt", "y.txt"):
+    (tmp_path / name).write_text(name * 100, encoding="utf-8")
+  by_glob = load(tmp_path / "x*.txt", tmp_path)
+  assert by_glob.tokenizer.decode(by_glob.tokens) == "x1.txt" * 100 + "x2.txt" * 100
+  listed = load(f"{tmp_path / 'y.txt'},{tmp_path / 'x1.txt'}", tmp_path)
+  assert listed.tokenizer.decode(listed.tokens) == "y.txt" * 100 + "x1.txt" * 100
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("missing.txt", "missing.txt does not exist"),
+    ("bin.dat", "bin.dat looks like a binary file"),
+    ("latin.txt", "latin.txt is not valid utf-8 text \\(byte 0xe9 at offset 1006\\)"),
+])
+def test_a_bad_file_among_others_is_named(tmp_path, bad, message):
+  (tmp_path / "good.txt").write_text(make_corpus(3000), encoding="utf-8")
+  (tmp_path / "bin.dat").write_bytes(bytes(range(256)) * 4)
+  (tmp_path / "latin.txt").write_bytes(b"x" * 1003 + "café".encode("latin-1"))
+  with pytest.raises(UserError, match=message):
+    load(f"{tmp_path / 'good.txt'},{tmp_path / bad}", tmp_path)
+  assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (b"  \n\t \n", "only whitespace"),
+    (bytes(range(256)) * 4, "binary"),
+    ("café au lait".encode("latin-1"), "not valid utf-8"),
+])
+def test_bad_files_are_refused(tmp_path, content, message):
+  path = tmp_path / "bad.txt"
+  path.write_bytes(content)
+  with pytest.raises(UserError, match=message):
+    load(path, tmp_path)
+
+
+def test_another_encoding_is_read(tmp_path):
+  path = tmp_path / "latin.txt"
+  path.write_bytes("café au lait".encode("latin-1"))
+  corpus = load(path, tmp_path, encoding="latin-1")
+  assert corpus.tokenizer.decode(corpus.tokens) == "café au lait"
+  with pytest.raises(UserError, match="Unknown --data_encoding=nope"):
+    load(path, tmp_path, encoding="nope")
+
+
+def test_an_empty_directory_and_an_unmatched_glob_are_errors(tmp_path):
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(UserError, match="is a directory with no files"):
+    load(tmp_path / "empty", tmp_path)
+  with pytest.raises(UserError, match="matches no files"):
+    load(tmp_path / "*.nothing", tmp_path)
+
+
+def test_missing_explicit_file_is_an_error(tmp_path):
+  with pytest.raises(UserError, match="does not exist"):
+    load(tmp_path / "nope.txt", tmp_path)
+
+
+def test_missing_default_file_falls_back_to_builtin_sample(tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  corpus = load(data.DEFAULT_DATA, tmp_path)
+  assert corpus.description == "built-in sample" and "built-in sample" in capsys.readouterr().out
+  assert len(corpus.tokens) >= data.min_text_length(64)
+  with pytest.raises(UserError, match="does not exist"):
+    load(data.DEFAULT_DATA, tmp_path, sample_fallback=False)
+
+
+def test_split_is_90_10_in_order_and_does_not_copy():
   tokens = np.arange(1000, dtype=np.int32)
   train, val = data.split(tokens, block_size=8)
   assert len(train) == 900 and len(val) == 100
   np.testing.assert_array_equal(np.concatenate([train, val]), tokens)
+  assert np.shares_memory(train, tokens) and np.shares_memory(val, tokens)
 
 
 def test_split_refuses_text_too_short_for_a_val_window():
@@ -42,59 +257,48 @@ def test_split_refuses_text_too_short_for_a_val_window():
     data.split(np.zeros(data.min_text_length(block) - 1, np.int32), block)
 
 
-def test_get_batch_targets_are_inputs_shifted_by_one(maybe_jit):
-  tokens = jnp.arange(500, dtype=jnp.int32)
-  get_batch = maybe_jit(data.get_batch, static_argnums=(2, 3))
-  x, y = get_batch(tokens, jax.random.key(0), 8, 16)
-  assert x.shape == y.shape == (8, 16)
+def previous_get_batch(tokens, key, batch_size, block_size):
+  """The windows as the implementation before the token cache drew them, on the device."""
+  tokens = jnp.asarray(tokens)
+  starts = jax.random.randint(key, (batch_size,), 0, tokens.shape[0] - block_size)
+  windows = tokens[starts[:, None] + jnp.arange(block_size + 1)]
+  return windows[:, :-1], windows[:, 1:]
+
+
+def test_windows_are_the_previous_implementations():
+  tokens = np.random.default_rng(0).integers(0, 65, 50_000).astype(np.uint8)
+  key = jax.random.fold_in(jax.random.key(1337), 1)
+  sampler = data.WindowSampler(tokens, key, 32, 64, steps_ahead=8)
+  for step in (1, 7, 8, 9, 1000):
+    want = previous_get_batch(tokens, jax.random.fold_in(key, step), 32, 64)
+    got = sampler(step)
+    for w, g in zip(want, got):
+      assert g.dtype == np.int32
+      np.testing.assert_array_equal(g, w)
+    np.testing.assert_array_equal(data.get_batch(tokens, jax.random.fold_in(key, step), 32, 64)[0],
+                                  want[0])
+
+
+def test_targets_are_inputs_shifted_by_one_and_the_last_window_is_reached():
+  tokens = np.arange(20, dtype=np.uint16)
+  x, y = data.get_batch(tokens, jax.random.key(0), 512, 4)
   np.testing.assert_array_equal(y[:, :-1], x[:, 1:])
   np.testing.assert_array_equal(x[:, 1:] - x[:, :-1], 1)  # Contiguous windows.
-  assert int(y.max()) < 500
-  want = data.get_batch(tokens, jax.random.key(0), 8, 16)
-  np.testing.assert_array_equal(x, want[0])
-
-
-def test_get_batch_reaches_the_last_window():
-  tokens = jnp.arange(20, dtype=jnp.int32)
-  _, y = data.get_batch(tokens, jax.random.key(0), 512, 4)
   assert int(y.max()) == 19
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "empty"),
-    (b"  \n\t \n", "only whitespace"),
-    (bytes(range(256)) * 4, "binary"),
-    ("café au lait".encode("latin-1"), "not valid utf-8"),
-])
-def test_read_text_refuses_bad_files(tmp_path, content, message):
-  path = tmp_path / "bad.txt"
-  path.write_bytes(content)
-  with pytest.raises(UserError, match=message):
-    data.read_text(path)
-
-
-def test_read_text_accepts_another_encoding(tmp_path):
-  path = tmp_path / "latin.txt"
-  path.write_bytes("café au lait".encode("latin-1"))
-  assert data.read_text(path, "latin-1") == "café au lait"
-
-
-def test_read_text_refuses_a_directory(tmp_path):
-  with pytest.raises(UserError, match="directory"):
-    data.read_text(tmp_path)
-
-
-def test_missing_explicit_file_is_an_error(tmp_path):
-  with pytest.raises(UserError, match="does not exist"):
-    data.load_text(str(tmp_path / "nope.txt"))
-
-
-def test_missing_default_file_falls_back_to_builtin_sample(tmp_path, monkeypatch, capsys):
-  monkeypatch.chdir(tmp_path)
-  text, source = data.load_text(data.DEFAULT_DATA)
-  assert text == data.fallback_text() and source == "built-in sample"
-  assert "built-in sample" in capsys.readouterr().out
-  assert len(text) >= data.min_text_length(64)
+def test_window_starts_cover_a_text_longer_than_int32():
+  n_tokens, block = 2**33 + 12_345, 64
+  starts = data.window_starts(jax.random.key(0), 4096, n_tokens, block)
+  assert starts.dtype == np.int64
+  assert starts.min() >= 0 and starts.max() < n_tokens - block
+  assert (starts > 2**32).mean() > 0.4  # Uniform over 2^33: about half are above 2^32.
+  assert abs(starts.mean() / (n_tokens - block) - 0.5) < 0.05
+  sampler = data.WindowSampler(np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8),
+                                                               (n_tokens,), (0,)),
+                               jax.random.key(0), 8, block, steps_ahead=4)
+  x, _ = sampler(5)  # Gathers windows far past 2^31 from a zero-strided stand-in.
+  assert x.shape == (8, block)
 
 
 @pytest.fixture
@@ -125,9 +329,9 @@ def test_download_of_known_dataset_checks_and_saves(tmp_path, http_server, known
   www, url = http_server
   (www / "input.txt").write_bytes(known_corpus)
   dest = tmp_path / "data" / "known.txt"
-  text, source = data.load_text(str(dest), url=f"{url}/input.txt")
-  assert text.encode() == known_corpus and dest.read_bytes() == known_corpus
-  assert source == str(dest)
+  corpus = data.load_corpus(str(dest), tmp_path / "cache", url=f"{url}/input.txt")
+  assert corpus.tokenizer.decode(corpus.tokens).encode() == known_corpus
+  assert dest.read_bytes() == known_corpus and corpus.description == str(dest)
   assert list(dest.parent.iterdir()) == [dest]  # No temporary file left behind.
 
 
@@ -136,7 +340,7 @@ def test_download_with_wrong_checksum_saves_nothing(tmp_path, http_server, known
   (www / "input.txt").write_bytes(known_corpus[:-1] + b"!")
   dest = tmp_path / "data" / "known.txt"
   with pytest.raises(UserError, match="does not match"):
-    data.load_text(str(dest), url=f"{url}/input.txt")
+    data.load_corpus(str(dest), tmp_path / "cache", url=f"{url}/input.txt")
   assert not dest.parent.exists() or not any(dest.parent.iterdir())
 
 
@@ -144,7 +348,7 @@ def test_download_failure_says_where_to_put_the_file(tmp_path, http_server, know
   _, url = http_server
   dest = tmp_path / "known.txt"
   with pytest.raises(UserError, match=f"Put the file at {dest}"):
-    data.load_text(str(dest), url=f"{url}/missing.txt")
+    data.load_corpus(str(dest), tmp_path / "cache", url=f"{url}/missing.txt")
   assert not dest.exists()
 
 
@@ -159,5 +363,5 @@ def test_tinyshakespeare_download_verifies_the_real_file(tmp_path, http_server):
   www, url = http_server
   (www / "input.txt").write_bytes(SHAKESPEARE.read_bytes())
   dest = tmp_path / "data" / "tinyshakespeare.txt"
-  text, _ = data.load_text(str(dest), url=f"{url}/input.txt")
-  assert len(text) == 1_115_394 and dest.exists()
+  corpus = data.load_corpus(str(dest), tmp_path / "cache", url=f"{url}/input.txt")
+  assert len(corpus.tokens) == 1_115_394 and dest.exists()

@@ -40,11 +40,12 @@ class StopRequest:
         signal.signal(s, handler)
 
 
-def cache_dir() -> Path:
-  """Caches that outlive runs: $RANDYGPT_CACHE, else $XDG_CACHE_HOME/randygpt (~/.cache)."""
-  if os.environ.get("RANDYGPT_CACHE"):
-    return Path(os.environ["RANDYGPT_CACHE"])
-  return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "randygpt"
+def cache_dir(kind: str) -> Path:
+  """Where caches of `kind` ("jax" compilations, "tokens" of texts) outlive runs: under
+  $RANDYGPT_CACHE, else $XDG_CACHE_HOME/randygpt (~/.cache/randygpt). Deleting it is safe."""
+  root = os.environ.get("RANDYGPT_CACHE") or Path(
+      os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "randygpt"
+  return Path(root) / kind
 
 
 def _exit_with_error(message: str) -> None:
@@ -108,7 +109,7 @@ def entry_point(work):
     memory.configure_malloc()  # Before JAX starts its threads.
     import jax  # After flag parsing: --help and flag errors stay fast.
     from randygpt.runtime import devices, platforms
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir("jax")))
     devices.set_cpu_device_count(devices.cpu_device_count(
         flags.FLAGS.num_cpu_devices, flags.FLAGS.batch_size, flags.FLAGS.num_processes))
     try:

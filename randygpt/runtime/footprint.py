@@ -22,6 +22,13 @@ def physical_memory() -> int:
   return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def human_bytes(n: float) -> str:
+  for unit in ("B", "KB", "MB", "GB"):
+    if n < 1000 or unit == "GB":
+      return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+    n /= 1000
+
+
 def estimate(mc: ModelConfig, sample: SampleConfig, tc: TrainConfig | None = None) -> dict:
   """Bytes by what needs them, keyed by the flags that set them (training needs `tc`)."""
   per_sample = (sample.max_new_tokens + mc.block_size  # The token buffer.

@@ -110,20 +110,23 @@ def environment() -> dict:
           "git": code_version()}
 
 
-def record_start(workdir: Path, start_iter: int, new_history: bool) -> None:
-  """Adds this start to run.json's `starts`; `new_history` begins the list."""
+def record_start(workdir: Path, start_iter: int, new_history: bool, **details) -> None:
+  """Adds this start to run.json's `starts` (with `details`, e.g. the data it read);
+  `new_history` begins the list."""
   path = workdir / "run.json"
   starts = []
   if not new_history and path.is_file():
     starts = json.loads(path.read_text(encoding="utf-8")).get("starts", [])
-  metrics.write_json(path, {"starts": [*starts, {"iter": start_iter, **environment()}]})
+  start = {"iter": start_iter, **environment(), **details}
+  metrics.write_json(path, {"starts": [*starts, start]})
 
 
 def initialise(workdir: Path, config, tokenizer, start_iter: int, discard=(),
-               new_history: bool | None = None) -> None:
+               new_history: bool | None = None, **details) -> None:
   """Readies `workdir` for a run starting at `start_iter`: deletes the checkpoints it
-  discards, writes vocab.json, flags.cfg, run.json and a `running` summary.json. A new
-  history (by default, a start at iteration 0) empties metrics.jsonl and begins run.json."""
+  discards, writes vocab.json, flags.cfg, run.json (this start and its `details`) and a
+  `running` summary.json. A new history (by default, a start at iteration 0) empties
+  metrics.jsonl and begins run.json."""
   new_history = start_iter == 0 if new_history is None else new_history
   for path in discard:
     shutil.rmtree(path)
@@ -131,7 +134,7 @@ def initialise(workdir: Path, config, tokenizer, start_iter: int, discard=(),
   metrics.write_text(workdir / "flags.cfg", config.flagfile())
   if new_history:
     metrics.write_text(workdir / "metrics.jsonl", "")
-  record_start(workdir, start_iter, new_history)
+  record_start(workdir, start_iter, new_history, **details)
   metrics.write_json(workdir / "summary.json", {"status": "running", "iters": start_iter})
 
 
