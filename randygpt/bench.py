@@ -41,12 +41,16 @@ flags.DEFINE_float("peak_gflops", 0.0, "The peak that model FLOPs utilisation is
 flags.DEFINE_integer("run_iters", 200, "Iterations of the real training run that measures "
                      "start-up and memory (its second half is the steady state); 0 skips it.",
                      lower_bound=0)
+flags.DEFINE_list("text_sizes", [], "Measure start-up and peak memory against the text's "
+                  "size instead: --data repeated to each of these sizes in bytes, e.g. "
+                  "1e6,1e8,1e9 (first start builds the token cache, second reuses it).")
 flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
 flags.adopt_module_key_flags(randygpt_flags)
 
 SAVE_EVERY = 10  # Steps between timed checkpoint saves.
 GENERATION_STREAMS = 8  # Parallel samples in the batched generation timing.
 LONG_GENERATION = 500  # New tokens in the generation timing that runs past the window.
+TEXT_SIZE_ITERS = 20  # Iterations of each run that measures start-up against text size.
 
 
 def _timed(fn, *args):
@@ -103,29 +107,37 @@ def measure_peak_gflops(mesh, n: int = 2048) -> float:
   return 2 * n**3 / min(_timed(matmul, a, b)[1] for _ in range(5)) / 1e9
 
 
+def _main_args(config, tmp: Path) -> list[str]:
+  """`python -m randygpt.main` with this configuration, from a flag file in `tmp`."""
+  loc, tc = config.location, config.train
+  flagfile = tmp / "flags.cfg"
+  flagfile.write_text(config.flagfile(), encoding="utf-8")
+  return [sys.executable, "-m", "randygpt.main", f"--flagfile={flagfile}",
+          f"--lr_decay_iters={tc.lr_decay_iters or tc.iters}",  # The same step every time.
+          f"--train_platform={loc.train_platform}", f"--eval_platform={loc.eval_platform}",
+          f"--num_cpu_devices={loc.num_cpu_devices}"]
+
+
+def _run_main(args: list[str], workdir: Path, env: dict) -> dict:
+  """Runs the training program; returns its summary.json."""
+  done = subprocess.run([*args, f"--workdir={workdir}"], env=env, capture_output=True,
+                        text=True)
+  if done.returncode:
+    raise UserError(f"The training run for start-up and memory failed: "
+                    f"{done.stderr.strip()[-500:]}")
+  return json.loads((workdir / "summary.json").read_text())
+
+
 def measure_training_runs(config, iters: int) -> dict:
   """Runs `python -m randygpt.main` with this configuration twice, in fresh workdirs that
   share a new compilation cache: 1 iteration (cold cache), then `iters` (warm). Their
   start-up times, and the second run's memory from its summary and metrics."""
   from randygpt import metrics
-  loc, tc = config.location, config.train
   with tempfile.TemporaryDirectory() as tmp:
-    flagfile = Path(tmp) / "flags.cfg"
-    flagfile.write_text(config.flagfile(), encoding="utf-8")
-    args = [sys.executable, "-m", "randygpt.main", f"--flagfile={flagfile}",
-            f"--lr_decay_iters={tc.lr_decay_iters or tc.iters}",  # The same step both times.
-            f"--train_platform={loc.train_platform}", f"--eval_platform={loc.eval_platform}",
-            f"--num_cpu_devices={loc.num_cpu_devices}"]
+    args = _main_args(config, Path(tmp))
     env = {**os.environ, "RANDYGPT_CACHE": str(Path(tmp) / "cache")}
-    runs = {}
-    for name, n in (("cold", 1), ("warm", iters)):
-      workdir = Path(tmp) / name
-      done = subprocess.run([*args, f"--iters={n}", f"--workdir={workdir}"], env=env,
-                            capture_output=True, text=True)
-      if done.returncode:
-        raise UserError(f"The training run for start-up and memory failed: "
-                        f"{done.stderr.strip()[-500:]}")
-      runs[name] = json.loads((workdir / "summary.json").read_text())
+    runs = {name: _run_main([*args, f"--iters={n}"], Path(tmp) / name, env)
+            for name, n in (("cold", 1), ("warm", iters))}
     records = metrics.read_records(Path(tmp) / "warm" / "metrics.jsonl")
   steady = [r["rss_mb"] for r in records if r["iter"] > iters // 2 and r.get("rss_mb")]
   warm = runs["warm"]["memory_mb"]
@@ -135,6 +147,36 @@ def measure_training_runs(config, iters: int) -> dict:
           "rss_compile_peak_mb": warm["compile_peak"],
           "rss_steady_mb": max(steady, default=None), "rss_steady_iters": iters,
           "rss_peak_mb": warm["peak"]}
+
+
+def measure_text_sizes(config, sizes: list[int], iters: int = TEXT_SIZE_ITERS) -> list[dict]:
+  """Start-up and peak memory of `iters`-iteration runs on --data repeated to each size:
+  the first start on that text (its token cache built, the compilation cache warmed by a
+  run on --data first) and the second (a new workdir, the cache reused)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    args = [*_main_args(config, Path(tmp)), f"--iters={iters}"]
+    env = {**os.environ, "RANDYGPT_CACHE": str(Path(tmp) / "cache")}
+    _run_main(args, Path(tmp) / "warm-up", env)
+    rows = []
+    for size in sizes:
+      text = Path(tmp) / f"text-{size}.txt"
+      _repeat_to(Path(config.data.data), text, size)
+      first, second = (_run_main([*args, f"--data={text}"], Path(tmp) / f"{size}-{n}", env)
+                       for n in ("first", "second"))
+      rows.append({"text_bytes": text.stat().st_size, "first_startup_s": first["startup_s"],
+                   "second_startup_s": second["startup_s"],
+                   "first_peak_mb": first["memory_mb"]["peak"],
+                   "second_peak_mb": second["memory_mb"]["peak"]})
+      text.unlink()
+  return rows
+
+
+def _repeat_to(source: Path, dest: Path, size: int) -> None:
+  """`dest`: `source` repeated until it holds at least `size` bytes."""
+  unit = source.read_bytes()
+  with open(dest, "wb") as out:
+    for _ in range(-(-size // len(unit))):
+      out.write(unit)
 
 
 def measure_steps(step, state, batch, steps: int, warmup_steps: int):
@@ -334,8 +376,28 @@ def table_rows(result: dict) -> list[tuple[str, str]]:
   return rows
 
 
+def text_size_table(rows: list[dict]) -> str:
+  lines = ["text          first start  second start  peak (first, second)"]
+  for r in rows:
+    lines.append(f"{r['text_bytes'] / 1e6:>8,.0f} MB  {r['first_startup_s']:>9.1f} s  "
+                 f"{r['second_startup_s']:>10.1f} s  {r['first_peak_mb']:,.0f} MB, "
+                 f"{r['second_peak_mb']:,.0f} MB")
+  return "\n".join(lines)
+
+
 def bench():
   config = randygpt_flags.run_config()
+  if flags.FLAGS.text_sizes:
+    try:
+      sizes = [int(float(size)) for size in flags.FLAGS.text_sizes]
+      if min(sizes) < 1:
+        raise ValueError
+    except (ValueError, OverflowError):
+      raise UserError(f"--text_sizes={','.join(flags.FLAGS.text_sizes)}: give sizes in "
+                      "bytes, e.g. 1e6,1e8.") from None
+    rows = measure_text_sizes(config, sizes)
+    print(json.dumps(rows) if flags.FLAGS.json else text_size_table(rows))
+    return
   result = measure(config, steps=flags.FLAGS.steps, warmup_steps=flags.FLAGS.warmup_steps,
                    saves=flags.FLAGS.saves, with_torch=flags.FLAGS.torch,
                    peak_gflops=flags.FLAGS.peak_gflops)

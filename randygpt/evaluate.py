@@ -37,6 +37,12 @@ def eval_chunks(tc: TrainConfig, model_config: ModelConfig, platform: str) -> in
   return tc.eval_iters // batches
 
 
+def eval_chunk_tokens(tc: TrainConfig, model_config: ModelConfig, platform: str) -> int:
+  """Tokens in one chunk of an estimate on `platform`."""
+  windows = tc.eval_iters * tc.batch_size
+  return windows * model_config.block_size // eval_chunks(tc, model_config, platform)
+
+
 def jit_eval_loss(tc: TrainConfig, model_config: ModelConfig, platform: str):
   """The jitted loss estimate, in chunks as large as suit `platform`."""
   return jax.jit(functools.partial(eval_loss, model_config=model_config,

@@ -81,6 +81,23 @@ def _read_text(config: RunConfig, meta: dict | None, source: Path | None):
   return corpus, {"train": train_np, "val": val_np}
 
 
+def _place(config: RunConfig, model_config: ModelConfig, corpus: data.Corpus):
+  """The devices that train and evaluate, the training mesh and the microbatch count; a run
+  the machine's memory cannot hold is refused here, before anything big is allocated."""
+  tc, loc = config.train, config.location
+  placement = platforms.place(loc.train_platform, loc.eval_platform, devices.cpu_device_count(
+      loc.num_cpu_devices, tc.batch_size, loc.num_processes))
+  mesh = devices.data_mesh(placement.train_devices)
+  devices.check_batch_divides(tc.batch_size, mesh.size)
+  microbatches = train.train_microbatches(tc, model_config, mesh.devices.flat[0].platform)
+  eval_platform = placement.eval_device.platform
+  footprint.check(model_config, config.sample, tc, train_devices=mesh.local_devices,
+                  eval_platform=eval_platform, microbatches=microbatches,
+                  eval_chunk_tokens=evaluate.eval_chunk_tokens(tc, model_config, eval_platform),
+                  text_bytes=corpus.tokens.nbytes)
+  return placement, mesh, microbatches
+
+
 def prepare(config: RunConfig) -> Setup | None:
   """Everything before the first step, the workdir readied and the header printed; None
   when the checkpoint is already at the target iteration."""
@@ -95,13 +112,7 @@ def prepare(config: RunConfig) -> Setup | None:
   tokenizer = corpus.tokenizer
   prompts = generate.check_prompts(config.sample.prompt, tokenizer)
   model_config = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
-  footprint.check(model_config, config.sample, tc)
-
-  placement = platforms.place(loc.train_platform, loc.eval_platform, devices.cpu_device_count(
-      loc.num_cpu_devices, tc.batch_size, loc.num_processes))
-  mesh = devices.data_mesh(placement.train_devices)
-  devices.check_batch_divides(tc.batch_size, mesh.size)
-  microbatches = train.train_microbatches(tc, model_config, mesh.devices.flat[0].platform)
+  placement, mesh, microbatches = _place(config, model_config, corpus)
   replicated = devices.replicated(mesh)
   key = jax.random.key(tc.seed)
   state = train.initial_state(jax.random.fold_in(key, train.INIT_STREAM), model_config, tc,

@@ -1,21 +1,31 @@
-"""A rough estimate of the memory a run needs, checked before anything is allocated: a
-shape the machine cannot hold gets an error naming the flags, not an allocation failure."""
+"""An estimate of the host memory a run needs, checked before anything big is allocated: a
+run the machine cannot hold gets one line naming the flags, not the kernel's OOM killer.
+
+The parts are what the measured peaks of the presets are made of (docs/measurements.md,
+"Memory"): the process after its imports, XLA compiling and running the step, the train
+state on every training device, one microbatch's activations per device, the loss
+estimate's windows and chunk, the text's mapped pages, and sampling.
+"""
 
 import os
 
 from randygpt import model
 from randygpt.config import ModelConfig, SampleConfig, TrainConfig
 from randygpt.errors import UserError
+from randygpt.runtime import memory
 
 FLOAT_BYTES = 4
-# Floats kept per parameter while training: weights, gradients, two Adam moments, and the
-# new weights before the donated old ones are freed.
+# Floats kept per parameter and training device during a step: weights, gradients, two Adam
+# moments, and the new weights before the donated old ones are freed.
 STATE_COPIES = 5
 # Floats per token and layer kept for the backward pass (q, k, v, attention output, the
 # 4x MLP twice, norms, residuals), with the attention scores on top.
 ACTIVATIONS_PER_EMBD = 16
-# Bytes per evaluation window start while its random bits are drawn (all at once).
-EVAL_BYTES_PER_WINDOW = 32
+# What XLA holds beyond the arrays while it compiles and runs a train step: measured at
+# 200-310 MB over the presets, growing with the number of layers (unrolled in the step).
+XLA_BASE_BYTES = 200 << 20
+XLA_BYTES_PER_LAYER = 8 << 20
+PAGE_BYTES = 4096
 
 
 def physical_memory() -> int:
@@ -29,28 +39,59 @@ def human_bytes(n: float) -> str:
     n /= 1000
 
 
-def estimate(mc: ModelConfig, sample: SampleConfig, tc: TrainConfig | None = None) -> dict:
-  """Bytes by what needs them, keyed by the flags that set them (training needs `tc`)."""
+def _activations(mc: ModelConfig, tokens: int, backward: bool) -> int:
+  """Bytes of `tokens` tokens' activations (kept for the backward pass when `backward`)."""
+  per_layer = ACTIVATIONS_PER_EMBD * mc.n_embd + 2 * mc.n_head * mc.block_size
+  layers = mc.n_layer if backward else 1
+  return FLOAT_BYTES * tokens * (layers * per_layer + 3 * mc.vocab_size)
+
+
+def _sampling(mc: ModelConfig, sample: SampleConfig) -> int:
   per_sample = (sample.max_new_tokens + mc.block_size  # The token buffer.
                 + 2 * mc.n_layer * mc.block_size * mc.n_embd  # The key/value cache.
                 + 4 * mc.vocab_size)  # Logits while drawing.
-  parts = {"--n_embd, --n_layer": FLOAT_BYTES * model.n_params(mc) * (STATE_COPIES if tc else 1),
-           "--num_samples, --max_new_tokens": FLOAT_BYTES * sample.num_samples * per_sample}
-  if tc:
-    per_token = (mc.n_layer * (ACTIVATIONS_PER_EMBD * mc.n_embd + 2 * mc.n_head * mc.block_size)
-                 + 3 * mc.vocab_size)
-    parts["--batch_size, --block_size"] = (FLOAT_BYTES * tc.batch_size * mc.block_size
-                                           * per_token)
-    parts["--eval_iters"] = EVAL_BYTES_PER_WINDOW * tc.eval_iters * tc.batch_size
+  return FLOAT_BYTES * sample.num_samples * per_sample
+
+
+def estimate(mc: ModelConfig, sample: SampleConfig, tc: TrainConfig | None = None, *,
+             devices: int = 1, microbatches: int = 1, on_cpu: bool = True,
+             eval_chunk_tokens: int = 2048, text_bytes: int = 0,
+             baseline_bytes: int = 0) -> dict[str, int]:
+  """Bytes by what needs them, keyed by the flags that set them (training needs `tc`;
+  `on_cpu`: its state and activations are in host memory)."""
+  params = FLOAT_BYTES * model.n_params(mc)
+  parts = {"the process after its imports": baseline_bytes,
+           "XLA (--n_layer)": XLA_BASE_BYTES + XLA_BYTES_PER_LAYER * mc.n_layer,
+           "--num_samples, --max_new_tokens": _sampling(mc, sample)}
+  if tc is None or not on_cpu:
+    parts["--n_embd, --n_layer"] = params * (1 if tc is None else 3)
+  else:
+    per_device = tc.batch_size * mc.block_size // (microbatches * devices)
+    parts["--n_embd, --n_layer"] = params * STATE_COPIES * devices
+    parts["--batch_size, --block_size, --microbatches"] = devices * _activations(
+        mc, per_device, backward=True)
+  if tc is not None:
+    windows = 2 * tc.eval_iters * tc.batch_size  # Train and val, gathered once.
+    parts["--eval_iters"] = (2 * FLOAT_BYTES * windows * mc.block_size
+                             + _activations(mc, eval_chunk_tokens, backward=False))
+    touched = (windows + tc.iters * tc.batch_size) * 2 * PAGE_BYTES  # A window spans <= 2.
+    parts["--data"] = min(text_bytes, touched)
   return parts
 
 
-def check(mc: ModelConfig, sample: SampleConfig, tc: TrainConfig | None = None) -> None:
-  """Refuses a run whose estimate exceeds this machine's physical memory."""
-  parts = estimate(mc, sample, tc)
+def check(mc: ModelConfig, sample: SampleConfig, tc: TrainConfig | None = None, *,
+          train_devices=(), eval_platform: str = "cpu", microbatches: int = 1,
+          eval_chunk_tokens: int = 0, text_bytes: int = 0) -> None:
+  """Refuses a run whose estimate exceeds this machine's physical memory: training on this
+  process's `train_devices` (none: sampling alone), estimating losses on `eval_platform`."""
+  on_cpu = not train_devices or train_devices[0].platform == "cpu"
+  parts = estimate(mc, sample, tc, devices=len(train_devices) if on_cpu else 0,
+                   microbatches=microbatches, on_cpu=on_cpu, text_bytes=text_bytes,
+                   eval_chunk_tokens=eval_chunk_tokens if eval_platform == "cpu" else 0,
+                   baseline_bytes=memory.resident_bytes())
   needed, available = sum(parts.values()), physical_memory()
   if needed > available:
-    largest = max(parts, key=parts.get)
+    largest = max((p for p in parts if p.startswith("--")), key=parts.get)
     raise UserError(f"This run needs about {needed / 2**30:,.1f} GiB of memory, more than "
-                    f"this machine's {available / 2**30:,.1f} GiB; most of it for "
-                    f"{largest}. Make those smaller.")
+                    f"this machine's {available / 2**30:,.1f} GiB of physical memory; most "
+                    f"of it for {largest}. Make those smaller.")

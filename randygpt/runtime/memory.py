@@ -79,6 +79,11 @@ def resident_mb() -> float | None:
   return _status_mb("VmRSS")
 
 
+def resident_bytes() -> int:
+  """Resident memory now; 0 where the system does not say."""
+  return int((resident_mb() or 0) * 2**20)
+
+
 def peak_resident_mb() -> float:
   """The largest resident memory so far. Linux's VmHWM, not ru_maxrss: a child process
   inherits its parent's ru_maxrss."""
