@@ -3,8 +3,8 @@ the 90/10 split, and the windows of a (seed, step).
 
 A text of any size is read in chunks, encoded with NumPy into the smallest unsigned type
 that holds its vocabulary and written once to a token cache keyed by its content; runs
-memory-map that file and gather each step's windows from it, so memory does not grow
-with the text (docs/measurements.md, "Data").
+read each step's windows from that file, so memory does not grow with the text
+(docs/data.md; docs/measurements.md, "Data").
 """
 
 import codecs
@@ -273,11 +273,51 @@ def text_chunks(files: list[Path], encoding: str, tokenizer: str) -> Iterator[st
     yield lines.end()
 
 
+class TokenFile:
+  """Tokens `first` to `first + length` of a token cache file. Windows are read from it with
+  positioned reads (`os.pread`) rather than through a memory map: a map keeps every page it
+  has touched resident (the kernel maps whole folios of up to 2 MB per touch), so its memory
+  would grow with the text; the kernel's page cache serves the reads either way."""
+
+  def __init__(self, path: Path, offset: int, dtype: np.dtype, first: int, length: int,
+               file=None):
+    self.path, self.offset, self.dtype = path, offset, np.dtype(dtype)
+    self.first, self.length = first, length
+    self._file = file or open(path, "rb")  # Shared by slices; closed with the last.
+
+  def __len__(self) -> int:
+    return self.length
+
+  @property
+  def nbytes(self) -> int:
+    return self.length * self.dtype.itemsize
+
+  def __getitem__(self, index: slice) -> "TokenFile":
+    start, stop, step = index.indices(self.length)
+    if step != 1:
+      raise ValueError("TokenFile slices are contiguous")
+    return TokenFile(self.path, self.offset, self.dtype, self.first + start,
+                     max(stop - start, 0), self._file)
+
+  def windows(self, starts_B: np.ndarray, width: int) -> np.ndarray:
+    """The `width` tokens from each start, (B, width)."""
+    size = self.dtype.itemsize
+    position = self.offset + (self.first + np.asarray(starts_B, np.int64)) * size
+    raw = b"".join(os.pread(self._file.fileno(), width * size, int(p)) for p in position)
+    return np.frombuffer(raw, self.dtype).reshape(len(position), width)
+
+  def __array__(self, dtype=None, copy=None):
+    """All the tokens, as a read-only memory map (for small texts and tests)."""
+    tokens = np.memmap(self.path, self.dtype, mode="r", shape=(self.length,),
+                       offset=self.offset + self.first * self.dtype.itemsize)
+    return tokens if dtype is None else tokens.astype(dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-  """A text's tokens, memory-mapped from the token cache, and where they came from."""
+  """A text's tokens in the token cache, and where they came from."""
   tokenizer: CharTokenizer
-  tokens: np.ndarray  # A read-only memory map of the cache file.
+  tokens: TokenFile
   description: str  # For the header: the file, or the --data value and the file count.
   cache_path: Path
   built_s: float | None  # Seconds spent building the cache; None when it was reused.
@@ -369,9 +409,9 @@ def _header(tokenizer: CharTokenizer, n_tokens: int) -> bytes:
   return (_MAGIC + (size).to_bytes(8, "little") + meta).ljust(size, b" ")
 
 
-def open_cache(path: Path) -> tuple[CharTokenizer, np.ndarray] | None:
-  """The vocabulary and the memory-mapped tokens of a complete cache file; None for a
-  missing, foreign or incomplete one."""
+def open_cache(path: Path) -> tuple[CharTokenizer, TokenFile] | None:
+  """The vocabulary and the tokens of a complete cache file; None for a missing, foreign or
+  incomplete one."""
   try:
     with open(path, "rb") as f:
       head = f.read(len(_MAGIC) + 8)
@@ -383,7 +423,7 @@ def open_cache(path: Path) -> tuple[CharTokenizer, np.ndarray] | None:
     expected_bytes = size + meta["tokens"] * dtype.itemsize
     if meta["format"] != CACHE_FORMAT or path.stat().st_size != expected_bytes:
       return None
-    tokens = np.memmap(path, dtype, mode="r", offset=size, shape=(meta["tokens"],))
+    tokens = TokenFile(path, size, dtype, 0, meta["tokens"])
   except (OSError, ValueError, KeyError, TypeError):
     return None
   return CharTokenizer(tuple(meta["chars"])), tokens
@@ -467,9 +507,13 @@ def window_starts(key: jax.Array, n: int, n_tokens: int, block_size: int) -> np.
 
 
 def windows(tokens, starts_B: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """The windows at `starts_B`, gathered from `tokens` (a memory map or any array): inputs
-  and their next-character targets, each (B, T) int32."""
-  windows_BxT1 = np.asarray(tokens[starts_B[:, None] + np.arange(block_size + 1)], np.int32)
+  """The windows at `starts_B`, read from `tokens` (a TokenFile or any array): inputs and
+  their next-character targets, each (B, T) int32."""
+  if isinstance(tokens, TokenFile):
+    windows_BxT1 = tokens.windows(starts_B, block_size + 1)
+  else:
+    windows_BxT1 = tokens[starts_B[:, None] + np.arange(block_size + 1)]
+  windows_BxT1 = np.asarray(windows_BxT1, np.int32)
   return windows_BxT1[:, :-1], windows_BxT1[:, 1:]
 
 

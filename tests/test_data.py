@@ -54,7 +54,7 @@ def test_tokens_take_the_smallest_unsigned_type_that_holds_the_vocabulary(vocab_
 def test_the_cache_stores_the_vocabularys_dtype(tmp_path, extra, dtype):
   (tmp_path / "t.txt").write_text(make_corpus(3000) + extra, encoding="utf-8")
   corpus = load(tmp_path / "t.txt", tmp_path)
-  assert corpus.tokens.dtype == dtype and isinstance(corpus.tokens, np.memmap)
+  assert corpus.tokens.dtype == dtype and isinstance(corpus.tokens, data.TokenFile)
   text = (tmp_path / "t.txt").read_text(encoding="utf-8")
   assert corpus.tokenizer == data.CharTokenizer.from_text(text)
   assert corpus.tokenizer.decode(corpus.tokens) == text
@@ -365,3 +365,19 @@ def test_tinyshakespeare_download_verifies_the_real_file(tmp_path, http_server):
   dest = tmp_path / "data" / "tinyshakespeare.txt"
   corpus = data.load_corpus(str(dest), tmp_path / "cache", url=f"{url}/input.txt")
   assert len(corpus.tokens) == 1_115_394 and dest.exists()
+
+
+def test_windows_read_from_the_token_file_equal_the_arrays(tmp_path):
+  cjk = "".join(map(chr, range(0x4E00, 0x4E00 + 300)))  # Over 256 symbols: uint16.
+  (tmp_path / "t.txt").write_text(make_corpus(20_000) + cjk, encoding="utf-8")
+  corpus = load(tmp_path / "t.txt", tmp_path)
+  assert corpus.tokens.dtype == np.uint16
+  train, val = data.split(corpus.tokens, 16)
+  whole = np.asarray(corpus.tokens)
+  starts = np.array([0, 5, len(val) - 17])
+  for part, offset in ((train, 0), (val, len(train))):
+    assert isinstance(part, data.TokenFile)
+    got = data.windows(part, starts, 16)
+    want = data.windows(whole[offset:], starts, 16)
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(g, w)

@@ -21,10 +21,11 @@ STATE_COPIES = 5
 # Floats per token and layer kept for the backward pass (q, k, v, attention output, the
 # 4x MLP twice, norms, residuals), with the attention scores on top.
 ACTIVATIONS_PER_EMBD = 16
-# What XLA holds beyond the arrays while it compiles and runs a train step: measured at
-# 200-310 MB over the presets, growing with the number of layers (unrolled in the step).
-XLA_BASE_BYTES = 200 << 20
-XLA_BYTES_PER_LAYER = 8 << 20
+# What XLA holds beyond the arrays while it compiles and runs a train step: 85-100 MB
+# with a warm compilation cache, 180-270 MB with a cold one, over the presets; a bit more
+# with more layers (the step unrolls them).
+XLA_BASE_BYTES = 150 << 20
+XLA_BYTES_PER_LAYER = 4 << 20
 PAGE_BYTES = 4096
 
 
