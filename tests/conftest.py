@@ -1,5 +1,6 @@
-"""Shared fixtures: small corpora, the jit/no-jit switch, and the CLI runner."""
+"""Shared fixtures: small corpora, the unjitted reference, and the CLI runner."""
 
+import functools
 import os
 import signal
 import subprocess
@@ -64,12 +65,16 @@ def corpus_file(tmp_path) -> Path:
   return path
 
 
-@pytest.fixture(params=[False, True], ids=["nojit", "jit"])
-def maybe_jit(request):
-  """Wraps a function with jax.jit or leaves it eager, so both paths are tested."""
-  def wrap(fn, **jit_kwargs):
-    return jax.jit(fn, **jit_kwargs) if request.param else fn
-  return wrap
+def unjitted(fn):
+  """`fn` run under `jax.disable_jit()`: its jits run eagerly and every `lax.scan`, `lax.map`
+  and `fori_loop` as a Python loop, op by op. The reference that jitted paths are compared
+  with: calling a function without `jax.jit` is not it, as its scans still compile as one
+  XLA computation."""
+  @functools.wraps(fn)
+  def run(*args, **kwargs):
+    with jax.disable_jit():
+      return fn(*args, **kwargs)
+  return run
 
 
 @pytest.fixture(scope="session")

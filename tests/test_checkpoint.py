@@ -323,3 +323,66 @@ def test_fork_from_best_into_a_new_workdir(run_cli, trained, tmp_path):
   assert result.returncode == 0, result.stderr
   assert checkpoint.Checkpoints(tmp_path / "fork").path("latest").name == "25"
   assert [r["iter"] for r in losses(tmp_path / "fork")] == [25]
+
+
+# A checkpoint written today stays readable.
+#
+# tests/data/randygpt-checkpoint-2 is the workdir of a tiny run (its checkpoints, vocab.json
+# and flags.cfg; its metrics, samples, summary and run.json removed), in the format
+# randygpt-checkpoint-2, written by the CLI at commit cc88fb7 with jax 0.10.2 and
+# orbax-checkpoint 0.12.8, and read by both environments of .ci/run. A change of what a
+# checkpoint holds must either keep this test passing, or bump checkpoint.FORMAT: then
+# read_meta refuses this checkpoint naming its format (as the test of the older-format
+# refusal above checks), this test should assert that refusal, and a checkpoint of the new
+# format should be committed beside it with a test like this one. To write one, from an
+# empty directory (REPO: the repository, python: its .venv's):
+#   PYTHONPATH=$REPO:$REPO/tests python -c "from conftest import make_corpus; \
+#     open('corpus.txt', 'w', encoding='utf-8').write(make_corpus())"
+#   PYTHONPATH=$REPO python -m randygpt.main --data=corpus.txt --n_layer=1 --n_embd=16 \
+#     --n_head=2 --block_size=8 --batch_size=4 --iters=30 --warmup_iters=0 \
+#     --learning_rate=1e-2 --eval_interval=15 --eval_iters=2 --checkpoint_interval=15 \
+#     --log_interval=15 --max_new_tokens=10 --prompt=ANNA --workdir=randygpt-checkpoint-2
+#   rm randygpt-checkpoint-2/{metrics.jsonl,summary.json,samples.txt,run.json,run.lock}
+# and copy the directory into tests/data/ (about 240 KB).
+COMMITTED = REPO / "tests" / "data" / "randygpt-checkpoint-2"
+COMMITTED_ITER = 30
+
+
+def test_the_committed_checkpoint_samples_and_resumes(tmp_path, capsys):
+  import shutil
+
+  from randygpt import metrics, sample, trainer
+  from randygpt.config import RunConfig
+
+  workdir = tmp_path / "w"
+  shutil.copytree(COMMITTED, workdir)
+  latest = checkpoint.resolve("latest", workdir)
+  saved = checkpoint.read_meta(latest)
+  assert (saved["format"], saved["iter"], latest.name) == (
+      "randygpt-checkpoint-2", COMMITTED_ITER, str(COMMITTED_ITER))
+
+  sample.sample_from_checkpoint("latest", RunConfig.from_flags(
+      {"workdir": str(workdir), "prompt": ("ANNA",), "max_new_tokens": 15, "temperature": 0.0},
+      explicit={"prompt", "max_new_tokens", "temperature"}))
+  out = capsys.readouterr().out
+  assert f"checkpoint: {latest} (iteration {COMMITTED_ITER}; best val loss so far " in out
+  samples = [line for line in out.splitlines() if line.startswith("ANNA")]
+  assert len(samples) == 1 and len(samples[0]) == len("ANNA") + 15, out
+
+  # The text it was trained on: a resume checks the vocabulary against it.
+  (tmp_path / "corpus.txt").write_text(make_corpus(), encoding="utf-8")
+  summary = trainer.run(RunConfig.from_flags(
+      {"data": str(tmp_path / "corpus.txt"), "iters": COMMITTED_ITER + 3, "log_interval": 1,
+       "max_new_tokens": 12, "workdir": str(workdir), "resume": True},
+      explicit={"data", "iters", "log_interval", "max_new_tokens"}))
+  out = capsys.readouterr().out
+  assert f"Resumed from {latest} at iteration {COMMITTED_ITER} (target {COMMITTED_ITER + 3}" in out
+  assert summary["status"] == "completed" and summary["iters"] == COMMITTED_ITER + 3
+  records = metrics.read_records(workdir / "metrics.jsonl")
+  assert [r["iter"] for r in records] == [COMMITTED_ITER + 1, COMMITTED_ITER + 2,
+                                          COMMITTED_ITER + 3]
+  # The saved weights, not a fresh init (about log(vocab) = 3.97): the estimate over the
+  # run's fixed windows is where it was, the learning rate being at its minimum.
+  assert records[-1]["val_loss"] == pytest.approx(saved["best_val_loss"], abs=0.05)
+  assert checkpoint.Checkpoints(workdir).path("latest").name == str(COMMITTED_ITER + 3)
+  assert [line for line in out.splitlines() if line.startswith("ANNA")]  # The run's samples.
