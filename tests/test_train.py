@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from randygpt import data, optim, train
+from randygpt import data, evaluate, generate, optim, train
 from randygpt.config import ModelConfig, TrainConfig
 from randygpt.errors import UserError
 
@@ -34,7 +34,7 @@ def fresh_state(setup):
 def test_train_step_jit_matches_eager(setup, maybe_jit, microbatches):
   cfg, tokens, optimizer = setup
   step = functools.partial(train.train_step, model_config=cfg, optimizer=optimizer,
-                           microbatches=microbatches)
+                           schedule=optim.lr_schedule(TRAIN), microbatches=microbatches)
   step_under_test = maybe_jit(step, donate_argnums=0)
   state_a, state_b = fresh_state(setup), fresh_state(setup)
   for i in range(3):
@@ -51,8 +51,8 @@ def test_microbatches_take_the_same_step_as_the_whole_batch(setup):
   cfg = ModelConfig(**{**vars(cfg), "dropout": 0.0})
   batch = data.get_batch(tokens, jax.random.key(0), TRAIN.batch_size, cfg.block_size)
   results = [jax.jit(functools.partial(train.train_step, model_config=cfg, optimizer=optimizer,
-                                       microbatches=k))(fresh_state(setup), batch,
-                                                        jax.random.key(1))
+                                       schedule=optim.lr_schedule(TRAIN), microbatches=k))(
+                                           fresh_state(setup), batch, jax.random.key(1))
              for k in (1, 2, 8)]
   for state, step_metrics in results[1:]:
     np.testing.assert_allclose(step_metrics["loss"], results[0][1]["loss"], rtol=1e-6)
@@ -84,7 +84,7 @@ def test_train_step_advances_the_schedule_count(setup):
   batch = data.get_batch(tokens, jax.random.key(0), TRAIN.batch_size, cfg.block_size)
   for _ in range(2):
     state, _ = train.train_step(state, batch, jax.random.key(1), model_config=cfg,
-                                optimizer=optimizer)
+                                optimizer=optimizer, schedule=optim.lr_schedule(TRAIN))
   counts = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["opt"])
             if "count" in jax.tree_util.keystr(path)]
   assert counts and all(int(c) == 2 for c in counts)
@@ -92,15 +92,16 @@ def test_train_step_advances_the_schedule_count(setup):
 
 def test_training_lowers_the_loss(setup):
   cfg, tokens, optimizer = setup
-  step = jax.jit(functools.partial(train.train_step, model_config=cfg, optimizer=optimizer))
-  evaluate = jax.jit(functools.partial(train.eval_loss, model_config=cfg, batch_size=8,
+  step = jax.jit(functools.partial(train.train_step, model_config=cfg, optimizer=optimizer,
+                                   schedule=optim.lr_schedule(TRAIN)))
+  estimate = jax.jit(functools.partial(evaluate.eval_loss, model_config=cfg, batch_size=8,
                                        eval_iters=4))
   state = fresh_state(setup)
-  before = float(evaluate(state["params"], tokens, jax.random.key(5)))
+  before = float(estimate(state["params"], tokens, jax.random.key(5)))
   for i in range(60):
     batch = data.get_batch(tokens, jax.random.key(i), TRAIN.batch_size, cfg.block_size)
     state, _ = step(state, batch, jax.random.key(1000 + i))
-  after = float(evaluate(state["params"], tokens, jax.random.key(5)))
+  after = float(estimate(state["params"], tokens, jax.random.key(5)))
   assert after < before - 1.0
 
 
@@ -108,11 +109,12 @@ def test_training_lowers_the_loss(setup):
 def test_eval_loss_is_the_same_for_any_chunking_jitted_or_not(setup, maybe_jit, chunk_batches):
   cfg, tokens, _ = setup
   params = fresh_state(setup)["params"]
-  evaluate = functools.partial(train.eval_loss, model_config=cfg, batch_size=4, eval_iters=6)
-  chunked = maybe_jit(functools.partial(evaluate, chunk_batches=chunk_batches))
+  estimate = functools.partial(evaluate.eval_loss, model_config=cfg, batch_size=4,
+                               eval_iters=6)
+  chunked = maybe_jit(functools.partial(estimate, chunk_batches=chunk_batches))
   got = chunked(params, tokens, jax.random.key(2))
-  np.testing.assert_allclose(got, evaluate(params, tokens, jax.random.key(2)), rtol=1e-5)
-  other_key = evaluate(params, tokens, jax.random.key(3))
+  np.testing.assert_allclose(got, estimate(params, tokens, jax.random.key(2)), rtol=1e-5)
+  other_key = estimate(params, tokens, jax.random.key(3))
   assert abs(float(other_key) - float(got)) > 1e-6  # The windows come from the key.
 
 
