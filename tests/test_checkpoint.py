@@ -220,6 +220,7 @@ def test_sigkill_during_a_save_leaves_a_usable_checkpoint(start_cli, corpus, tmp
   assert all(name.isdigit() for name in leftovers), leftovers  # Temporary dirs cleaned up.
 
 
+@pytest.mark.slow
 def test_two_ctrl_c_in_a_row_before_any_evaluation(start_cli, corpus, tmp_path):
   proc = start_cli(f"--data={corpus}", *as_args(RUN), "--iters=100000", "--log_interval=1",
                    "--eval_interval=100000", "--workdir=w")

@@ -80,5 +80,5 @@ def test_auto_device_count_divides_the_batch(monkeypatch):
 
 
 def test_unreachable_coordinator_gives_up_with_a_message():
-  with raises_user_error("Process 1 could not join the run at 127.0.0.1:9 within 5s"):
-    devices.join_cluster("127.0.0.1:9", num_processes=2, process_id=1, timeout_s=5)
+  with raises_user_error("Process 1 could not join the run at 127.0.0.1:9 within 1s"):
+    devices.join_cluster("127.0.0.1:9", num_processes=2, process_id=1, timeout_s=1)

@@ -13,7 +13,6 @@ import random
 import resource
 import shutil
 import signal
-import sys
 
 import jax
 import numpy as np

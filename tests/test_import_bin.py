@@ -173,7 +173,7 @@ def import_checkpoint(*args):
     import_bin.import_bin([a for a in args if not a.startswith("--")])
 
 
-def test_import_then_sample_and_resume(checkpoint_file, tmp_path, monkeypatch, capsys):
+def test_import_then_sample(checkpoint_file, tmp_path, monkeypatch, capsys):
   path, weights, _, _ = checkpoint_file
   monkeypatch.chdir(tmp_path)
   import_checkpoint(path.name, "--data=c.txt", "--workdir=w", *SHAPE_FLAGS, *TRAIN_FLAGS)
@@ -194,6 +194,13 @@ def test_import_then_sample_and_resume(checkpoint_file, tmp_path, monkeypatch, c
   assert f"iteration {ITER + 1};" in stdout
   assert "\n" + "".join(vocab[i] for i in tokens) + "\n" in stdout
 
+
+@pytest.mark.slow
+def test_import_then_resume(checkpoint_file, tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  import_checkpoint(checkpoint_file[0].name, "--data=c.txt", "--workdir=w", *SHAPE_FLAGS,
+                    *TRAIN_FLAGS)
+  workdir = tmp_path / "w"
   summary = run_training("w", resume=True, iters=ITER + 11)
   assert summary["status"] == "completed"
   assert (f"Resumed from w/checkpoints/latest/{ITER + 1} at iteration {ITER + 1}"

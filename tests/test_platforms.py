@@ -64,7 +64,8 @@ def test_eval_copies_replicated_params_to_the_eval_device():
 
 
 @without_gpu
-@pytest.mark.parametrize("jax_platforms", ["METAL,cpu", "tpu,cpu"])
+@pytest.mark.parametrize("jax_platforms", ["METAL,cpu",
+                                           pytest.param("tpu,cpu", marks=pytest.mark.slow)])
 def test_a_listed_backend_that_cannot_start_falls_back_with_one_warning(run_cli, tmp_path,
                                                                          jax_platforms):
   """JAX_PLATFORMS is read when JAX starts: in a process of its own."""
