@@ -49,7 +49,7 @@ case "${1:-}" in
   test)
     shift
     cd "$root"
-    exec "$venv/bin/python" -m pytest tests ${1+"$@"}
+    exec "$venv/bin/python" -m pytest ${1+"$@"}  # pytest.ini: tests/, less -m slow.
     ;;
   report)
     shift
