@@ -44,8 +44,12 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # One compilation cache for the session, new each time, kept for every compilation: runs in
 # this process build their jitted functions anew (as a process would), and the many runs of
-# the same tiny shape then compile once. The CLI runs below share it too (RANDYGPT_CACHE).
-SESSION_CACHE = Path(tempfile.mkdtemp(prefix="randygpt-tests-"))
+# the same tiny shape then compile once. pytest-xdist's workers share it (their run's id names
+# it), and so do the CLI runs below (RANDYGPT_CACHE).
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+SESSION_CACHE = (Path(tempfile.gettempdir()) / f"randygpt-tests-{_RUN_ID}" if _RUN_ID
+                 else Path(tempfile.mkdtemp(prefix="randygpt-tests-")))
+SESSION_CACHE.mkdir(exist_ok=True)
 jax.config.update("jax_compilation_cache_dir", str(SESSION_CACHE / "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
@@ -69,7 +73,8 @@ without_gpu = pytest.mark.skipif(HAS_GPU, reason="asserts the fallback, and a GP
 
 
 def pytest_unconfigure(config):
-  shutil.rmtree(SESSION_CACHE, ignore_errors=True)
+  if not os.environ.get("PYTEST_XDIST_WORKER"):  # The last to end: the run, not a worker.
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 # Corpora.

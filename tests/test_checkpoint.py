@@ -13,8 +13,9 @@ from randygpt import checkpoint, data, optim, train
 from randygpt.config import ModelConfig, TrainConfig
 from randygpt.errors import UserError
 
-from conftest import (as_args, raises_user_error, restored_state, run_training, tiny,
-                      tree_bytes, truncate_data_files, wait_for, write_corpus)
+from conftest import (REPO, as_args, make_corpus, raises_user_error, restored_state,
+                      run_training, tiny, tree_bytes, truncate_data_files, wait_for,
+                      write_corpus)
 
 CONFIG = ModelConfig(vocab_size=20, n_embd=16, n_head=2, n_layer=1, block_size=8)
 TRAIN = TrainConfig(batch_size=4)

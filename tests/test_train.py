@@ -69,34 +69,55 @@ def assert_states_close(got, want):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tol), got[part], want[part])
 
 
-def test_train_step_with_microbatches_and_dropout_jitted_matches_unjitted():
-  state_a, state_b = JITTED_TINY_INIT(jax.random.key(0)), unjitted(TINY_INIT)(jax.random.key(0))
+@pytest.fixture(scope="module")
+def unjitted_tiny_run():
+  """Two unjitted steps of the tiny shape on one device: the batches, metrics and end state.
+
+  Both comparisons below start from the jitted init's state (the step is under test, not the
+  init, whose unjitted run would cost seconds of compiling one operation at a time) and share
+  this reference, whose op-by-op run is the costliest part of the suite.
+  """
+  state = jax.device_put(jax.tree.map(np.asarray, JITTED_TINY_INIT(jax.random.key(0))),
+                         jax.devices()[0])
+  batches, metrics = [], []
+  for i in range(2):
+    batches.append(unjitted(data.get_batch)(TINY_TOKENS, jax.random.key(i),
+                                            TINY_TRAIN.batch_size, TINY_MODEL.block_size))
+    state, step_metrics = unjitted(TINY_STEP)(state, batches[-1], jax.random.key(100 + i))
+    metrics.append(step_metrics)
+  return batches, metrics, state
+
+
+# One pytest-xdist worker runs both (launch.sh: --dist loadgroup), so the reference runs once.
+@pytest.mark.xdist_group("unjitted_tiny_run")
+def test_train_step_with_microbatches_and_dropout_jitted_matches_unjitted(unjitted_tiny_run):
+  batches, metrics_ref, state_ref = unjitted_tiny_run
+  state = JITTED_TINY_INIT(jax.random.key(0))
   for i in range(2):
     batch = data.get_batch(TINY_TOKENS, jax.random.key(i), TINY_TRAIN.batch_size,
                            TINY_MODEL.block_size)
-    state_a, metrics_a = JITTED_TINY_STEP(state_a, batch, jax.random.key(100 + i))
-    state_b, metrics_b = unjitted(TINY_STEP)(state_b, batch, jax.random.key(100 + i))
-    assert_metrics_close(metrics_a, metrics_b)
-  assert_states_close(state_a, state_b)
+    np.testing.assert_array_equal(np.asarray(batch), np.asarray(batches[i]))
+    state, step_metrics = JITTED_TINY_STEP(state, batch, jax.random.key(100 + i))
+    assert_metrics_close(step_metrics, metrics_ref[i])
+  assert_states_close(state, state_ref)
 
 
-def test_data_parallel_step_on_two_devices_matches_the_unjitted_single_device_step():
+@pytest.mark.xdist_group("unjitted_tiny_run")
+def test_data_parallel_step_on_two_devices_matches_the_unjitted_single_device_step(
+    unjitted_tiny_run):
+  batches, metrics_ref, state_ref = unjitted_tiny_run
   cfg, tc = TINY_MODEL, TINY_TRAIN
   mesh = devices.data_mesh(jax.devices()[:2])
   get_batch, step = train.jit_train_step(cfg, tc, mesh, tc.microbatches)
   state = jax.jit(TINY_INIT, out_shardings=devices.replicated(mesh))(jax.random.key(0))
-  state_ref = unjitted(TINY_INIT)(jax.random.key(0))  # On the default device, as above.
   tokens = jax.device_put(TINY_TOKENS, devices.replicated(mesh))
   for i in range(2):
     batch = get_batch(tokens, jax.random.key(i), tc.batch_size, cfg.block_size)
-    batch_ref = unjitted(data.get_batch)(TINY_TOKENS, jax.random.key(i), tc.batch_size,
-                                         cfg.block_size)
     half = tc.batch_size // 2  # Each device holds half the rows.
     assert [[s.data.shape[0] for s in x.addressable_shards] for x in batch] == [[half] * 2] * 2
-    np.testing.assert_array_equal(np.asarray(batch), np.asarray(batch_ref))
+    np.testing.assert_array_equal(np.asarray(batch), np.asarray(batches[i]))
     state, step_metrics = step(state, batch, jax.random.key(100 + i))
-    state_ref, metrics_ref = unjitted(TINY_STEP)(state_ref, batch_ref, jax.random.key(100 + i))
-    assert_metrics_close(step_metrics, metrics_ref)
+    assert_metrics_close(step_metrics, metrics_ref[i])
   assert state["params"]["wte"].sharding.is_equivalent_to(devices.replicated(mesh), 2)
   assert state_ref["params"]["wte"].devices() == {jax.devices()[0]}
   assert_states_close(state, state_ref)
