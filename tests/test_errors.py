@@ -1,10 +1,10 @@
 """docs/errors.md and the code's error messages, kept in step in both directions.
 
 The code's messages are read with `ast` from every .py file under randygpt/ (any depth):
-the message of every `UserError(...)` and `_exit_with_error(...)` call, of every absl
-validator (`flags.register_validator(name, checker, message)` and
-`flags.register_multi_flags_validator(names, checker, message)`), and every string that
-itself starts with `Error: ` (a message printed directly). A message is a sequence of
+the message of every call of `UserError(...)` (or of a class derived from it) and of
+`_exit_with_error(...)`, of every absl validator (`flags.register_validator(name, checker,
+message)` and `flags.register_multi_flags_validator(names, checker, message)`), and every
+string that itself starts with `Error: ` (a message printed directly). A message is a sequence of
 literal fragments and placeholders (an f-string's `{...}`, a variable, a `+` of them).
 
 docs/errors.md documents each message once, as a code span that starts with `Error: `,
@@ -71,16 +71,36 @@ def _name(func) -> str:
   return func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
 
 
+def _trees() -> list[tuple[Path, ast.AST]]:
+  return [(path, ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+          for path in sorted(PACKAGE.rglob("*.py"))]
+
+
+def _message_calls(trees) -> set[str]:
+  """UserError, _exit_with_error and every class derived from UserError, at any depth."""
+  calls, grew = set(MESSAGE_CALLS), True
+  while grew:
+    grew = False
+    for _, tree in trees:
+      for node in ast.walk(tree):
+        if (isinstance(node, ast.ClassDef) and node.name not in calls
+            and any(_name(base) in calls for base in node.bases)):
+          calls.add(node.name)
+          grew = True
+  return calls
+
+
 def code_messages() -> list[tuple[str, list]]:
   """(where, parts) for every user-facing error message in randygpt/**/*.py."""
   found = []
-  for path in sorted(PACKAGE.rglob("*.py")):
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+  trees = _trees()
+  message_calls = _message_calls(trees)
+  for path, tree in trees:
     inside_fstrings = {id(v) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr)
                        for v in node.values}
     for node in ast.walk(tree):
       message = None
-      if isinstance(node, ast.Call) and _name(node.func) in MESSAGE_CALLS and node.args:
+      if isinstance(node, ast.Call) and _name(node.func) in message_calls and node.args:
         message = node.args[0]
       elif isinstance(node, ast.Call) and _name(node.func) in VALIDATOR_CALLS:
         keywords = {k.arg: k.value for k in node.keywords}
@@ -104,8 +124,8 @@ def code_messages() -> list[tuple[str, list]]:
 def code_literals() -> list[str]:
   """Every literal string fragment in randygpt/**/*.py."""
   literals = []
-  for path in sorted(PACKAGE.rglob("*.py")):
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+  for _, tree in _trees():
+    for node in ast.walk(tree):
       if isinstance(node, (ast.Constant, ast.JoinedStr)):
         literals.extend(p for p in _parts(node) if p)
   return literals
