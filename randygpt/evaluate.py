@@ -28,13 +28,15 @@ def eval_loss(params, batch, *, model_config: ModelConfig, chunks: int = 1) -> j
 
 
 def eval_chunks(tc: TrainConfig, model_config: ModelConfig, platform: str) -> int:
-  """How many chunks an estimate runs in on `platform`: the fewest whose size (a whole
-  number of batches) fits the platform's limit."""
-  max_tokens = min(EVAL_CHUNK_TOKENS.get(platform, EVAL_CHUNK_BYTES),
-                   EVAL_CHUNK_BYTES // (4 * model_config.vocab_size))
-  batches = train.largest_fitting_divisor(tc.eval_iters, tc.batch_size * model_config.block_size,
-                                          max_tokens)
-  return tc.eval_iters // batches
+  """How many chunks an estimate runs in on `platform`: the fewest whose size fits the
+  platform's limit, in whole batches of windows unless one batch's logits exceed
+  EVAL_CHUNK_BYTES (a vocabulary of thousands), then in windows."""
+  max_tokens_by_bytes = EVAL_CHUNK_BYTES // (4 * model_config.vocab_size)  # float32 logits.
+  max_tokens = min(EVAL_CHUNK_TOKENS.get(platform, max_tokens_by_bytes), max_tokens_by_bytes)
+  block, windows = model_config.block_size, tc.eval_iters * tc.batch_size
+  unit = tc.batch_size if tc.batch_size * block <= max_tokens_by_bytes else 1
+  per_chunk = unit * train.largest_fitting_divisor(windows // unit, unit * block, max_tokens)
+  return windows // per_chunk
 
 
 def eval_chunk_tokens(tc: TrainConfig, model_config: ModelConfig, platform: str) -> int:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from randygpt import data, evaluate, model, train
+from randygpt import data, evaluate, model
 from randygpt.config import ModelConfig, TrainConfig
 
 from conftest import make_corpus, unjitted
@@ -23,40 +23,61 @@ def setup():
   # Scaled up, the weights predict some characters far better than others: the loss then
   # depends on which windows it is estimated on (at the init it is nearly log(vocab) on any).
   params = jax.tree.map(lambda w: 8.0 * w, params)
-  return cfg, jnp.asarray(tok.encode(text)), params
+  return cfg, tok.encode(text), params
 
 
-def estimate(cfg, chunk_batches, batch_size=4, eval_iters=6):
-  return functools.partial(evaluate.eval_loss, model_config=cfg, batch_size=batch_size,
-                           eval_iters=eval_iters, chunk_batches=chunk_batches)
+def batch(tokens, seed, cfg, n=24):
+  starts = data.window_starts(jax.random.key(seed), n, len(tokens), cfg.block_size)
+  return data.windows(tokens, starts, cfg.block_size)
 
 
-@pytest.mark.parametrize("chunk_batches", [2, 6])
-def test_eval_loss_is_the_same_for_any_chunking(setup, chunk_batches):
+def estimate(cfg, chunks):
+  return functools.partial(evaluate.eval_loss, model_config=cfg, chunks=chunks)
+
+
+@pytest.mark.parametrize("chunks", [2, 6])
+def test_eval_loss_is_the_same_for_any_chunking(setup, chunks):
   cfg, tokens, params = setup
-  got = jax.jit(estimate(cfg, chunk_batches))(params, tokens, jax.random.key(2))
+  got = jax.jit(estimate(cfg, chunks))(params, batch(tokens, 2, cfg))
   whole = jax.jit(estimate(cfg, 1))
-  np.testing.assert_allclose(got, whole(params, tokens, jax.random.key(2)), rtol=1e-5)
-  other_key = whole(params, tokens, jax.random.key(3))
-  assert abs(float(other_key) - float(got)) > 1e-2  # The windows come from the key.
+  np.testing.assert_allclose(got, whole(params, batch(tokens, 2, cfg)), rtol=1e-5)
+  other_windows = whole(params, batch(tokens, 3, cfg))
+  assert abs(float(other_windows) - float(got)) > 1e-2  # The loss is the windows'.
 
 
-@pytest.mark.parametrize("chunk_batches", [2, 3])  # Three and two chunks: lax.map loops.
-def test_eval_loss_in_chunks_jitted_matches_unjitted(setup, chunk_batches):
+@pytest.mark.parametrize("chunks", [2, 3])  # Two and three chunks: lax.map loops.
+def test_eval_loss_in_chunks_jitted_matches_unjitted(setup, chunks):
   cfg, tokens, params = setup
-  fn = estimate(cfg, chunk_batches)
-  got = jax.jit(fn)(params, tokens, jax.random.key(2))
-  want = unjitted(fn)(params, tokens, jax.random.key(2))
+  fn = estimate(cfg, chunks)
+  got = jax.jit(fn)(params, batch(tokens, 2, cfg))
+  want = unjitted(fn)(params, batch(tokens, 2, cfg))
   np.testing.assert_allclose(got, want, rtol=LOSS_RTOL)
 
 
 def test_the_run_s_estimate_matches_the_unjitted_one(setup):
   cfg, tokens, params = setup
-  tc = TrainConfig(batch_size=4, eval_iters=64)  # 64 tokens a batch: chunks of 32 on the CPU.
-  chunk = train.largest_fitting_divisor(tc.eval_iters, tc.batch_size * cfg.block_size,
-                                        evaluate.EVAL_CHUNK_TOKENS["cpu"])
-  assert 1 < chunk < tc.eval_iters  # The jitted side runs a loop of several chunks.
-  got = evaluate.jit_eval_loss(tc, cfg, "cpu")(params, tokens, jax.random.key(2))
-  want = unjitted(estimate(cfg, chunk, tc.batch_size, tc.eval_iters))(params, tokens,
-                                                                      jax.random.key(2))
-  np.testing.assert_allclose(got, want, rtol=LOSS_RTOL)
+  tc = TrainConfig(batch_size=4, eval_iters=64)  # 64 tokens a batch: 2 chunks on the CPU.
+  assert evaluate.eval_chunks(tc, cfg, "cpu") == 2  # The jitted side loops over chunks.
+  splits = dict(zip(("train", "val"), data.split(tokens, cfg.block_size)))
+  evaluator = evaluate.Evaluator(jax.devices()[0], splits, jax.random.key(5), tc, cfg)
+  got = evaluator(params)
+  for index, name in enumerate(("train", "val")):  # Stream 0 draws train, 1 val windows.
+    starts = data.window_starts(jax.random.fold_in(jax.random.key(5), index), 256,
+                                len(splits[name]), cfg.block_size)
+    want = unjitted(estimate(cfg, 2))(params, data.windows(splits[name], starts,
+                                                           cfg.block_size))
+    key = {"train": "eval_train_loss", "val": "val_loss"}[name]
+    np.testing.assert_allclose(got[key], want, rtol=LOSS_RTOL)
+
+
+@pytest.mark.parametrize("vocab_size", [65, 5000])
+def test_accelerator_chunks_are_sized_in_bytes_of_logits(vocab_size):
+  cfg = ModelConfig(vocab_size=vocab_size, n_embd=64, n_head=4, n_layer=2, block_size=256)
+  tc = TrainConfig(batch_size=64, eval_iters=200)
+  tokens = evaluate.eval_chunk_tokens(tc, cfg, "gpu")
+  assert tokens * vocab_size * 4 <= evaluate.EVAL_CHUNK_BYTES  # float32 logits.
+  assert tokens * 2 * vocab_size * 4 > evaluate.EVAL_CHUNK_BYTES  # The fewest chunks.
+  # On the CPU, whole batches (as the loss estimates always ran) unless one batch's logits
+  # are over the limit; then whole windows, within the CPU's limit of tokens.
+  want_cpu = 64 * 256 if vocab_size == 65 else 8 * 256
+  assert evaluate.eval_chunk_tokens(tc, cfg, "cpu") == want_cpu
