@@ -81,7 +81,7 @@ def _read_text(config: RunConfig, meta: dict | None, source: Path | None):
   return corpus, {"train": train_np, "val": val_np}
 
 
-def _place(config: RunConfig, model_config: ModelConfig, corpus: data.Corpus):
+def _place(config: RunConfig, model_config: ModelConfig):
   """The devices that train and evaluate, the training mesh and the microbatch count; a run
   the machine's memory cannot hold is refused here, before anything big is allocated."""
   tc, loc = config.train, config.location
@@ -93,8 +93,7 @@ def _place(config: RunConfig, model_config: ModelConfig, corpus: data.Corpus):
   eval_platform = placement.eval_device.platform
   footprint.check(model_config, config.sample, tc, train_devices=mesh.local_devices,
                   eval_platform=eval_platform, microbatches=microbatches,
-                  eval_chunk_tokens=evaluate.eval_chunk_tokens(tc, model_config, eval_platform),
-                  text_bytes=corpus.tokens.nbytes)
+                  eval_chunk_tokens=evaluate.eval_chunk_tokens(tc, model_config, eval_platform))
   return placement, mesh, microbatches
 
 
@@ -112,7 +111,7 @@ def prepare(config: RunConfig) -> Setup | None:
   tokenizer = corpus.tokenizer
   prompts = generate.check_prompts(config.sample.prompt, tokenizer)
   model_config = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
-  placement, mesh, microbatches = _place(config, model_config, corpus)
+  placement, mesh, microbatches = _place(config, model_config)
   replicated = devices.replicated(mesh)
   key = jax.random.key(tc.seed)
   state = train.initial_state(jax.random.fold_in(key, train.INIT_STREAM), model_config, tc,

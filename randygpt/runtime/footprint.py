@@ -4,7 +4,9 @@ run the machine cannot hold gets one line naming the flags, not the kernel's OOM
 The parts are what the measured peaks of the presets are made of (docs/measurements.md,
 "Memory"): the process after its imports, XLA compiling and running the step, the train
 state on every training device, one microbatch's activations per device, the loss
-estimate's windows and chunk, the text's mapped pages, and sampling.
+estimate's windows and chunk, and sampling. The text itself takes none: its windows are
+read from the token file as needed (docs/data.md), into the kernel's page cache, which the
+kernel can drop.
 """
 
 import os
@@ -26,7 +28,6 @@ ACTIVATIONS_PER_EMBD = 16
 # with more layers (the step unrolls them).
 XLA_BASE_BYTES = 150 << 20
 XLA_BYTES_PER_LAYER = 4 << 20
-PAGE_BYTES = 4096
 
 
 def physical_memory() -> int:
@@ -56,7 +57,7 @@ def _sampling(mc: ModelConfig, sample: SampleConfig) -> int:
 
 def estimate(mc: ModelConfig, sample: SampleConfig, tc: TrainConfig | None = None, *,
              devices: int = 1, microbatches: int = 1, on_cpu: bool = True,
-             eval_chunk_tokens: int = 2048, text_bytes: int = 0,
+             eval_chunk_tokens: int = 2048,
              baseline_bytes: int = 0) -> dict[str, int]:
   """Bytes by what needs them, keyed by the flags that set them (training needs `tc`;
   `on_cpu`: its state and activations are in host memory)."""
@@ -75,19 +76,17 @@ def estimate(mc: ModelConfig, sample: SampleConfig, tc: TrainConfig | None = Non
     windows = 2 * tc.eval_iters * tc.batch_size  # Train and val, gathered once.
     parts["--eval_iters"] = (2 * FLOAT_BYTES * windows * mc.block_size
                              + _activations(mc, eval_chunk_tokens, backward=False))
-    touched = (windows + tc.iters * tc.batch_size) * 2 * PAGE_BYTES  # A window spans <= 2.
-    parts["--data"] = min(text_bytes, touched)
   return parts
 
 
 def check(mc: ModelConfig, sample: SampleConfig, tc: TrainConfig | None = None, *,
           train_devices=(), eval_platform: str = "cpu", microbatches: int = 1,
-          eval_chunk_tokens: int = 0, text_bytes: int = 0) -> None:
+          eval_chunk_tokens: int = 0) -> None:
   """Refuses a run whose estimate exceeds this machine's physical memory: training on this
   process's `train_devices` (none: sampling alone), estimating losses on `eval_platform`."""
   on_cpu = not train_devices or train_devices[0].platform == "cpu"
   parts = estimate(mc, sample, tc, devices=len(train_devices) if on_cpu else 0,
-                   microbatches=microbatches, on_cpu=on_cpu, text_bytes=text_bytes,
+                   microbatches=microbatches, on_cpu=on_cpu,
                    eval_chunk_tokens=eval_chunk_tokens if eval_platform == "cpu" else 0,
                    baseline_bytes=memory.resident_bytes())
   needed, available = sum(parts.values()), physical_memory()
