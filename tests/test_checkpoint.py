@@ -166,7 +166,7 @@ def losses(workdir):
 
 
 def test_resume_is_bit_exact(corpus, tmp_path, capsys):
-  """README recipe: 40 in one go == 20, stop, then --resume to 40."""
+  """docs/checkpoints.md recipe: 40 in one go == 20, stop, then --resume to 40."""
   run_training("one", **(RUN | {"data": corpus, "iters": 40, "lr_decay_iters": 40}))
   run_training("two", **(RUN | {"data": corpus, "iters": 20, "lr_decay_iters": 40}))
   capsys.readouterr()
