@@ -171,6 +171,9 @@ class Trainer:
         self.record(step, step_metrics, with_eval=not stopping)
         pending = None
       if step % tc.checkpoint_interval == 0 or step == tc.iters or stopping:
+        if pending and pending[0] % tc.log_interval == 0:  # Its throughput, before the save.
+          self.record(*pending)
+          pending = None
         if stopping:
           print(f"Interrupted at iteration {step}. Saving checkpoint...", flush=True)
         else:

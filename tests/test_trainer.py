@@ -18,8 +18,8 @@ def test_trains_writes_every_output_and_repeats_from_flags_cfg(tmp_path, capsys)
   corpus = write_corpus(tmp_path / "c.txt")
   workdir = tmp_path / "run1"
   summary = run_training(workdir, **tiny(data=corpus, iters=40, eval_interval=20,
-                                             log_interval=10, prompt=("ANNA:", "né"),
-                                             max_new_tokens=30))
+                                             log_interval=10, checkpoint_interval=15,
+                                             prompt=("ANNA:", "né"), max_new_tokens=30))
   stdout = capsys.readouterr().out
   for name in ("flags.cfg", "vocab.json", "metrics.jsonl", "summary.json", "samples.txt",
                "run.json", "run.lock"):
