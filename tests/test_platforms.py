@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from randygpt import evaluate
-from randygpt.config import ModelConfig, TrainConfig
+from randygpt.config import ModelConfig, SampleConfig, TrainConfig
 from randygpt.runtime import devices, platforms
 
 from conftest import (as_args, needs_gpu, read_metrics, run_training, tiny, without_gpu,
@@ -55,9 +55,9 @@ def test_eval_copies_replicated_params_to_the_eval_device():
   assert placement.notes == ()
   mesh = devices.data_mesh(placement.train_devices)
   tree = {"w": jax.device_put(np.arange(4.0), devices.replicated(mesh))}
-  evaluator = evaluate.Evaluator(placement.eval_device, {"train": np.arange(40),
-                                                         "val": np.arange(40)},
-                                 jax.random.key(0), TrainConfig(), ModelConfig())
+  evaluator = evaluate.Evaluator(placement.eval_device, ModelConfig(), SampleConfig(),
+                                 {"train": np.arange(40), "val": np.arange(40)},
+                                 jax.random.key(0), TrainConfig())
   copied = evaluator.place(tree)
   assert copied["w"].devices() == {placement.eval_device}
   np.testing.assert_array_equal(copied["w"], np.arange(4.0))
