@@ -74,8 +74,8 @@ class Evaluator:
     """Works on `device` from now on, in chunks of `chunk` batches (default: its own)."""
     self.device = device
     if self.tc is not None:
-      self._chunk = chunk or chunk_batches(self.tc, self.model_config, device.platform)
-      self._estimate = jit_eval_loss(self.tc, self.model_config, device.platform, self._chunk)
+      self.chunk = chunk or chunk_batches(self.tc, self.model_config, device.platform)
+      self._estimate = jit_eval_loss(self.tc, self.model_config, device.platform, self.chunk)
 
   @property
   def on_accelerator(self) -> bool:
@@ -142,10 +142,10 @@ class Evaluator:
       try:
         return platforms.SEAM.hook(what, work)
       except Exception as error:
-        if what != "estimate" or self._chunk == 1 or not platforms.is_out_of_memory(error):
+        if what != "estimate" or self.chunk == 1 or not platforms.is_out_of_memory(error):
           raise
         self._use(self.device, train.largest_fitting_divisor(self.tc.eval_iters, 1,
-                                                             self._chunk // 2))
+                                                             self.chunk // 2))
 
   def _give_up(self, error: Exception, during: str) -> None:
     """The CPU does the work from now on; `fallback` records why."""

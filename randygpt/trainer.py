@@ -8,6 +8,7 @@ the records); its methods are what a researcher changes: `step`, `record`, `eval
 `save`. `finish` prints where the checkpoints are and draws the samples.
 """
 
+import contextlib
 import dataclasses
 import functools
 import signal
@@ -287,6 +288,8 @@ class Trainer:
   def rescue(self) -> str:
     """Saves the state as the latest checkpoint if it is still intact (each step consumes
     the one before it) and newer; the sentence that says what is kept."""
+    with contextlib.suppress(Exception):  # A save that failed leaves the one before it.
+      self.checkpoints.wait()
     latest = self.checkpoints.path("latest")
     alive = not any(x.is_deleted() for x in jax.tree.leaves(self.state))
     if alive and (latest is None or int(latest.name) < self.state_iter):
@@ -296,8 +299,9 @@ class Trainer:
         latest = self.checkpoints.path("latest")
         return f"Its state at iteration {self.state_iter} is saved: {latest}."
       except Exception:  # The state is unreadable too, or not finite: it stays unsaved.
-        latest = self.checkpoints.path("latest")
-    return f"Its last checkpoint is kept: {latest}." if latest else "Nothing was saved."
+        pass
+    kept = self.checkpoints.path("latest") or self.checkpoints.path("best")
+    return f"Its last checkpoint is kept: {kept}." if kept else "Nothing was saved."
 
   def diverged(self, step: int, what: str) -> Diverged:
     self.checkpoints.wait()
