@@ -15,7 +15,8 @@ from randygpt.runtime import devices, platforms
 # past ~2K tokens fall out of cache and run 2.5x slower (docs/measurements.md, "Evaluation
 # and generation").
 EVAL_CHUNK_TOKENS = {"cpu": 2048, "accelerator": 262144}
-PROBE_NEW_TOKENS = 4  # The start-up probe's sample: a few tokens of the run's sampler.
+# The start-up probe's input: an estimate over a few windows, a few tokens of the sampler.
+PROBE_WINDOWS, PROBE_NEW_TOKENS = 2, 4
 # How far the probe's estimate may be from the CPU's, relative: a GPU's TF32 products move
 # a loss by ~1e-4; a broken operation by far more.
 PROBE_RTOL = 1e-3
@@ -154,9 +155,9 @@ class Evaluator:
     self._use(platforms.cpu_device())
 
   def probe(self, params, placement: platforms.Placement) -> platforms.Placement:
-    """Runs what the run will run on an accelerator, at the start: a loss estimate of one
-    batch, checked against the CPU's, and a few sampled tokens, through the run's jitted
-    functions at its shapes. On an error or a wrong number the CPU takes over from the
+    """Runs what the run will run on an accelerator, at the start: a loss estimate of a few
+    windows, checked against the CPU's, and a few sampled tokens, through the run's jitted
+    functions at its model's shapes. On an error or a wrong number the CPU takes over from the
     start: returns the placement that says so (else `placement`)."""
     if not self.on_accelerator:
       return placement
@@ -170,7 +171,8 @@ class Evaluator:
     return placement
 
   def _probe_estimate(self, params) -> None:
-    one_batch = dataclasses.replace(self.tc, eval_iters=1)
+    one_batch = dataclasses.replace(self.tc, eval_iters=1,
+                                    batch_size=min(self.tc.batch_size, PROBE_WINDOWS))
 
     def estimate(device: jax.Device, tokens, key) -> float:
       fn = jit_eval_loss(one_batch, self.model_config, device.platform)
