@@ -173,9 +173,10 @@ class Evaluator:
   def _probe_estimate(self, params) -> None:
     one_batch = dataclasses.replace(self.tc, eval_iters=1,
                                     batch_size=min(self.tc.batch_size, PROBE_WINDOWS))
+    # One chunk on any platform: one function, traced once for both devices.
+    fn = jit_eval_loss(one_batch, self.model_config, self.device.platform)
 
     def estimate(device: jax.Device, tokens, key) -> float:
-      fn = jit_eval_loss(one_batch, self.model_config, device.platform)
       return float(fn(jax.device_put(devices.local_copy(params), device), tokens,
                       jax.random.fold_in(key, 1)))
 
