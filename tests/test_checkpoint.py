@@ -20,7 +20,7 @@ from conftest import (REPO, as_args, make_corpus, raises_user_error, restored_st
 CONFIG = ModelConfig(vocab_size=20, n_embd=16, n_head=2, n_layer=1, block_size=8)
 TRAIN = TrainConfig(batch_size=4)
 OPTIMIZER = optim.make_optimizer(TRAIN)
-DEVICE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+DEVICE = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
 META = {"format": checkpoint.FORMAT, "iter": 3, "vocab": ["é", "\n", "a"], "config": {}}
 
 
