@@ -229,8 +229,8 @@ def measure_eval_and_generation(params, tokens, placement, tc, model_config, sam
   import jax
 
   from randygpt import evaluate
-  evaluator = evaluate.Evaluator(placement.eval_device, {"train": tokens, "val": tokens},
-                                 jax.random.key(3), tc, model_config)
+  evaluator = evaluate.Evaluator(placement.eval_device, model_config, sample,
+                                 {"train": tokens, "val": tokens}, jax.random.key(3), tc)
   evaluator(params)  # Compiles.
   _, eval_s = _timed(evaluator, params)
   tokens_per_step = tc.batch_size * model_config.block_size

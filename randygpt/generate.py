@@ -1,6 +1,7 @@
 """Sampling: temperature, top-k and top-p filtering, and jitted autoregressive generation."""
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -116,18 +117,17 @@ def complete(params, tokenizer, prompt: str, key: jax.Array, model_config: Model
   return [tokenizer.decode(row) for row in np.asarray(tokens_BxG)]
 
 
-def write_samples(params, tokenizer, prompts, seed: int, model_config: ModelConfig,
-                  sample_config: SampleConfig, path=None, stop=None) -> None:
-  """Prints each prompt with its continuations (and writes them to `path`); stops early
-  between prompts when `stop.signum` is set."""
+def write_samples(complete: Callable[[str, jax.Array], list[str]], prompts, seed: int,
+                  path=None, stop=None) -> None:
+  """Prints each prompt with its continuations, `complete(prompt, key)` (and writes them to
+  `path`); stops early between prompts when `stop.signum` is set."""
   print("Generating samples...", flush=True)
   key = jax.random.fold_in(jax.random.key(seed), SAMPLE_STREAM)
   texts = []
   for i, prompt in enumerate(prompts):
     if stop is not None and stop.signum:
       break
-    for continuation in complete(params, tokenizer, prompt, jax.random.fold_in(key, i),
-                                 model_config, sample_config):
+    for continuation in complete(prompt, jax.random.fold_in(key, i)):
       texts.append(prompt + continuation)
       print(f"\n{texts[-1]}\n", flush=True)
   if path is not None:

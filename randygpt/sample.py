@@ -24,7 +24,7 @@ for _name in ("workdir", "prompt", "max_new_tokens", "num_samples", "temperature
 def sample_from_checkpoint(spec: str, config) -> None:
   import jax
 
-  from randygpt import checkpoint, data, generate, train
+  from randygpt import checkpoint, data, evaluate, generate, train
   from randygpt.config import RunConfig
   from randygpt.runtime import footprint, platforms
 
@@ -40,16 +40,20 @@ def sample_from_checkpoint(spec: str, config) -> None:
   model_config = dataclasses.replace(saved.model, vocab_size=tokenizer.vocab_size)
   footprint.check(model_config, config.sample)
   placement = platforms.place("cpu", config.location.eval_platform)
-  for note in placement.notes:
-    print(note)
-  state = train.initial_state(jax.random.key(0), model_config, saved.train, path,
-                              jax.sharding.SingleDeviceSharding(placement.eval_device))
-  seed = config.train.seed if "seed" in config.explicit else saved.train.seed
-  print(f"checkpoint: {path} (iteration {meta['iter']}; best val loss so far "
-        f"{meta['best_val_loss']})")
-  with jax.default_device(placement.eval_device):
-    generate.write_samples(state["params"], tokenizer, prompts, seed, model_config,
-                           config.sample)
+  # Restored on the CPU, from where the sampler copies the weights to its device (and again
+  # to the CPU should that device fail).
+  cpu = platforms.cpu_device()
+  with jax.default_device(cpu):
+    state = train.initial_state(jax.random.key(0), model_config, saved.train, path,
+                                jax.sharding.SingleDeviceSharding(cpu))
+    sampler = evaluate.Evaluator(placement.eval_device, model_config, config.sample)
+    placement = sampler.probe(state["params"], placement)
+    for note in placement.notes:
+      print(note)
+    seed = config.train.seed if "seed" in config.explicit else saved.train.seed
+    print(f"checkpoint: {path} (iteration {meta['iter']}; best val loss so far "
+          f"{meta['best_val_loss']})")
+    sampler.write_samples(state["params"], tokenizer, prompts, seed)
 
 
 def sample():

@@ -8,6 +8,7 @@ the records); its methods are what a researcher changes: `step`, `record`, `eval
 `save`. `finish` prints where the checkpoints are and draws the samples.
 """
 
+import contextlib
 import dataclasses
 import functools
 import signal
@@ -50,6 +51,10 @@ class Setup:
 
 class Diverged(UserError):
   """The loss or the weights stopped being finite."""
+
+
+class TrainingDeviceFailed(UserError):
+  """The accelerator that trains failed; the run ends with the state it could save."""
 
 
 def _resolve_start(config: RunConfig):
@@ -126,8 +131,9 @@ def prepare(config: RunConfig) -> Setup | None:
   step_fn = train.jit_train_step(model_config, tc, mesh, microbatches)
   sampler = data.WindowSampler(splits["train"], jax.random.fold_in(key, train.DATA_STREAM),
                                tc.batch_size, model_config.block_size)
-  evaluator = evaluate.Evaluator(placement.eval_device, splits,
-                                 jax.random.fold_in(key, train.EVAL_STREAM), tc, model_config)
+  evaluator = evaluate.Evaluator(placement.eval_device, model_config, config.sample, splits,
+                                 jax.random.fold_in(key, train.EVAL_STREAM), tc)
+  placement = evaluator.probe(state["params"], placement)
   setup = Setup(config, model_config, start_iter, source, best, tokenizer, prompts, placement,
                 mesh, microbatches, state, corpus, sampler, step_fn, evaluator)
   print_header(setup, splits)
@@ -171,6 +177,9 @@ class Trainer:
     self.throughput = metrics.Throughput(
         self.tc.batch_size * setup.model_config.block_size, setup.start_iter)
     self.last_record, self.save_ms, self.eval_seconds = None, [], 0.0
+    self.state_iter, self.evaluating = setup.start_iter, False  # For a failed device.
+    self.eval_fallback = None  # Where and why the CPU took over evaluation.
+    self.note_fallback(setup.start_iter)  # The start-up probe's.
     self.startup_s, self.memory_mb = None, {"after_imports": after_imports_mb}
     self.loop_start = time.perf_counter()
 
@@ -188,6 +197,9 @@ class Trainer:
         self.record(step, step_metrics, with_eval=not stopping)
         pending = None
       if step % tc.checkpoint_interval == 0 or step == tc.iters or stopping:
+        if pending and pending[0] % tc.log_interval == 0:  # Its throughput, before the save.
+          self.record(*pending)
+          pending = None
         if stopping:
           print(f"Interrupted at iteration {step}. Saving checkpoint...", flush=True)
         else:
@@ -215,8 +227,14 @@ class Trainer:
 
   def step(self, step: int) -> dict:
     """Dispatches one train step; returns its metrics (still on the device)."""
-    self.state, step_metrics = self.step_fn(self.state, self.batch(step),
-                                            jax.random.fold_in(self.dropout_key, step))
+    def work():
+      return self.step_fn(self.state, self.batch(step), jax.random.fold_in(self.dropout_key,
+                                                                           step))
+    if self.setup.placement.train_on_accelerator:
+      self.state, step_metrics = platforms.SEAM.hook("train-step", work)
+    else:
+      self.state, step_metrics = work()
+    self.state_iter = step
     if self.startup_s is None:  # Once: wait for the first iteration to end.
       jax.block_until_ready(step_metrics)
       self.startup_s = time.perf_counter() - self.started
@@ -248,7 +266,10 @@ class Trainer:
     """The loss estimates at `step`; a new best val loss saves the best checkpoint."""
     metrics.phase(f"Evaluating at iteration {step}...")
     start = time.perf_counter()
+    self.evaluating = True  # Left set by an error: it is not the training device's.
     estimates = self.setup.evaluator(self.state["params"])
+    self.evaluating = False
+    self.note_fallback(step)
     self.eval_seconds = time.perf_counter() - start
     if self.best is None or estimates["val_loss"] < self.best[0]:
       self.best = (estimates["val_loss"], step)
@@ -264,6 +285,44 @@ class Trainer:
     meta = checkpoint.make_meta(step, self.best, self.setup.tokenizer, self.setup.config,
                                 data=self.setup.corpus.fingerprint)
     return self.checkpoints.save(kind, step, self.state, meta)
+
+  def note_fallback(self, step: int) -> bool:
+    """Records, once, that the CPU took over evaluation (in run.json's entry for this start
+    now, in summary.json at the end); whether it is new."""
+    fallback = self.setup.evaluator.fallback
+    if fallback is None or self.eval_fallback is not None:
+      return False
+    self.eval_fallback = {"at_iter": step, **fallback}
+    if self.is_main:
+      rundir.update_start(self.setup.workdir, eval_fallback=self.eval_fallback)
+    return True
+
+  def device_failed(self, error: Exception) -> TrainingDeviceFailed:
+    """Saves the last good state there is; the one-line error that says what was kept and
+    how to go on on the CPU."""
+    return TrainingDeviceFailed(
+        f"Training on {platforms.device_name(self.setup.mesh.devices.flat[0])} failed at iteration "
+        f"{self.state_iter + 1} or before ({platforms.error_line(error)}). {self.rescue()} "
+        f"Continue on the CPU: python -m randygpt.main --resume --train_platform=cpu "
+        f"--workdir={self.setup.workdir}")
+
+  def rescue(self) -> str:
+    """Saves the state as the latest checkpoint if it is still intact (each step consumes
+    the one before it) and newer; the sentence that says what is kept."""
+    with contextlib.suppress(Exception):  # A save that failed leaves the one before it.
+      self.checkpoints.wait()
+    latest = self.checkpoints.path("latest")
+    alive = not any(x.is_deleted() for x in jax.tree.leaves(self.state))
+    if alive and (latest is None or int(latest.name) < self.state_iter):
+      try:
+        self.save("latest", self.state_iter)
+        self.checkpoints.wait()
+        latest = self.checkpoints.path("latest")
+        return f"Its state at iteration {self.state_iter} is saved: {latest}."
+      except Exception:  # The state is unreadable too, or not finite: it stays unsaved.
+        pass
+    kept = self.checkpoints.path("latest") or self.checkpoints.path("best")
+    return f"Its last checkpoint is kept: {kept}." if kept else "Nothing was saved."
 
   def diverged(self, step: int, what: str) -> Diverged:
     self.checkpoints.wait()
@@ -292,6 +351,7 @@ class Trainer:
         "checkpoint_blocked_ms_max": max(self.save_ms, default=None),
         "startup_s": self.startup_s,
         "memory_mb": self.memory_mb | {"peak": memory.peak_resident_mb()},
+        "eval_fallback": self.eval_fallback,
     }
     if self.is_main:
       metrics.write_json(self.setup.workdir / "summary.json", summary)
@@ -306,6 +366,10 @@ def train_and_close(trainer: Trainer) -> dict:
   except Diverged:
     status = "diverged"
     raise
+  except jax.errors.JaxRuntimeError as error:
+    if not trainer.setup.placement.train_on_accelerator or trainer.evaluating:
+      raise
+    raise trainer.device_failed(error) from error
   finally:
     summary = trainer.close(status)
   return summary
@@ -319,9 +383,12 @@ def finish(trainer: Trainer, summary: dict) -> dict:
     print(f"Best checkpoint: {summary['best_checkpoint']} (val {trainer.best[0]:.4f})"
           if trainer.best else "No best checkpoint yet: no evaluation has run.", flush=True)
   if trainer.is_main and status == "completed":
-    generate.write_samples(setup.evaluator.place(trainer.state["params"]), setup.tokenizer,
-                           setup.prompts, setup.config.train.seed, setup.model_config,
-                           setup.config.sample, setup.workdir / "samples.txt", trainer.stop)
+    setup.evaluator.write_samples(trainer.state["params"], setup.tokenizer, setup.prompts,
+                                  setup.config.train.seed, setup.workdir / "samples.txt",
+                                  trainer.stop)
+    if trainer.note_fallback(summary["iters"]):  # The CPU took over the sampling.
+      summary = summary | {"eval_fallback": trainer.eval_fallback}
+      metrics.write_json(setup.workdir / "summary.json", summary)
   if trainer.save_ms:
     print("\n".join(rundir.next_steps(setup.workdir, status, setup.config.train.iters)),
           flush=True)

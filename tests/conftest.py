@@ -60,16 +60,32 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
   signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _has_gpu() -> bool:
-  try:
-    return bool(jax.devices("gpu"))
-  except RuntimeError:
-    return False
+# The platforms of accelerators, as JAX and its plugins name them (jax-metal: METAL; the
+# community jax-mps: mps), and None for JAX's default devices (a plugin of another name).
+ACCELERATOR_PLATFORMS = ("gpu", "cuda", "rocm", "tpu", "METAL", "mps", None)
 
 
-HAS_GPU = _has_gpu()
-needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no GPU here")
-without_gpu = pytest.mark.skipif(HAS_GPU, reason="asserts the fallback, and a GPU is here")
+def accelerator_platforms(devices_of=jax.devices) -> list[str]:
+  """The platforms of the non-CPU devices here. `devices_of(name)` lists a platform's
+  devices and raises RuntimeError for one that is absent or cannot start (jax.devices; a
+  test gives a fake list)."""
+  found = set()
+  for name in ACCELERATOR_PLATFORMS:
+    try:
+      found |= {d.platform for d in devices_of(name)}
+    except RuntimeError:
+      continue
+  return sorted(p for p in found if p.lower() != "cpu")
+
+
+ACCELERATORS = accelerator_platforms()
+needs_gpu = pytest.mark.skipif("gpu" not in ACCELERATORS, reason="no GPU here")
+without_accelerator = pytest.mark.skipif(
+    bool(ACCELERATORS), reason=f"asserts the fallback, and an accelerator is here: {ACCELERATORS}")
+
+# Work a test places nowhere in particular runs on the CPU, as the tests' numbers assume,
+# also where an accelerator (e.g. Metal) would be JAX's default. Runs set their own devices.
+jax.config.update("jax_default_device", jax.devices("cpu")[0])
 
 
 def pytest_unconfigure(config):
@@ -115,9 +131,11 @@ def unjitted(fn):
 
 # The tiny run most tests train: one shape, one optimizer schedule (the decay horizon is
 # fixed, so that runs of any --iters share their compiled train step), small estimates and
-# samples. Runs that differ in these compile their own.
+# samples, evaluated on the CPU whatever accelerator is here (the tests that use one, or
+# its absence, ask for it). Runs that differ in these compile their own.
 TINY = {"n_embd": 32, "n_head": 4, "n_layer": 1, "block_size": 16, "batch_size": 4,
-        "eval_iters": 2, "max_new_tokens": 20, "warmup_iters": 10, "lr_decay_iters": 40}
+        "eval_iters": 2, "max_new_tokens": 20, "warmup_iters": 10, "lr_decay_iters": 40,
+        "eval_platform": "cpu"}
 
 
 def tiny(**values) -> dict:
@@ -169,9 +187,12 @@ def parse_args(*args: str):
 
 
 def sample_in_process(*args: str) -> None:
-  """`python -m randygpt.sample args...` in this process (its samples go to stdout)."""
+  """`python -m randygpt.sample args...` in this process (its samples go to stdout), on the
+  CPU unless an --eval_platform is given."""
   from randygpt import flags as randygpt_flags
   from randygpt import sample
+  if not any(arg.startswith("--eval_platform=") for arg in args):
+    args = (*args, "--eval_platform=cpu")  # As the runs it samples from (TINY).
   with parsed_flags(*args) as flag_values:
     sample.sample_from_checkpoint(flag_values.checkpoint, randygpt_flags.run_config())
 
@@ -196,7 +217,7 @@ def restored_state(workdir: Path, kind: str = "latest") -> dict:
   saved = RunConfig.from_flags(meta["config"])
   model_config = dataclasses.replace(saved.model, vocab_size=len(meta["vocab"]))
   return train.initial_state(jax.random.key(0), model_config, saved.train, path,
-                             jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+                             jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
 
 
 def read_metrics(workdir: Path) -> list[dict]:

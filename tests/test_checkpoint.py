@@ -20,7 +20,7 @@ from conftest import (REPO, as_args, make_corpus, raises_user_error, restored_st
 CONFIG = ModelConfig(vocab_size=20, n_embd=16, n_head=2, n_layer=1, block_size=8)
 TRAIN = TrainConfig(batch_size=4)
 OPTIMIZER = optim.make_optimizer(TRAIN)
-DEVICE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+DEVICE = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
 META = {"format": checkpoint.FORMAT, "iter": 3, "vocab": ["é", "\n", "a"], "config": {}}
 
 
@@ -166,7 +166,7 @@ def losses(workdir):
 
 
 def test_resume_is_bit_exact(corpus, tmp_path, capsys):
-  """README recipe: 40 in one go == 20, stop, then --resume to 40."""
+  """docs/checkpoints.md recipe: 40 in one go == 20, stop, then --resume to 40."""
   run_training("one", **(RUN | {"data": corpus, "iters": 40, "lr_decay_iters": 40}))
   run_training("two", **(RUN | {"data": corpus, "iters": 20, "lr_decay_iters": 40}))
   capsys.readouterr()

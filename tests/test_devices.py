@@ -20,7 +20,7 @@ def test_batch_must_divide_across_devices():
   devices.check_batch_divides(8, 4)
   with pytest.raises(UserError, match="--batch_size=8 does not divide evenly across 3 devices"):
     devices.check_batch_divides(8, 3)
-  mesh = devices.data_mesh(jax.devices())
+  mesh = devices.data_mesh(jax.devices("cpu"))
   assert devices.batch_sharded(mesh).spec == jax.sharding.PartitionSpec("data")
   assert devices.replicated(mesh).spec == jax.sharding.PartitionSpec()
 

@@ -3,7 +3,7 @@
 Each case ends in success or in a one-line UserError (which the CLI prints as one `Error:`
 line with exit status 1: test_main.py), and no existing file damaged. The runs are in this
 process, but for what needs its own process: a signal, or the read-only workdir of a root
-that must drop its capabilities. The README's troubleshooting table lists what each case
+that must drop its capabilities. docs/errors.md lists what each case
 prints.
 """
 

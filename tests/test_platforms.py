@@ -5,16 +5,17 @@ import numpy as np
 import pytest
 
 from randygpt import evaluate
-from randygpt.config import ModelConfig, TrainConfig
+from randygpt.config import ModelConfig, SampleConfig, TrainConfig
 from randygpt.runtime import devices, platforms
 
-from conftest import (as_args, needs_gpu, read_metrics, run_training, tiny, without_gpu,
+import conftest
+from conftest import (as_args, needs_gpu, read_metrics, run_training, tiny, without_accelerator,
                       write_corpus)
 
-RUN = tiny(eval_interval=10, iters=10)
+RUN = tiny(eval_interval=10, iters=10, eval_platform="auto")
 
 
-@without_gpu
+@without_accelerator
 def test_without_an_accelerator_everything_runs_on_the_cpu():
   placement = platforms.place("cpu", "auto")
   assert {d.platform for d in placement.train_devices} == {"cpu"}
@@ -22,7 +23,7 @@ def test_without_an_accelerator_everything_runs_on_the_cpu():
   assert placement.notes == ("⚠ No accelerator found: evaluating on CPU",)
 
 
-@without_gpu
+@without_accelerator
 def test_a_requested_platform_that_is_absent_warns_and_uses_the_cpu():
   placement = platforms.place("metal", "gpu")
   assert placement.eval_device.platform == "cpu"
@@ -55,15 +56,15 @@ def test_eval_copies_replicated_params_to_the_eval_device():
   assert placement.notes == ()
   mesh = devices.data_mesh(placement.train_devices)
   tree = {"w": jax.device_put(np.arange(4.0), devices.replicated(mesh))}
-  evaluator = evaluate.Evaluator(placement.eval_device, {"train": np.arange(40),
-                                                         "val": np.arange(40)},
-                                 jax.random.key(0), TrainConfig(), ModelConfig())
+  evaluator = evaluate.Evaluator(placement.eval_device, ModelConfig(), SampleConfig(),
+                                 {"train": np.arange(40), "val": np.arange(40)},
+                                 jax.random.key(0), TrainConfig())
   copied = evaluator.place(tree)
   assert copied["w"].devices() == {placement.eval_device}
   np.testing.assert_array_equal(copied["w"], np.arange(4.0))
 
 
-@without_gpu
+@without_accelerator
 @pytest.mark.parametrize("jax_platforms", ["METAL,cpu",
                                            pytest.param("tpu,cpu", marks=pytest.mark.slow)])
 def test_a_listed_backend_that_cannot_start_falls_back_with_one_warning(run_cli, tmp_path,
@@ -108,3 +109,39 @@ def test_training_on_a_gpu_by_auto(tmp_path, capsys):
   assert "✓ GPU enabled for training: gpu:0" in stdout
   assert "✓ GPU enabled for evaluation: gpu:0" in stdout
   assert (tmp_path / "w" / "samples.txt").exists()
+
+
+class FakeDevice:
+  def __init__(self, platform: str):
+    self.platform = platform
+
+
+def fake_devices(*platforms_present: str):
+  """jax.devices as a machine with these platforms would answer (the first is the
+  default), for the suite's own accelerator check."""
+  def devices_of(name=None):
+    name = name or platforms_present[0]
+    matching = [p for p in platforms_present
+                if p == name or (name in ("cuda", "rocm") and p == "gpu")]
+    if not matching:
+      raise RuntimeError(f"Unknown backend {name}")
+    return [FakeDevice(p) for p in matching]
+  return devices_of
+
+
+@pytest.mark.parametrize("present, found", [
+    (("cpu",), []),
+    (("METAL", "cpu"), ["METAL"]),  # jax-metal on a Mac.
+    (("mps", "cpu"), ["mps"]),  # The community plugin.
+    (("gpu", "cpu"), ["gpu"]),  # CUDA or ROCm.
+    (("tpu", "cpu"), ["tpu"]),
+    (("vulkan", "cpu"), ["vulkan"]),  # A plugin of another name, as JAX's default.
+])
+def test_the_suite_sees_every_accelerator(present, found):
+  """conftest's check, which skips the tests that assert the fallback to the CPU."""
+  assert conftest.accelerator_platforms(fake_devices(*present)) == found
+
+
+def test_the_suite_s_work_runs_on_the_cpu_unless_placed():
+  assert conftest.accelerator_platforms() == conftest.ACCELERATORS
+  assert jax.numpy.zeros(()).devices() == {jax.devices("cpu")[0]}

@@ -5,7 +5,7 @@ from absl import flags
 
 from randygpt.errors import UserError
 
-from conftest import parsed_flags, sample_in_process, without_gpu
+from conftest import parsed_flags, sample_in_process, without_accelerator
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def test_sampling_flags_and_default_checkpoint(trained_without_data, capsys):
   assert printed.startswith("BORIS") and len(printed) == len("BORIS") + 50 + len("\n\n")
 
 
-@without_gpu
+@without_accelerator
 def test_greedy_batch_on_a_missing_accelerator_falls_back_to_the_cpu(trained_without_data,
                                                                      capsys):
   stdout = sampled(capsys, "--workdir=w", "--prompt=ANNA", "--max_new_tokens=20",

@@ -78,7 +78,7 @@ def unjitted_tiny_run():
   this reference, whose op-by-op run is the costliest part of the suite.
   """
   state = jax.device_put(jax.tree.map(np.asarray, JITTED_TINY_INIT(jax.random.key(0))),
-                         jax.devices()[0])
+                         jax.devices("cpu")[0])
   batches, metrics = [], []
   for i in range(2):
     batches.append(unjitted(data.get_batch)(TINY_TOKENS, jax.random.key(i),
@@ -107,7 +107,7 @@ def test_data_parallel_step_on_two_devices_matches_the_unjitted_single_device_st
     unjitted_tiny_run):
   batches, metrics_ref, state_ref = unjitted_tiny_run
   cfg, tc = TINY_MODEL, TINY_TRAIN
-  mesh = devices.data_mesh(jax.devices()[:2])
+  mesh = devices.data_mesh(jax.devices("cpu")[:2])
   get_batch, step = train.jit_train_step(cfg, tc, mesh, tc.microbatches)
   state = jax.jit(TINY_INIT, out_shardings=devices.replicated(mesh))(jax.random.key(0))
   tokens = jax.device_put(TINY_TOKENS, devices.replicated(mesh))
@@ -119,7 +119,7 @@ def test_data_parallel_step_on_two_devices_matches_the_unjitted_single_device_st
     state, step_metrics = step(state, batch, jax.random.key(100 + i))
     assert_metrics_close(step_metrics, metrics_ref[i])
   assert state["params"]["wte"].sharding.is_equivalent_to(devices.replicated(mesh), 2)
-  assert state_ref["params"]["wte"].devices() == {jax.devices()[0]}
+  assert state_ref["params"]["wte"].devices() == {jax.devices("cpu")[0]}
   assert_states_close(state, state_ref)
 
 

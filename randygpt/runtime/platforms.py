@@ -4,12 +4,14 @@ Training runs on the CPU devices unless asked otherwise, as in randyGPT; evaluat
 generation run on the first accelerator that works (a CUDA/ROCm GPU, a TPU, Apple's GPU
 through jax-metal or the community `mps` plugin), else on the CPU. An accelerator whose
 backend fails to start, or fails its first computation, is dropped with one warning line
-and the CPU takes its part: never a traceback.
+and the CPU takes its part: never a traceback. (An evaluation device that fails later is
+the Evaluator's to handle: randygpt/evaluate.py.)
 """
 
 import dataclasses
 import functools
 import re
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -21,15 +23,41 @@ CHOICES = {"auto": "auto", "cpu": "cpu", "gpu": "gpu", "cuda": "cuda", "rocm": "
 EVAL_AUTO = ("gpu", "tpu", "METAL", "mps")
 TRAIN_AUTO = ("gpu", "tpu")  # Training goes to Metal only when asked by name.
 LABELS = {"gpu": "GPU", "cuda": "GPU", "rocm": "GPU", "tpu": "TPU", "METAL": "Metal GPU",
-          "mps": "Metal GPU (mps)"}
+          "mps": "Metal GPU (mps)", "cpu": "CPU"}
 # Errors that mean "not installed here" rather than "installed but broken": jaxlib always
 # registers a TPU backend, which fails without libtpu.
 _ABSENT = ("Unknown backend", "no platforms that are instances", "Failed to open libtpu")
 _JAX_HINT = " (set JAX_PLATFORMS='' to automatically choose an available backend)"
 
 
-def _short(reason: str) -> str:
-  return reason.replace(_JAX_HINT, "").strip().splitlines()[0][:200]
+def short(reason: str) -> str:
+  """An error's first line, for a one-line message."""
+  return (reason.replace(_JAX_HINT, "").strip() or "(no message)").splitlines()[0][:200]
+
+
+def error_line(error: BaseException) -> str:
+  return short(str(error) or type(error).__name__)
+
+
+def run_plainly(what: str, work: Callable[[], Any]) -> Any:
+  return work()
+
+
+@dataclasses.dataclass
+class Seam:
+  """Where tests stand in for an accelerator that fails, without one (tests/test_fallback.py).
+
+  `eval_device`: evaluation and sampling start there, as on a chosen accelerator (a second
+  CPU device). `train_on_accelerator`: the training devices count as an accelerator.
+  `hook(what, work)` runs each piece of work sent to an accelerator, `what` being
+  "probe-estimate", "probe-sample", "estimate", "sample" or "train-step": it returns
+  `work()`, or raises instead, or changes the result."""
+  eval_device: jax.Device | None = None
+  train_on_accelerator: bool = False
+  hook: Callable[[str, Callable[[], Any]], Any] = run_plainly
+
+
+SEAM = Seam()
 
 
 @functools.cache
@@ -46,7 +74,7 @@ def start_backends() -> dict:
       listed = (jax.config.jax_platforms or "").split(",")
       if not match or match.group(1) not in listed or match.group(1) == "cpu":
         raise
-      failed[match.group(1)] = _short(match.group(2))
+      failed[match.group(1)] = short(match.group(2))
       jax.config.update("jax_platforms", ",".join(p for p in listed
                                                   if p != match.group(1)) or "cpu")
 
@@ -58,37 +86,53 @@ def _problem(platform: str, failed: dict) -> tuple[bool, str | None]:
   try:
     device = jax.local_devices(backend=platform)[0]
   except RuntimeError as e:
-    return not any(marker in str(e) for marker in _ABSENT), _short(str(e))
+    return not any(marker in str(e) for marker in _ABSENT), short(str(e))
   if platform != "cpu":
     try:  # jax-metal on a too-new JAX starts, then fails every computation.
       jax.jit(lambda x: x + 1)(jax.device_put(np.ones(2, np.float32), device)).block_until_ready()
     except Exception as e:  # Plugins raise assorted types (XlaRuntimeError, RuntimeError...).
-      return True, _short(str(e) or type(e).__name__)
+      return True, error_line(e)
   return True, None
+
+
+def _on_cpu(role: str) -> str:
+  return {"training": "training on CPU", "evaluation": "evaluating on CPU"}[role]
+
+
+def _enabled(device: jax.Device, role: str) -> str:
+  return f"✓ {LABELS.get(device.platform, device.platform)} enabled for {role}: " \
+         f"{device.platform}:{device.id}"
+
+
+def device_name(device: jax.Device) -> str:
+  """E.g. `GPU (gpu:0)`."""
+  return f"{LABELS.get(device.platform, device.platform)} ({device.platform}:{device.id})"
+
+
+def _unusable(flag: str, value: str, platform: str, role: str, problem: str) -> str:
+  """The header's warning for an accelerator dropped for `role`."""
+  label = LABELS.get(platform, platform)
+  if CHOICES[value] != "auto":
+    return f"⚠ --{flag}={value}: {label} not usable ({problem}); {_on_cpu(role)}"
+  return f"⚠ {label} backend `{platform}` failed ({problem}); {_on_cpu(role)}"
 
 
 def _choose(flag: str, value: str, auto_order, role: str, failed: dict, notes: list) -> str:
   """The platform for `role` (training or evaluation) from the flag's value; adds the
   header's line about it to `notes`."""
-  on_cpu = {"training": "training on CPU", "evaluation": "evaluating on CPU"}[role]
   requested = CHOICES[value]
   for platform in auto_order if requested == "auto" else (requested,):
     if platform == "cpu":
       return "cpu"
     installed, problem = _problem(platform, failed)
     if problem is None:
-      device = jax.local_devices(backend=platform)[0]
-      notes.append(f"✓ {LABELS[platform]} enabled for {role}: {device.platform}:{device.id}")
+      notes.append(_enabled(jax.local_devices(backend=platform)[0], role))
       return platform
-    if requested != "auto":
-      notes.append(f"⚠ --{flag}={value}: {LABELS[platform]} not usable ({problem}); "
-                   f"{on_cpu}")
-      return "cpu"
-    if installed:
-      notes.append(f"⚠ {LABELS[platform]} backend `{platform}` failed ({problem}); {on_cpu}")
+    if requested != "auto" or installed:
+      notes.append(_unusable(flag, value, platform, role, problem))
       return "cpu"
   if role == "evaluation":
-    notes.append(f"⚠ No accelerator found: {on_cpu}")
+    notes.append(f"⚠ No accelerator found: {_on_cpu(role)}")
   return "cpu"
 
 
@@ -96,7 +140,24 @@ def _choose(flag: str, value: str, auto_order, role: str, failed: dict, notes: l
 class Placement:
   train_devices: tuple  # The training mesh's devices, across all processes.
   eval_device: jax.Device  # One of this process's devices.
-  notes: tuple[str, ...]  # The header's lines about the choice.
+  train_notes: tuple[str, ...] = ()  # The header's lines about each choice.
+  eval_notes: tuple[str, ...] = ()
+  eval_flag: str = "auto"  # --eval_platform's value.
+
+  @property
+  def notes(self) -> tuple[str, ...]:
+    return self.train_notes + self.eval_notes
+
+  @property
+  def train_on_accelerator(self) -> bool:
+    return self.train_devices[0].platform != "cpu" or SEAM.train_on_accelerator
+
+  def eval_on_cpu(self, problem: str) -> "Placement":
+    """This placement with evaluation on the CPU: its accelerator failed the start-up probe,
+    for `problem`. The header's line about it says so, as for one that failed to start."""
+    warning = _unusable("eval_platform", self.eval_flag, self.eval_device.platform,
+                        "evaluation", problem)
+    return dataclasses.replace(self, eval_device=cpu_device(), eval_notes=(warning,))
 
   @property
   def default_device(self) -> jax.Device:
@@ -111,11 +172,26 @@ def place(train_platform: str = "cpu", eval_platform: str = "auto",
   values. Training on the CPU uses its first `num_cpu_devices` devices (0: all of them; the
   command line makes exactly as many as it needs, a test process may have more)."""
   failed = start_backends()
-  notes = []
-  train = _choose("train_platform", train_platform, TRAIN_AUTO, "training", failed, notes)
-  evaluation = _choose("eval_platform", eval_platform, EVAL_AUTO, "evaluation", failed, notes)
+  train_notes, eval_notes = [], []
+  train = _choose("train_platform", train_platform, TRAIN_AUTO, "training", failed,
+                  train_notes)
+  evaluation = _choose("eval_platform", eval_platform, EVAL_AUTO, "evaluation", failed,
+                       eval_notes)
   train_devices = jax.devices(train)
   if train == "cpu" and num_cpu_devices and jax.process_count() == 1:
     train_devices = train_devices[:num_cpu_devices]
-  return Placement(tuple(train_devices), jax.local_devices(backend=evaluation)[0],
-                   tuple(notes))
+  eval_device = jax.local_devices(backend=evaluation)[0]
+  if SEAM.eval_device is not None:  # A test's stand-in for a chosen accelerator.
+    eval_device, eval_notes = SEAM.eval_device, [_enabled(SEAM.eval_device, "evaluation")]
+  return Placement(tuple(train_devices), eval_device, tuple(train_notes), tuple(eval_notes),
+                   eval_platform)
+
+
+def cpu_device() -> jax.Device:
+  """This process's first CPU device: where evaluation goes when an accelerator fails."""
+  return jax.local_devices(backend="cpu")[0]
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  return any(marker in str(error) for marker in ("RESOURCE_EXHAUSTED", "Out of memory",
+                                                 "out of memory"))

@@ -121,6 +121,14 @@ def record_start(workdir: Path, start_iter: int, new_history: bool, **details) -
   metrics.write_json(path, {"starts": [*starts, start]})
 
 
+def update_start(workdir: Path, **fields) -> None:
+  """Adds `fields` to run.json's entry for this start (the last)."""
+  path = workdir / "run.json"
+  record = json.loads(path.read_text(encoding="utf-8"))
+  record["starts"][-1].update(fields)
+  metrics.write_json(path, record)
+
+
 def initialise(workdir: Path, config, tokenizer, start_iter: int, discard=(),
                new_history: bool | None = None, **details) -> None:
   """Readies `workdir` for a run starting at `start_iter`: deletes the checkpoints it

@@ -1,0 +1,266 @@
+"""An accelerator that fails, without one: the second CPU device stands in for it, and a hook
+around each piece of work sent to it raises (or returns a wrong number), both through the
+seam the code offers (platforms.SEAM). The CPU, device 0, takes over; the runs must end as
+an all-CPU run does."""
+
+import json
+
+import jax
+import pytest
+
+from randygpt import evaluate
+from randygpt.config import ModelConfig, SampleConfig, TrainConfig
+from randygpt.runtime import platforms
+
+from conftest import (make_corpus, raises_user_error, read_metrics, run_training,
+                      sample_in_process, tiny, write_corpus)
+
+# Shares the all-CPU reference run (a module fixture) on one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("fallback_reference")
+
+# Evaluated at 2 and 4; two prompts, so that sampling can fail between them. "auto": the
+# stand-in is the chosen accelerator, and its header lines are auto's.
+RUN = tiny(iters=4, eval_interval=2, log_interval=2, checkpoint_interval=2,
+           prompt=("ANNA:", "né"), max_new_tokens=8, eval_platform="auto")
+ERROR = "UNIMPLEMENTED: a stand-in for an operation the plugin lacks"
+SAME = ("iter", "train_loss", "eval_train_loss", "val_loss", "lr")
+
+
+class Hook:
+  """A seam hook that records what it runs; the `n`-th piece of work of kind `kind` raises
+  `error` instead (after running when `after`), or, with `add`, returns its result plus
+  `add`."""
+
+  def __init__(self, kind: str = "", n: int = 1, error: Exception | None = None,
+               add: float = 0.0, after: bool = False):
+    self.kind, self.n, self.add, self.after = kind, n, add, after
+    self.error = error or RuntimeError(f"{ERROR}\nand a second line")
+    self.calls = []
+
+  def __call__(self, what, work):
+    self.calls.append(what)
+    if what != self.kind or self.calls.count(what) != self.n:
+      return work()
+    if self.add:
+      return work() + self.add
+    if self.after:
+      work()
+    raise self.error
+
+
+@pytest.fixture
+def seam(monkeypatch):
+  """Installs a hook, evaluation starting on the second CPU device; returns the hook."""
+  def install(hook: Hook, **fields) -> Hook:
+    monkeypatch.setattr(platforms, "SEAM", platforms.Seam(jax.devices("cpu")[1], hook=hook,
+                                                          **fields))
+    return hook
+  return install
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  return write_corpus(tmp_path_factory.mktemp("corpus") / "c.txt")
+
+
+@pytest.fixture(scope="module")
+def reference(corpus):
+  """The all-CPU run's workdir."""
+  workdir = corpus.parent / "cpu"
+  assert run_training(workdir, **RUN | {"data": corpus, "eval_platform": "cpu"})[
+      "status"] == "completed"
+  return workdir
+
+
+def checkpoints(workdir):
+  return sorted(str(p.relative_to(workdir)) for p in (workdir / "checkpoints").glob("*/*"))
+
+
+def assert_like_the_cpu_run(workdir, reference, summary, stdout, stderr):
+  assert summary["status"] == "completed"
+  assert ([{k: r.get(k) for k in SAME} for r in read_metrics(workdir)]
+          == [{k: r.get(k) for k in SAME} for r in read_metrics(reference)])
+  assert (workdir / "samples.txt").read_text() == (reference / "samples.txt").read_text()
+  assert checkpoints(workdir) == checkpoints(reference) == [
+      "checkpoints/best/4", "checkpoints/latest/4"]
+  assert "Traceback" not in stdout + stderr
+  warnings = [line for line in stdout.splitlines() if line.startswith("⚠")]
+  assert len(warnings) == 1, stdout
+  recorded = json.loads((workdir / "run.json").read_text())["starts"][-1]["eval_fallback"]
+  assert summary["eval_fallback"] == recorded
+  assert json.loads((workdir / "summary.json").read_text()) == summary
+  return warnings[0], recorded
+
+
+@pytest.mark.parametrize("kind, n, during, at_iter, calls", [
+    ("estimate", 1, "evaluation", 2, ["estimate"]),
+    ("estimate", 2, "evaluation", 4, ["estimate", "estimate"]),
+    ("sample", 2, "sampling", 4, ["estimate", "estimate", "sample", "sample"]),
+], ids=["first-evaluation", "second-evaluation", "second-prompt-of-the-samples"])
+def test_a_failure_after_start_up_falls_back_once(seam, reference, corpus, tmp_path, capsys,
+                                                  kind, n, during, at_iter, calls):
+  hook = seam(Hook(kind, n))
+  summary = run_training(tmp_path / "w", **RUN | {"data": corpus})
+  out, err = capsys.readouterr()
+  assert "✓ CPU enabled for evaluation: cpu:1" in out  # The stand-in was chosen.
+  warning, recorded = assert_like_the_cpu_run(tmp_path / "w", reference, summary, out, err)
+  assert warning == (f"⚠ CPU (cpu:1) failed during {during} ({ERROR}); evaluating and "
+                     "sampling on CPU from here on.")
+  assert recorded == {"at_iter": at_iter, "backend": "cpu:1", "error": ERROR,
+                      "during": during}
+  # Nothing went to the failed device after its failure.
+  assert hook.calls == ["probe-estimate", "probe-sample", *calls]
+
+
+@pytest.mark.parametrize("hook, problem", [
+    (Hook("probe-estimate"), ERROR),
+    (Hook("probe-sample"), ERROR),
+    (Hook("probe-estimate", add=0.5), "its loss estimate "),
+], ids=["estimate-fails", "sampler-fails", "wrong-estimate"])
+def test_a_probe_that_fails_evaluates_on_the_cpu_from_the_start(seam, reference, corpus,
+                                                                 tmp_path, capsys, hook,
+                                                                 problem):
+  seam(hook)
+  summary = run_training(tmp_path / "w", **RUN | {"data": corpus})
+  out, err = capsys.readouterr()
+  warning, recorded = assert_like_the_cpu_run(tmp_path / "w", reference, summary, out, err)
+  assert warning.startswith(f"⚠ CPU backend `cpu` failed ({problem}")
+  assert warning.endswith("); evaluating on CPU")  # platforms._choose's line.
+  assert "✓" not in out  # It replaced the line that chose the stand-in.
+  assert recorded["during"] == "start-up probe" and recorded["at_iter"] == 0
+  # The accelerator did nothing after its probe.
+  assert hook.calls[-1] == hook.kind and all(c.startswith("probe-") for c in hook.calls)
+
+
+def test_the_probe_s_estimate_is_the_cpu_s(seam, reference, corpus, tmp_path, capsys):
+  """Unharmed, the stand-in passes its probe and evaluates everything."""
+  hook = seam(Hook())
+  summary = run_training(tmp_path / "w", **RUN | {"data": corpus, "iters": 2})
+  assert summary["eval_fallback"] is None
+  assert hook.calls == ["probe-estimate", "probe-sample", "estimate", "sample", "sample"]
+  assert "⚠" not in capsys.readouterr().out
+  got, want = read_metrics(tmp_path / "w")[0], read_metrics(reference)[0]
+  assert got["iter"] == 2 and {k: got[k] for k in SAME} == {k: want[k] for k in SAME}
+
+
+def test_sampling_from_a_checkpoint_falls_back_too(seam, trained, capsys):
+  hook = seam(Hook("sample", 2))
+  sample_in_process("--workdir=w", "--checkpoint=latest", "--prompt=ANNA:", "--prompt=né",
+                    "--max_new_tokens=30", "--eval_platform=auto")
+  out = capsys.readouterr().out
+  assert [line for line in out.splitlines() if line.startswith("⚠")] == [
+      f"⚠ CPU (cpu:1) failed during sampling ({ERROR}); evaluating and sampling on CPU "
+      "from here on."]
+  printed = "\n".join(line for line in out.split("\n") if not line.startswith("⚠"))
+  runs = (trained / "samples.txt").read_text(encoding="utf-8").split("\n\n")[:2]
+  assert printed.split("Generating samples...\n")[1] == "".join(f"\n{s}\n\n" for s in runs)
+  assert hook.calls == ["probe-sample", "sample", "sample"]
+
+
+def test_sampling_from_a_checkpoint_after_a_failed_probe(seam, trained, capsys):
+  hook = seam(Hook("probe-sample"))
+  sample_in_process("--workdir=w", "--checkpoint=latest", "--prompt=ANNA:",
+                    "--max_new_tokens=30", "--eval_platform=auto")
+  out = capsys.readouterr().out
+  assert [line for line in out.splitlines() if line.startswith("⚠")] == [
+      f"⚠ CPU backend `cpu` failed ({ERROR}); evaluating on CPU"]
+  first = (trained / "samples.txt").read_text(encoding="utf-8").split("\n\n")[0]
+  assert f"\n{first}\n" in out and hook.calls == ["probe-sample"]
+
+
+# The Evaluator alone, on a tiny model.
+
+CONFIG = ModelConfig(vocab_size=0, n_embd=16, n_head=2, n_layer=1, block_size=16)
+
+
+@pytest.fixture(scope="module")
+def parts():
+  from randygpt import data, model
+  text = make_corpus()
+  tokenizer = data.CharTokenizer.from_text(text)
+  config = ModelConfig(**{**vars(CONFIG), "vocab_size": tokenizer.vocab_size})
+  tokens = tokenizer.encode(text)
+  params = jax.jit(model.init_params, static_argnums=1)(jax.random.key(0), config)
+  return config, {"train": tokens[:5000], "val": tokens[5000:]}, params
+
+
+def evaluator(parts, device, eval_iters=8):
+  config, splits, _ = parts
+  return evaluate.Evaluator(device, config, SampleConfig(), splits, jax.random.key(1),
+                            TrainConfig(batch_size=4, eval_iters=eval_iters))
+
+
+def out_of_memory_while(condition):
+  error = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                                     "allocate 1.00GiB.")
+
+  def hook(what, work):
+    if condition():
+      raise error
+    return work()
+  return hook
+
+
+def test_out_of_memory_retries_in_smaller_chunks_first(seam, parts, capsys):
+  cpu = evaluator(parts, jax.devices("cpu")[0])(parts[2])
+  stand_in = evaluator(parts, jax.devices("cpu")[1])
+  assert stand_in.chunks == 1  # One chunk of 8 batches of 64 tokens on the CPU.
+  chunks = []
+  seam(out_of_memory_while(lambda: chunks.append(stand_in.chunks) or stand_in.chunks < 4))
+  assert stand_in(parts[2]) == pytest.approx(cpu, rel=1e-5)  # Chunks sum in another order.
+  assert chunks == [1, 2, 4] and stand_in.on_accelerator and stand_in.fallback is None
+  assert "⚠" not in capsys.readouterr().out
+
+
+def test_out_of_memory_in_one_window_chunks_falls_back(seam, parts, capsys):
+  cpu = evaluator(parts, jax.devices("cpu")[0], eval_iters=6)(parts[2])
+  stand_in = evaluator(parts, jax.devices("cpu")[1], eval_iters=6)
+  chunks = []
+  seam(out_of_memory_while(lambda: chunks.append(stand_in.chunks) or True))
+  assert stand_in(parts[2]) == cpu
+  assert chunks == [1, 2, 4, 8, 24]  # Chunks of 24 windows halved (to a divisor), down to 1.
+  assert not stand_in.on_accelerator and stand_in.fallback["during"] == "evaluation"
+  assert capsys.readouterr().out.startswith("⚠ CPU (cpu:1) failed during evaluation "
+                                            "(RESOURCE_EXHAUSTED: Out of memory")
+
+
+def test_a_failure_on_the_cpu_too_raises_the_accelerator_s_error(seam, parts):
+  """The fallback hides no bug: broken parameters fail on both devices."""
+  seam(Hook("estimate"))
+  stand_in = evaluator(parts, jax.devices("cpu")[1])
+  broken = {k: v for k, v in parts[2].items() if k != "wte"}
+  with pytest.raises(RuntimeError, match=ERROR) as info:
+    stand_in(broken)
+  assert isinstance(info.value.__context__, KeyError)  # The CPU's own failure.
+
+
+# A training accelerator that fails.
+
+TRAIN = RUN | {"eval_platform": "cpu", "checkpoint_interval": 100, "iters": 4}
+MESSAGE = (f"Training on CPU (cpu:0) failed at iteration 4 or before ({ERROR}). {{kept}} "
+           "Continue on the CPU: python -m randygpt.main --resume --train_platform=cpu "
+           "--workdir=w")
+
+
+@pytest.mark.parametrize("after, kept", [
+    (False, "Its state at iteration 3 is saved: w/checkpoints/latest/3."),
+    # The failed step consumed the state (donated): the best checkpoint, at 2, is the last.
+    (True, "Its last checkpoint is kept: w/checkpoints/best/2."),
+], ids=["state-intact", "state-consumed"])
+def test_a_training_device_that_fails_saves_what_it_can(seam, reference, corpus, tmp_path,
+                                                        monkeypatch, capsys, after, kept):
+  monkeypatch.chdir(tmp_path)
+  seam(Hook("train-step", 4, jax.errors.JaxRuntimeError(ERROR), after=after),
+       train_on_accelerator=True)
+  with raises_user_error(MESSAGE.format(kept=kept)):
+    run_training("w", **TRAIN | {"data": corpus})
+  summary = json.loads((tmp_path / "w" / "summary.json").read_text())
+  assert summary["status"] == "failed" and summary["best_iter"] == 2
+  if after:
+    return
+  # It continues on the CPU as if nothing had happened.
+  monkeypatch.setattr(platforms, "SEAM", platforms.Seam())
+  assert run_training("w", resume=True, train_platform="cpu")["status"] == "completed"
+  got, want = read_metrics(tmp_path / "w")[-1], read_metrics(reference)[-1]
+  assert {k: got[k] for k in SAME} == {k: want[k] for k in SAME}
+  assert (tmp_path / "w" / "samples.txt").read_text() == (reference / "samples.txt").read_text()
