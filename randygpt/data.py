@@ -321,7 +321,7 @@ class Corpus:
   description: str  # For the header: the file, or the --data value and the file count.
   cache_path: Path
   built_s: float | None  # Seconds spent building the cache; None when it was reused.
-  files: tuple[dict, ...]  # {"path", "bytes", "sha256"} of each file, in order.
+  files: tuple[dict, ...]  # {"path", "bytes", "hash"} of each file, in order.
 
   @property
   def fingerprint(self) -> dict:
@@ -358,7 +358,7 @@ def _cache_key(files: tuple[dict, ...], encoding: str, tokenizer: str) -> str:
   except LookupError:
     raise UserError(f"Unknown --data_encoding={encoding}.") from None
   key = {"format": CACHE_FORMAT, "encoding": encoding, "tokenizer": tokenizer,
-         "files": [f["sha256"] for f in files]}
+         "files": [f["hash"] for f in files]}
   return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
@@ -454,7 +454,7 @@ def load_corpus(data: str, cache_dir: Path, *, url: str = "", encoding: str = "u
   """The tokens of the text --data names, from the token cache in `cache_dir` (built on
   first use)."""
   paths, description = resolve_sources(data, url, sample_fallback)
-  files = tuple({"path": str(p), "bytes": p.stat().st_size, "sha256": content_hash(p)}
+  files = tuple({"path": str(p), "bytes": p.stat().st_size, "hash": content_hash(p)}
                 for p in paths)
   path = cache_dir / f"{_cache_key(files, encoding, tokenizer)[:32]}.tokens"
   built_s = None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from randygpt import data, evaluate, model
-from randygpt.config import ModelConfig, TrainConfig
+from randygpt.config import ModelConfig, SampleConfig, TrainConfig
 
 from conftest import make_corpus, unjitted
 
@@ -59,7 +59,8 @@ def test_the_run_s_estimate_matches_the_unjitted_one(setup):
   tc = TrainConfig(batch_size=4, eval_iters=64)  # 64 tokens a batch: 2 chunks on the CPU.
   assert evaluate.eval_chunks(tc, cfg, "cpu") == 2  # The jitted side loops over chunks.
   splits = dict(zip(("train", "val"), data.split(tokens, cfg.block_size)))
-  evaluator = evaluate.Evaluator(jax.devices()[0], splits, jax.random.key(5), tc, cfg)
+  evaluator = evaluate.Evaluator(jax.devices("cpu")[0], cfg, SampleConfig(), splits,
+                                 jax.random.key(5), tc)
   got = evaluator(params)
   for index, name in enumerate(("train", "val")):  # Stream 0 draws train, 1 val windows.
     starts = data.window_starts(jax.random.fold_in(jax.random.key(5), index), 256,

@@ -20,7 +20,8 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
-from randygpt import checkpoint, report, trainer
+from randygpt import checkpoint, data, report, trainer
+from randygpt.runtime import cli
 from randygpt import flags as randygpt_flags
 
 from conftest import (make_corpus, parse_args, parsed_flags, raises_user_error,
@@ -125,6 +126,9 @@ def test_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(trained):
   limit = min(len(b) for b in before.values() if len(b) > 10_000)  # Below a checkpoint file.
   # This process's files may not grow past `limit` while the run saves (Python ignores
   # SIGXFSZ, so a write past it fails with EFBIG, "File too large", as on a full disk).
+  # The text's token cache is there before the limit (another test may have emptied the
+  # cache directory): the save is under test.
+  data.load_corpus("c.txt", cli.cache_dir("tokens"))
   soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
   resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
   try:

@@ -144,15 +144,18 @@ def test_next_adam_update_is_randygpts_next_update(checkpoint_file):
       u, randygpt_update(g, m, v), rtol=2e-5, atol=1e-9), updates, grads, mu, nu)
 
 
-def test_randygpt_tokenizer_keeps_its_slots_and_reads_lines():
-  text, tok = data.tokenize("a<b\r\nc>", "randygpt")
+def test_randygpt_tokenizer_keeps_its_slots_and_reads_lines(tmp_path):
+  def load(text, tokenizer):
+    (tmp_path / "t.txt").write_bytes(text.encode())
+    corpus = data.load_corpus(str(tmp_path / "t.txt"), tmp_path / "cache", tokenizer=tokenizer)
+    return corpus.tokenizer.decode(np.asarray(corpus.tokens)), corpus.tokenizer
+  text, tok = load("a<b\r\nc>", "randygpt")
   assert text == "a<b\nc>\n"
   assert tok.chars == ("<", ">", "\n", "<", ">", "a", "b", "c")
   assert tok.encode("<>a").tolist() == [3, 4, 5]  # The text's own ids, never BOS/EOS.
   assert tok.decode([0, 1, 3]) == "<><"
-  assert data.tokenize("x\n\ny\n", "randygpt")[0] == "x\n\ny\n"
-  assert data.tokenize("a<b\r\n", "chars") == (
-      "a<b\r\n", data.CharTokenizer(("\n", "\r", "<", "a", "b")))
+  assert load("x\n\ny\n", "randygpt")[0] == "x\n\ny\n"
+  assert load("a<b\r\n", "chars") == ("a<b\r\n", data.CharTokenizer(("\n", "\r", "<", "a", "b")))
 
 
 def n_params(vocab_size, n_embd, n_layer, block_size):
@@ -247,7 +250,7 @@ def _corrupt(kind, path):
     ("header", [], "checkpoint.bin is truncated: 20 bytes, less than the 24-byte header"),
     (None, ["--n_layer=3"], "Shapes that fit: --n_embd=32 --n_layer=2 --block_size=16"),
     (None, ["--data=other.txt"], "Checkpoint vocab_size 59 != vocab_size 6 of --data=other.txt"),
-    (None, ["--data=missing.txt"], "Cannot read --data=missing.txt"),
+    (None, ["--data=missing.txt"], "--data=missing.txt does not exist."),
 ])
 def test_refusals_are_one_line(checkpoint_file, tmp_path, monkeypatch, kind, args, message):
   monkeypatch.chdir(tmp_path)

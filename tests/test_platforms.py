@@ -56,9 +56,8 @@ def test_eval_copies_replicated_params_to_the_eval_device():
   assert placement.notes == ()
   mesh = devices.data_mesh(placement.train_devices)
   tree = {"w": jax.device_put(np.arange(4.0), devices.replicated(mesh))}
-  evaluator = evaluate.Evaluator(placement.eval_device, ModelConfig(), SampleConfig(),
-                                 {"train": np.arange(40), "val": np.arange(40)},
-                                 jax.random.key(0), TrainConfig())
+  evaluator = evaluate.Evaluator(placement.eval_device, ModelConfig(vocab_size=5),
+                                 SampleConfig())
   copied = evaluator.place(tree)
   assert copied["w"].devices() == {placement.eval_device}
   np.testing.assert_array_equal(copied["w"], np.arange(4.0))

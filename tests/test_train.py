@@ -108,11 +108,11 @@ def test_data_parallel_step_on_two_devices_matches_the_unjitted_single_device_st
   batches, metrics_ref, state_ref = unjitted_tiny_run
   cfg, tc = TINY_MODEL, TINY_TRAIN
   mesh = devices.data_mesh(jax.devices("cpu")[:2])
-  get_batch, step = train.jit_train_step(cfg, tc, mesh, tc.microbatches)
+  step = train.jit_train_step(cfg, tc, mesh, tc.microbatches)
   state = jax.jit(TINY_INIT, out_shardings=devices.replicated(mesh))(jax.random.key(0))
-  tokens = jax.device_put(TINY_TOKENS, devices.replicated(mesh))
   for i in range(2):
-    batch = get_batch(tokens, jax.random.key(i), tc.batch_size, cfg.block_size)
+    batch = jax.device_put(data.get_batch(TINY_TOKENS, jax.random.key(i), tc.batch_size,
+                                          cfg.block_size), devices.batch_sharded(mesh))
     half = tc.batch_size // 2  # Each device holds half the rows.
     assert [[s.data.shape[0] for s in x.addressable_shards] for x in batch] == [[half] * 2] * 2
     np.testing.assert_array_equal(np.asarray(batch), np.asarray(batches[i]))
@@ -170,14 +170,14 @@ def test_train_step_advances_the_schedule_count(setup):
 def test_training_lowers_the_loss(setup):
   cfg, tokens, _ = setup
   step = jax.jit(train_step(cfg))
-  estimate = jax.jit(functools.partial(evaluate.eval_loss, model_config=cfg, batch_size=8,
-                                       eval_iters=4))
+  estimate = jax.jit(functools.partial(evaluate.eval_loss, model_config=cfg))
+  windows = data.get_batch(tokens, jax.random.key(5), 32, cfg.block_size)
   state = fresh_state(setup)
-  before = float(estimate(state["params"], tokens, jax.random.key(5)))
+  before = float(estimate(state["params"], windows))
   for i in range(60):
     batch = data.get_batch(tokens, jax.random.key(i), TRAIN.batch_size, cfg.block_size)
     state, _ = step(state, batch, jax.random.key(1000 + i))
-  after = float(estimate(state["params"], tokens, jax.random.key(5)))
+  after = float(estimate(state["params"], windows))
   assert after < before - 1.0
 
 

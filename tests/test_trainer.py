@@ -86,19 +86,21 @@ def test_a_finished_run_has_nothing_to_train(trained, capsys):
 def test_the_run_records_its_text_and_warns_once_when_it_changed_on_resume(trained, capsys):
   start = json.loads((trained / "run.json").read_text())["starts"][0]
   text = (trained.parent / "c.txt").read_bytes()
-  assert start["data"]["files"] == [{"path": "c.txt", "bytes": len(text),
-                                     "sha256": hashlib.sha256(text).hexdigest()}]
+  # The hash: SHA-256 of the SHA-256s of the file's 64 MB pieces (here, one piece).
+  assert start["data"]["files"] == [{"path": "c.txt", "bytes": len(text), "hash": hashlib.sha256(
+      hashlib.sha256(text).digest()).hexdigest()}]
   capsys.readouterr()
   assert run_training("w", iters=22, resume=True)["status"] == "completed"  # Same text.
-  assert "⚠" not in capsys.readouterr().out
+  assert "is not the text" not in capsys.readouterr().out
   edited = "\n".join(reversed(text.decode().split("\n"))).encode()  # Same characters.
   (trained.parent / "c.txt").write_bytes(edited)
   assert run_training("w", iters=24, resume=True)["status"] == "completed"
-  warnings = [line for line in capsys.readouterr().out.splitlines() if "⚠" in line]
-  assert len(warnings) == 1 and "is not the text" in warnings[0], warnings
+  warnings = [line for line in capsys.readouterr().out.splitlines() if "is not the text" in line]
+  assert len(warnings) == 1 and warnings[0].startswith("⚠ --data=c.txt"), warnings
   starts = json.loads((trained / "run.json").read_text())["starts"]
   assert [s["iter"] for s in starts] == [0, 20, 22]
-  assert starts[2]["data"]["files"][0]["sha256"] == hashlib.sha256(edited).hexdigest()
+  assert starts[2]["data"]["files"][0]["hash"] == hashlib.sha256(
+      hashlib.sha256(edited).digest()).hexdigest()
 
 
 @pytest.mark.slow

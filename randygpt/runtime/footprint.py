@@ -74,7 +74,7 @@ def estimate(mc: ModelConfig, sample: SampleConfig, tc: TrainConfig | None = Non
         mc, per_device, backward=True)
   if tc is not None:
     windows = 2 * tc.eval_iters * tc.batch_size  # Train and val, gathered once.
-    parts["--eval_iters"] = (2 * FLOAT_BYTES * windows * mc.block_size
+    parts["--eval_iters, --batch_size"] = (2 * FLOAT_BYTES * windows * mc.block_size
                              + _activations(mc, eval_chunk_tokens, backward=False))
   return parts
 
