@@ -44,8 +44,9 @@ def train_step(state: dict, batch, rng: jax.Array, *, model_config: ModelConfig,
 
   def add_slice(total, inputs):
     i, microbatch = inputs[0], inputs[1:]
+    rows_B = i + microbatches * jnp.arange(microbatch[0].shape[0])  # Its rows in the batch.
     loss_and_grads = jax.value_and_grad(model.loss_fn)(
-        state["params"], microbatch, model_config, train=True, rng=jax.random.fold_in(rng, i))
+        state["params"], microbatch, model_config, train=True, rng=rng, rows_B=rows_B)
     return optax.tree_utils.tree_add(total, loss_and_grads), None
 
   zeros = (jnp.zeros(()), optax.tree_utils.tree_zeros_like(state["params"]))
