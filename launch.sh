@@ -49,7 +49,10 @@ case "${1:-}" in
   test)
     shift
     cd "$root"
-    exec "$venv/bin/python" -m pytest tests ${1+"$@"}
+    # pytest.ini: tests/, less -m slow. pytest-xdist runs the tests on up to 4 cores (most of
+    # the suite's time is XLA compiling, which uses one core); loadgroup keeps the tests that
+    # share a costly fixture (marked xdist_group) on one worker.
+    exec "$venv/bin/python" -m pytest -n auto --maxprocesses=4 --dist loadgroup ${1+"$@"}
     ;;
   report)
     shift

@@ -54,7 +54,7 @@ def train_step(state: dict, batch, rng: jax.Array, *, model_config: ModelConfig,
   loss, grads = jax.tree.map(lambda x: x / microbatches, total)
   updates, opt = optimizer.update(grads, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], updates)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+  metrics = {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads),
              "lr": schedule(optim.schedule_count(state["opt"]))}
   return {"params": params, "opt": opt}, metrics
 

@@ -1,19 +1,36 @@
-"""Shared fixtures: small corpora, the jit/no-jit switch, and the CLI runner."""
+"""Shared fixtures and helpers: small corpora, the unjitted reference, the tiny run's flags,
+training and sampling in this process, a trained run to copy, and the subprocess runner for
+what only a process boundary shows (signals, exit statuses, stderr, locks, the launcher)."""
 
+import contextlib
+import dataclasses
+import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
 import pytest
+from absl import flags as absl_flags
+from absl.testing import flagsaver
 
 from randygpt.runtime import devices
 
 # Two CPU devices, fixed when JAX starts its backends (below): in-process runs train
 # data-parallel as the command line does on two cores, and tests can compare 1 and 2.
 devices.set_cpu_device_count(2)
+
+# The suite's time goes to compiling many small programs, not to running them: XLA's CPU
+# backend compiles in about half the time without LLVM's optimisations (the programs then run
+# about half as fast, and compute the same). Set before JAX starts its backends; inherited by
+# the processes the tests start. RANDYGPT_TEST_XLA_FLAGS="" keeps XLA's defaults.
+os.environ["XLA_FLAGS"] = " ".join(filter(None, (
+    os.environ.get("XLA_FLAGS"),
+    os.environ.get("RANDYGPT_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0"))))
 
 REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -24,6 +41,17 @@ needs_shakespeare = pytest.mark.skipif(
 
 # Tests compare code paths to float32 tolerance; GPUs would otherwise multiply in TF32.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# One compilation cache for the session, new each time, kept for every compilation: runs in
+# this process build their jitted functions anew (as a process would), and the many runs of
+# the same tiny shape then compile once. pytest-xdist's workers share it (their run's id names
+# it), and so do the CLI runs below (RANDYGPT_CACHE).
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+SESSION_CACHE = (Path(tempfile.gettempdir()) / f"randygpt-tests-{_RUN_ID}" if _RUN_ID
+                 else Path(tempfile.mkdtemp(prefix="randygpt-tests-")))
+SESSION_CACHE.mkdir(exist_ok=True)
+jax.config.update("jax_compilation_cache_dir", str(SESSION_CACHE / "jax"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 # A suite started in the background by a shell without job control inherits SIGINT ignored,
 # and so would the CLI runs whose Ctrl-C handling tests check: a handled signal is reset to
@@ -44,9 +72,12 @@ needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no GPU here")
 without_gpu = pytest.mark.skipif(HAS_GPU, reason="asserts the fallback, and a GPU is here")
 
 
-def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: long end-to-end cases (deselect with -m 'not slow')")
+def pytest_unconfigure(config):
+  if not os.environ.get("PYTEST_XDIST_WORKER"):  # The last to end: the run, not a worker.
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
+
+# Corpora.
 
 def make_corpus(n_chars: int = 6000) -> str:
   """A deterministic text with some structure to learn, including non-ASCII characters."""
@@ -57,25 +88,175 @@ def make_corpus(n_chars: int = 6000) -> str:
   return "\n".join(lines)[:n_chars]
 
 
-@pytest.fixture
-def corpus_file(tmp_path) -> Path:
-  path = tmp_path / "corpus.txt"
-  path.write_text(make_corpus(), encoding="utf-8")
+def write_corpus(path: Path, n_chars: int = 6000) -> Path:
+  """make_corpus(n_chars) written to `path`; returns `path`."""
+  path.write_text(make_corpus(n_chars), encoding="utf-8")
   return path
 
 
-@pytest.fixture(params=[False, True], ids=["nojit", "jit"])
-def maybe_jit(request):
-  """Wraps a function with jax.jit or leaves it eager, so both paths are tested."""
-  def wrap(fn, **jit_kwargs):
-    return jax.jit(fn, **jit_kwargs) if request.param else fn
-  return wrap
+@pytest.fixture
+def corpus_file(tmp_path) -> Path:
+  return write_corpus(tmp_path / "corpus.txt")
+
+
+def unjitted(fn):
+  """`fn` run under `jax.disable_jit()`: its jits run eagerly and every `lax.scan`, `lax.map`
+  and `fori_loop` as a Python loop, op by op. The reference that jitted paths are compared
+  with: calling a function without `jax.jit` is not it, as its scans still compile as one
+  XLA computation."""
+  @functools.wraps(fn)
+  def run(*args, **kwargs):
+    with jax.disable_jit():
+      return fn(*args, **kwargs)
+  return run
+
+
+# Runs in this process.
+
+# The tiny run most tests train: one shape, one optimizer schedule (the decay horizon is
+# fixed, so that runs of any --iters share their compiled train step), small estimates and
+# samples. Runs that differ in these compile their own.
+TINY = {"n_embd": 32, "n_head": 4, "n_layer": 1, "block_size": 16, "batch_size": 4,
+        "eval_iters": 2, "max_new_tokens": 20, "warmup_iters": 10, "lr_decay_iters": 40}
+
+
+def tiny(**values) -> dict:
+  """TINY with these flags added or changed."""
+  return {**TINY, **values}
+
+
+def as_args(values: dict) -> list[str]:
+  """Flags as command-line arguments: {"iters": 4} -> ["--iters=4"]."""
+  return [f"--{name}={value}" for name, value in values.items()]
+
+
+def run_config(**values):
+  """The RunConfig of these flag values, each as if given on the command line."""
+  from randygpt.config import RunConfig
+  if "prompt" in values:
+    prompt = values["prompt"]
+    values["prompt"] = (prompt,) if isinstance(prompt, str) else tuple(prompt)
+  values = {name: str(v) if isinstance(v, Path) else v for name, v in values.items()}
+  return RunConfig.from_flags(values, explicit=set(values))
+
+
+def run_training(workdir, **values) -> dict:
+  """`python -m randygpt.main --workdir=workdir --name=value...` in this process: the run's
+  summary (with "signal" when one stopped it); a user's mistake raises its UserError."""
+  from randygpt import trainer
+  return trainer.run(run_config(workdir=workdir, **values))
+
+
+@contextlib.contextmanager
+def parsed_flags(*args: str):
+  """absl's flags parsed from `args` (as a command line, flag files included) while the
+  block runs, then restored."""
+  flag_values = absl_flags.FLAGS
+  with flagsaver.flagsaver():
+    flag_values.unparse_flags()
+    try:
+      flag_values(["randygpt", *map(str, args)])
+      yield flag_values
+    finally:
+      flag_values.unparse_flags()
+
+
+def parse_args(*args: str):
+  """The RunConfig that these command-line arguments give, as randygpt.main builds it."""
+  from randygpt import flags as randygpt_flags
+  with parsed_flags(*args):
+    return randygpt_flags.run_config()
+
+
+def sample_in_process(*args: str) -> None:
+  """`python -m randygpt.sample args...` in this process (its samples go to stdout)."""
+  from randygpt import flags as randygpt_flags
+  from randygpt import sample
+  with parsed_flags(*args) as flag_values:
+    sample.sample_from_checkpoint(flag_values.checkpoint, randygpt_flags.run_config())
+
+
+@contextlib.contextmanager
+def raises_user_error(message: str):
+  """Expects a UserError whose message holds `message` and is one line (the CLI prints it
+  as `Error: <message>`)."""
+  from randygpt.errors import UserError
+  with pytest.raises(UserError) as info:
+    yield info
+  assert message in str(info.value), str(info.value)
+  assert "\n" not in str(info.value), str(info.value)
+
+
+def restored_state(workdir: Path, kind: str = "latest") -> dict:
+  """The train state {params, opt} of a workdir's latest or best checkpoint, on one device."""
+  from randygpt import checkpoint, train
+  from randygpt.config import RunConfig
+  path = checkpoint.Checkpoints(workdir).path(kind)
+  meta = checkpoint.read_meta(path)
+  saved = RunConfig.from_flags(meta["config"])
+  model_config = dataclasses.replace(saved.model, vocab_size=len(meta["vocab"]))
+  return train.initial_state(jax.random.key(0), model_config, saved.train, path,
+                             jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+  import json
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def truncate_data_files(checkpoint_path: Path) -> None:
+  """Cuts every data file of a checkpoint's state short: a checkpoint a crash broke."""
+  for f in (checkpoint_path / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(f.read_bytes()[:50])
+
+
+def tree_bytes(path: Path) -> dict:
+  """Every file under `path` and its content, but the workdir lock (which names the last
+  process that held it): equal before and after means nothing was changed."""
+  return {p: p.read_bytes() for p in sorted(path.rglob("*"))
+          if p.is_file() and p.name != "run.lock"}
+
+
+# The run that tests which need a trained workdir copy: TINY on make_corpus() for 20
+# iterations, evaluated at 10 and 20, with latest and best checkpoints at 20.
+TRAINED = {**TINY, "data": "c.txt", "iters": 20, "eval_interval": 10, "log_interval": 5,
+           "checkpoint_interval": 10, "prompt": ("ANNA:", "né"), "max_new_tokens": 30,
+           "seed": 5}
 
 
 @pytest.fixture(scope="session")
-def cli_env(tmp_path_factory):
+def trained_once(tmp_path_factory):
+  """A folder holding c.txt and the workdir w of a TRAINED run, trained from that folder
+  (so its flags and paths are relative, as a user's would be)."""
+  root = tmp_path_factory.mktemp("trained")
+  write_corpus(root / "c.txt")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.chdir(root)
+    summary = run_training("w", **TRAINED)
+  assert summary["status"] == "completed" and summary["best_iter"] == 20, summary
+  return root
+
+
+@pytest.fixture
+def trained(trained_once, tmp_path, monkeypatch):
+  """A copy of the trained run in tmp_path, the current directory: c.txt and the workdir w;
+  returns the workdir."""
+  shutil.copytree(trained_once, tmp_path, dirs_exist_ok=True)
+  monkeypatch.chdir(tmp_path)
+  return tmp_path / "w"
+
+
+# Runs in a subprocess.
+
+@pytest.fixture(scope="session")
+def cli_env():
   env = dict(os.environ)
-  env["RANDYGPT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+  env["RANDYGPT_CACHE"] = str(SESSION_CACHE)
+  env["PYTHONPATH"] = str(REPO)
+  # As in this process: the same products, and every compilation cached (and shared).
+  env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   env.pop("JAX_PLATFORMS", None)
   return env
 
@@ -86,7 +267,37 @@ def run_cli(cli_env, tmp_path):
   the rest) when given; returns the CompletedProcess."""
   def run(*args, module="randygpt.main", timeout=600, env=None, wrapper=()):
     return subprocess.run([*wrapper, sys.executable, "-m", module, *map(str, args)],
-                          cwd=tmp_path,
-                          env={**cli_env, "PYTHONPATH": str(REPO), **(env or {})},
+                          cwd=tmp_path, env={**cli_env, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
   return run
+
+
+@pytest.fixture
+def start_cli(cli_env, tmp_path):
+  """Starts `python -m <module> args...` in tmp_path; returns the Popen (text pipes)."""
+  def start(*args, module="randygpt.main", env=None):
+    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=tmp_path,
+                            env={**cli_env, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+  return start
+
+
+def wait_for(proc, text: str) -> str:
+  """Reads the process's stdout until `text` appears (it may end without a newline);
+  returns what it read."""
+  seen = ""
+  while text not in seen:
+    char = proc.stdout.read(1)
+    if not char:
+      raise AssertionError(f"{text!r} never printed; stdout: {seen}; "
+                           f"stderr: {proc.stderr.read()}")
+    seen += char
+  return seen
+
+
+def assert_clean_error(result, message: str) -> None:
+  """A CLI's refusal: exit status 1, and stderr one `Error: ...` line holding `message`."""
+  assert result.returncode == 1, (result.returncode, result.stderr)
+  assert "Traceback" not in result.stderr, result.stderr
+  assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
+  assert message in result.stderr, result.stderr

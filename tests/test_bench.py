@@ -1,10 +1,13 @@
-"""`python -m randygpt.bench`: runs and reports every number (no timing is asserted)."""
+"""The benchmark (`python -m randygpt.bench`), in this process: it measures and reports every
+number (no timing is asserted). Its start-up and memory runs are processes by design."""
 
 import json
 
 import pytest
 
-from conftest import make_corpus
+from randygpt import bench
+
+from conftest import run_config, tiny, write_corpus
 
 KEYS = ("compile_s", "ms_per_step", "tokens_per_sec", "eval_tokens_per_sec",
         *(f"generate_{case}_x{streams}_tokens_per_sec"
@@ -15,14 +18,18 @@ KEYS = ("compile_s", "ms_per_step", "tokens_per_sec", "eval_tokens_per_sec",
         "rss_compile_peak_mb", "rss_steady_mb")
 
 
-def test_bench_reports_json_and_a_table(run_cli, tmp_path):
-  (tmp_path / "c.txt").write_text(make_corpus(), encoding="utf-8")
-  args = ["--data=c.txt", "--n_embd=32", "--n_head=4", "--n_layer=1", "--block_size=16",
-          "--batch_size=4", "--eval_iters=2", "--max_new_tokens=10", "--steps=3",
-          "--warmup_steps=1", "--saves=1", "--run_iters=20", "--log_interval=5"]
-  result = run_cli(*args, "--json", module="randygpt.bench")
-  assert result.returncode == 0, result.stderr
-  report = json.loads(result.stdout.strip().splitlines()[-1])
+def config(tmp_path, **values):
+  return run_config(**tiny(data=write_corpus(tmp_path / "c.txt"), max_new_tokens=10,
+                           log_interval=5, **values))
+
+
+@pytest.mark.slow
+def test_bench_reports_json_and_a_table(tmp_path):
+  bench_config = config(tmp_path)
+  result = bench.measure(bench_config, steps=3, warmup_steps=1, saves=1, with_torch=False,
+                         peak_gflops=0.0)
+  result |= bench.measure_training_runs(bench_config, 20)
+  report = json.loads(json.dumps(result))  # What --json prints.
   for key in KEYS:
     assert isinstance(report[key], (int, float)) and report[key] >= 0, key
   assert report["n_params"] > 0 and report["tokens_per_sec"] > 0
@@ -30,21 +37,18 @@ def test_bench_reports_json_and_a_table(run_cli, tmp_path):
   assert report["rss_after_imports_mb"] < report["rss_compile_peak_mb"]
   # The second run found the first one's compilation in the cache.
   assert report["startup_warm_s"] < report["startup_cold_s"]
-  table = run_cli(*args, module="randygpt.bench")
-  assert table.returncode == 0, table.stderr
-  assert "checkpoint save blocks the loop" in table.stdout
-  assert "training throughput" in table.stdout
-  assert "generation in the window, 8 stream(s)" in table.stdout
-  assert "start-up to first iteration" in table.stdout
+  table = dict(bench.table_rows(result))
+  for row in ("checkpoint save blocks the loop", "training throughput",
+              "generation in the window, 8 stream(s)", "start-up to first iteration"):
+    assert row in table, row
 
 
-def test_bench_times_the_pytorch_reference_beside_randygpt(run_cli, tmp_path):
+@pytest.mark.slow
+def test_bench_times_the_pytorch_reference_beside_randygpt(tmp_path):
   pytest.importorskip("torch", reason="the PyTorch reference is optional")
-  (tmp_path / "c.txt").write_text(make_corpus(), encoding="utf-8")
-  result = run_cli("--data=c.txt", "--n_embd=32", "--n_head=4", "--n_layer=1",
-                   "--block_size=16", "--batch_size=4", "--eval_iters=2", "--max_new_tokens=10",
-                   "--steps=3", "--warmup_steps=1", "--saves=1", "--run_iters=0", "--torch",
-                   module="randygpt.bench")
-  assert result.returncode == 0, result.stderr
-  assert "PyTorch 2." in result.stdout and "randygpt / PyTorch" in result.stdout
-  assert "start-up" not in result.stdout  # --run_iters=0 skips the training runs.
+  result = bench.measure(config(tmp_path), steps=3, warmup_steps=1, saves=1, with_torch=True,
+                         peak_gflops=0.0)
+  table = bench.table_rows(result)
+  assert any(name.startswith("PyTorch 2.") for name, _ in table)
+  assert "randygpt / PyTorch" in dict(table)
+  assert "start-up to first iteration" not in dict(table)  # No training runs asked for.

@@ -1,21 +1,19 @@
 """Data parallelism: the device count changes the speed, not the result."""
 
-import json
+import contextlib
+import io
 
 import jax
 import numpy as np
 import pytest
 
-from randygpt import checkpoint, optim, train
 from randygpt.runtime import devices
-from randygpt.config import ModelConfig, TrainConfig
 from randygpt.errors import UserError
 
-from conftest import make_corpus
+from conftest import (as_args, raises_user_error, read_metrics, restored_state, run_training,
+                      tiny, write_corpus)
 
-TINY = ["--n_embd=32", "--n_head=4", "--n_layer=2", "--block_size=16", "--batch_size=8",
-        "--eval_iters=2", "--eval_interval=10", "--log_interval=5", "--max_new_tokens=10",
-        "--dropout=0.1"]
+RUN = tiny(eval_interval=10, log_interval=5, dropout=0.1)
 
 
 def test_batch_must_divide_across_devices():
@@ -27,44 +25,48 @@ def test_batch_must_divide_across_devices():
   assert devices.replicated(mesh).spec == jax.sharding.PartitionSpec()
 
 
-def losses(workdir):
-  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+def assert_same_run(workdir, reference):
+  for got, want in zip(read_metrics(workdir), read_metrics(reference), strict=True):
+    for key in ("train_loss", "val_loss", "eval_train_loss", "lr"):
+      assert got.get(key) == pytest.approx(want.get(key), abs=1e-4), (workdir, key, got["iter"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
+               restored_state(workdir)["params"], restored_state(reference)["params"])
 
 
-def final_params(workdir):
-  path = checkpoint.Checkpoints(workdir).path("latest")
-  meta = checkpoint.read_meta(path)
-  c = meta["config"]
-  config = ModelConfig(vocab_size=len(meta["vocab"]), n_embd=c["n_embd"], n_head=c["n_head"],
-                       n_layer=c["n_layer"], block_size=c["block_size"])
-  optimizer = optim.make_optimizer(TrainConfig(**{k: c[k] for k in ("learning_rate", "min_lr")}),
-                                   c["lr_decay_iters"])
-  return train.restore_or_init(jax.random.key(0), config, optimizer, path,
-                               jax.sharding.SingleDeviceSharding(jax.devices()[0]))["params"]
+@pytest.fixture(scope="module")
+def runs_on_1_and_2_devices(tmp_path_factory):
+  """The same 20 iterations on 1 and on 2 CPU devices (this process has 2)."""
+  root = tmp_path_factory.mktemp("devices")
+  corpus = write_corpus(root / "c.txt")
+  for n in (1, 2):
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+      summary = run_training(root / f"d{n}", **RUN, data=corpus, iters=20, num_cpu_devices=n)
+    assert summary["status"] == "completed"
+    (root / f"d{n}.out").write_text(stdout.getvalue())
+  return root
+
+
+def test_same_result_on_1_and_2_devices(runs_on_1_and_2_devices):
+  for n in (1, 2):
+    stdout = (runs_on_1_and_2_devices / f"d{n}.out").read_text()
+    assert f"devices: {n} x cpu (data-parallel)" in stdout
+  assert_same_run(runs_on_1_and_2_devices / "d2", runs_on_1_and_2_devices / "d1")
 
 
 @pytest.mark.slow
-def test_same_result_on_1_2_and_4_devices(run_cli, tmp_path):
-  (tmp_path / "c.txt").write_text(make_corpus(), encoding="utf-8")
-  for n in (1, 2, 4):
-    result = run_cli("--data=c.txt", *TINY, "--iters=20", f"--num_cpu_devices={n}",
-                     f"--workdir=d{n}")
-    assert result.returncode == 0, result.stderr
-    assert f"devices: {n} x cpu (data-parallel)" in result.stdout
-  reference = losses(tmp_path / "d1")
-  for n in (2, 4):
-    for got, want in zip(losses(tmp_path / f"d{n}"), reference, strict=True):
-      for key in ("train_loss", "val_loss", "eval_train_loss", "lr"):
-        assert got.get(key) == pytest.approx(want.get(key), abs=1e-4), (n, key, got["iter"])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
-                 final_params(tmp_path / f"d{n}"), final_params(tmp_path / "d1"))
+def test_same_result_on_4_devices(run_cli, runs_on_1_and_2_devices, tmp_path):
+  """Four devices need a process of their own: the count is fixed when JAX starts."""
+  result = run_cli(f"--data={runs_on_1_and_2_devices / 'c.txt'}", *as_args(RUN), "--iters=20",
+                   "--num_cpu_devices=4", "--workdir=d4")
+  assert result.returncode == 0, result.stderr
+  assert "devices: 4 x cpu (data-parallel)" in result.stdout
+  assert_same_run(tmp_path / "d4", runs_on_1_and_2_devices / "d1")
 
 
-def test_uneven_batch_is_refused_naming_both_numbers(run_cli, tmp_path):
-  (tmp_path / "c.txt").write_text(make_corpus(), encoding="utf-8")
-  result = run_cli("--data=c.txt", *TINY, "--iters=2", "--num_cpu_devices=3")
-  assert result.returncode == 1 and "Traceback" not in result.stderr
-  assert "--batch_size=8 does not divide evenly across 3 devices" in result.stderr
+def test_uneven_batch_is_refused_naming_both_numbers(tmp_path):
+  with raises_user_error("--batch_size=5 does not divide evenly across 2 devices"):
+    run_training(tmp_path / "w", **tiny(data=write_corpus(tmp_path / "c.txt"), batch_size=5,
+                                        num_cpu_devices=2, iters=2))
 
 
 def test_auto_device_count_divides_the_batch(monkeypatch):
@@ -75,3 +77,8 @@ def test_auto_device_count_divides_the_batch(monkeypatch):
   assert devices.cpu_device_count(0, 32, num_processes=2) == 1
   monkeypatch.setattr("os.cpu_count", lambda: 1)
   assert devices.cpu_device_count(0, 32) == 1
+
+
+def test_unreachable_coordinator_gives_up_with_a_message():
+  with raises_user_error("Process 1 could not join the run at 127.0.0.1:9 within 1s"):
+    devices.join_cluster("127.0.0.1:9", num_processes=2, process_id=1, timeout_s=1)

@@ -5,13 +5,16 @@ import pytest
 
 from randygpt import data, generate, model
 from randygpt.config import ModelConfig, SampleConfig
+from randygpt.errors import UserError
+
+from conftest import unjitted
 
 CONFIG = ModelConfig(vocab_size=13, n_embd=16, n_head=2, n_layer=2, block_size=8)
 
 
 @pytest.fixture(scope="module")
 def params():
-  return model.init_params(jax.random.key(0), CONFIG)
+  return jax.jit(model.init_params, static_argnums=1)(jax.random.key(0), CONFIG)
 
 
 def random_logits(seed=0, batch=64, vocab=50):
@@ -22,18 +25,18 @@ def kept(logits):
   return np.isfinite(np.asarray(logits))
 
 
-def test_top_k_keeps_exactly_the_k_largest(maybe_jit):
+def test_top_k_keeps_exactly_the_k_largest():
   logits = random_logits()
-  filtered = maybe_jit(generate.filter_logits, static_argnums=(1, 2, 3))(logits, 1.0, 5, 1.0)
+  filtered = generate.filter_logits(logits, 1.0, 5, 1.0)
   assert (kept(filtered).sum(axis=-1) == 5).all()
   top5 = np.argsort(-np.asarray(logits), axis=-1)[:, :5]
   assert np.take_along_axis(kept(filtered), top5, axis=-1).all()
 
 
-def test_top_p_keeps_the_smallest_set_reaching_p(maybe_jit):
+def test_top_p_keeps_the_smallest_set_reaching_p():
   logits = random_logits(1)
   top_p = 0.7
-  filtered = maybe_jit(generate.filter_logits, static_argnums=(1, 2, 3))(logits, 1.0, 0, top_p)
+  filtered = generate.filter_logits(logits, 1.0, 0, top_p)
   probs = np.asarray(jax.nn.softmax(logits))
   for p_row, keep_row in zip(probs, kept(filtered)):
     order = np.argsort(-p_row)
@@ -76,13 +79,16 @@ def decisive_params(params):
 
 
 LOGITS_TOL = 1e-4  # float32 agreement between the cached and the full forward.
+# The reference the cached path is checked against, compiled once per window length (an
+# eager call would compile its layer loop again at every call).
+full_forward = jax.jit(model.forward, static_argnames=("config",))
 
 
-def test_cached_forward_matches_the_full_forward_at_every_step(decisive_params, maybe_jit):
+def test_cached_forward_matches_the_full_forward_at_every_step(decisive_params):
   tokens_BxT = jax.random.randint(jax.random.key(1), (2, CONFIG.block_size), 0,
                                   CONFIG.vocab_size)
-  full_BxTxV = model.forward(decisive_params, tokens_BxT, CONFIG)
-  forward_cached = maybe_jit(model.forward_cached, static_argnums=(4,))
+  full_BxTxV = full_forward(decisive_params, tokens_BxT, CONFIG)
+  forward_cached = jax.jit(model.forward_cached, static_argnums=(4,))
   prefill = 3
   cache = model.init_cache(CONFIG, batch=2)
   logits_BxPxV, cache = forward_cached(decisive_params, tokens_BxT[:, :prefill], cache, 0,
@@ -94,6 +100,38 @@ def test_cached_forward_matches_the_full_forward_at_every_step(decisive_params, 
     np.testing.assert_allclose(logits_Bx1xV[:, 0], full_BxTxV[:, pos], atol=LOGITS_TOL)
 
 
+def test_cached_forward_jitted_matches_unjitted_at_every_step(params):
+  tokens_BxT = jax.random.randint(jax.random.key(2), (2, CONFIG.block_size), 0,
+                                  CONFIG.vocab_size)
+  jitted = jax.jit(model.forward_cached, static_argnums=(4,))
+  reference = unjitted(model.forward_cached)
+  cache_a = cache_b = model.init_cache(CONFIG, batch=2)
+  prefill = 3
+  for pos, end in [(0, prefill), *((p, p + 1) for p in range(prefill, CONFIG.block_size))]:
+    got_BxTxV, cache_a = jitted(params, tokens_BxT[:, pos:end], cache_a, pos, CONFIG)
+    want_BxTxV, cache_b = reference(params, tokens_BxT[:, pos:end], cache_b, pos, CONFIG)
+    np.testing.assert_allclose(got_BxTxV, want_BxTxV, rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               cache_a, cache_b)
+
+
+@pytest.mark.parametrize("sample_config", [
+    SampleConfig(max_new_tokens=2 * CONFIG.block_size, temperature=0.0),
+    SampleConfig(max_new_tokens=2 * CONFIG.block_size, temperature=0.8, top_k=5, top_p=0.9)],
+    ids=["greedy", "sampled"])
+def test_generation_jitted_matches_unjitted(decisive_params, sample_config):
+  # A prompt of 3: 6 tokens from the cache (prefill, then a scan), then 10 from a loop that
+  # re-runs the window. The draws are compared exactly: the closest call between two tokens
+  # here (top-two logits, plus the Gumbel noise when sampling) is 6e-3 in both environments
+  # of .ci/run, and jitted and unjitted logits differ by about 1e-6.
+  prompt_BxP = np.asarray(jax.random.randint(jax.random.key(5), (3, 3), 0, CONFIG.vocab_size))
+  got_BxN, want_BxN = (fn(decisive_params, prompt_BxP, jax.random.key(6), CONFIG,
+                          sample_config)
+                       for fn in (generate.generate, unjitted(generate.generate)))
+  np.testing.assert_array_equal(got_BxN, want_BxN)
+  assert len(np.unique(np.asarray(got_BxN))) > 2  # Not one token over and over.
+
+
 def reference_logits(params, prompt_BxP, out_BxN):
   """Full-forward logits behind each generated token, on the generated text itself."""
   seq_BxL = np.concatenate([prompt_BxP, np.asarray(out_BxN)], axis=1)
@@ -101,7 +139,7 @@ def reference_logits(params, prompt_BxP, out_BxN):
   steps = []
   for i in range(out_BxN.shape[1]):
     context = seq_BxL[:, max(0, n_prompt + i - CONFIG.block_size):n_prompt + i]
-    steps.append(np.asarray(model.forward(params, jnp.asarray(context), CONFIG)[:, -1]))
+    steps.append(np.asarray(full_forward(params, jnp.asarray(context), CONFIG)[:, -1]))
   return np.stack(steps, axis=1)  # B x N x V
 
 
@@ -168,3 +206,25 @@ def test_complete_draws_num_samples_continuations(params):
   texts = generate.complete(params, tokenizer, "abc", jax.random.key(0), CONFIG, cfg)
   assert len(texts) == 3 and all(len(t) == 12 for t in texts)
   assert len(set(texts)) > 1
+
+
+TOKENIZER = data.CharTokenizer.from_text("hello world\nHELLO:")
+DEFAULT = ("ROMEO:",)
+
+
+def test_default_prompt_without_newline_in_vocabulary_starts_from_first_character():
+  assert generate.check_prompts(DEFAULT, data.CharTokenizer.from_text("abc")) == ("a",)
+
+
+def test_user_prompt_outside_vocabulary_is_an_error():
+  with pytest.raises(UserError, match="'Z'"):
+    generate.check_prompts(("hello", "Zed"), TOKENIZER)
+
+
+def test_default_prompt_outside_vocabulary_falls_back_to_newline(capsys):
+  assert generate.check_prompts(DEFAULT, TOKENIZER) == ("\n",)
+  assert "default prompt" in capsys.readouterr().out
+
+
+def test_prompts_that_fit_are_kept():
+  assert generate.check_prompts(("HELLO:", "world"), TOKENIZER) == ("HELLO:", "world")

@@ -1,5 +1,6 @@
 """`python -m randygpt.import_bin`: randyGPT's RGPT0001 checkpoints, written here from the
-format description, imported and checked against a NumPy reference of randyGPT's model."""
+format description, imported (in this process) and checked against a NumPy reference of
+randyGPT's model."""
 
 import json
 
@@ -10,7 +11,8 @@ import pytest
 from randygpt import data, import_bin, model, optim
 from randygpt.config import ModelConfig, TrainConfig
 
-from conftest import make_corpus
+from conftest import (assert_clean_error, make_corpus, parsed_flags, raises_user_error,
+                      run_training, sample_in_process)
 
 SHAPE = {"n_embd": 32, "n_head": 4, "n_layer": 2, "block_size": 16}
 SHAPE_FLAGS = [f"--{k}={v}" for k, v in SHAPE.items()]
@@ -125,15 +127,15 @@ def test_next_adam_update_is_randygpts_next_update(checkpoint_file):
   randyGPT's adam_step at t = step + 1, at the schedule's rate for iteration ITER + 2."""
   params, mu, nu, header, _ = imported(checkpoint_file[0])
   tc = TrainConfig(beta1=0.9, beta2=0.999, weight_decay=0.0, grad_clip=1e9,
-                   learning_rate=1e-3, warmup_iters=5)
+                   learning_rate=1e-3, warmup_iters=5, lr_decay_iters=100)
   optimizer = optim.make_optimizer(tc)
   iteration = int(header["iter"]) + 1
   state = import_bin.train_state(params, mu, nu, step=int(header["step"]),
                                  iteration=iteration, optimizer=optimizer)
   grads = jax.tree.map(lambda p: np.random.default_rng(p.size).standard_normal(p.shape)
                        .astype(np.float32), params)
-  updates, _ = optimizer.update(grads, state["opt"], state["params"])
-  t, lr = STEP + 1, float(optim.lr_schedule(dataclasses.replace(tc, lr_decay_iters=100))(ITER + 1))
+  updates, _ = jax.jit(optimizer.update)(grads, state["opt"], state["params"])
+  t, lr = STEP + 1, float(optim.lr_schedule(tc)(ITER + 1))
 
   def randygpt_update(g, m, v):
     m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
@@ -153,19 +155,29 @@ def test_randygpt_tokenizer_keeps_its_slots_and_reads_lines():
       "a<b\r\n", data.CharTokenizer(("\n", "\r", "<", "a", "b")))
 
 
+def n_params(vocab_size, n_embd, n_layer, block_size):
+  return model.n_params(ModelConfig(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer,
+                                    block_size=block_size))
+
+
 def test_shapes_that_fit_find_the_shape_closest_to_the_flags():
-  count = import_bin.n_params(40, 64, 3, 32)
+  count = n_params(40, 64, 3, 32)
   fits = import_bin.shapes_that_fit(count, 40, ModelConfig(n_embd=64, n_layer=4, block_size=32))
   assert fits[0] == (64, 3, 32)
-  assert all(import_bin.n_params(40, *s) == count for s in fits)
+  assert all(n_params(40, *s) == count for s in fits)
 
 
-def test_import_then_sample_and_resume(run_cli, checkpoint_file, tmp_path):
+def import_checkpoint(*args):
+  """`python -m randygpt.import_bin args...` in this process."""
+  with parsed_flags(*[a for a in args if a.startswith("--")]):
+    import_bin.import_bin([a for a in args if not a.startswith("--")])
+
+
+def test_import_then_sample(checkpoint_file, tmp_path, monkeypatch, capsys):
   path, weights, _, _ = checkpoint_file
-  result = run_cli(path.name, "--data=c.txt", "--workdir=w", *SHAPE_FLAGS, *TRAIN_FLAGS,
-                   module="randygpt.import_bin")
-  assert result.returncode == 0, result.stderr
-  assert f"Saved latest checkpoint: w/checkpoints/latest/{ITER + 1}" in result.stdout
+  monkeypatch.chdir(tmp_path)
+  import_checkpoint(path.name, "--data=c.txt", "--workdir=w", *SHAPE_FLAGS, *TRAIN_FLAGS)
+  assert f"Saved latest checkpoint: w/checkpoints/latest/{ITER + 1}" in capsys.readouterr().out
   workdir = tmp_path / "w"
   assert json.loads((workdir / "vocab.json").read_text("utf-8"))["chars"] == randygpt_vocab(TEXT)
   assert {"--tokenizer=randygpt", "--beta2=0.999", f"--iters={ITER + 1}"} <= set(
@@ -177,15 +189,22 @@ def test_import_then_sample_and_resume(run_cli, checkpoint_file, tmp_path):
   for _ in range(8):
     logits = reference_logits(weights, np.array(tokens), SHAPE["n_layer"], SHAPE["n_head"])
     tokens.append(int(np.argmax(logits[-1])))
-  result = run_cli("--workdir=w", "--prompt=ANNA", "--max_new_tokens=8", "--temperature=0",
-                   module="randygpt.sample")
-  assert result.returncode == 0, result.stderr
-  assert f"iteration {ITER + 1};" in result.stdout
-  assert "\n" + "".join(vocab[i] for i in tokens) + "\n" in result.stdout
+  sample_in_process("--workdir=w", "--prompt=ANNA", "--max_new_tokens=8", "--temperature=0")
+  stdout = capsys.readouterr().out
+  assert f"iteration {ITER + 1};" in stdout
+  assert "\n" + "".join(vocab[i] for i in tokens) + "\n" in stdout
 
-  result = run_cli("--resume", "--workdir=w", f"--iters={ITER + 11}")
-  assert result.returncode == 0, result.stderr
-  assert f"Resumed from w/checkpoints/latest/{ITER + 1} at iteration {ITER + 1}" in result.stdout
+
+@pytest.mark.slow
+def test_import_then_resume(checkpoint_file, tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  import_checkpoint(checkpoint_file[0].name, "--data=c.txt", "--workdir=w", *SHAPE_FLAGS,
+                    *TRAIN_FLAGS)
+  workdir = tmp_path / "w"
+  summary = run_training("w", resume=True, iters=ITER + 11)
+  assert summary["status"] == "completed"
+  assert (f"Resumed from w/checkpoints/latest/{ITER + 1} at iteration {ITER + 1}"
+          in capsys.readouterr().out)
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["iter"] for r in records] == list(range(ITER + 2, ITER + 12))
   assert all(np.isfinite(r["train_loss"]) for r in records)
@@ -193,7 +212,8 @@ def test_import_then_sample_and_resume(run_cli, checkpoint_file, tmp_path):
 
 
 @pytest.mark.slow
-def test_default_shape_imports_samples_and_resumes(run_cli, tmp_path):
+def test_default_shape_imports_samples_and_resumes(tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
   (tmp_path / "train.txt").write_text(TEXT, encoding="utf-8")
   vocab_size = len(randygpt_vocab(TEXT))
   rng = np.random.default_rng(3)
@@ -201,14 +221,12 @@ def test_default_shape_imports_samples_and_resumes(run_cli, tmp_path):
   zeros = {k: np.zeros_like(a) for k, a in weights.items()}
   write_rgpt(tmp_path / "checkpoint.bin", weights, zeros, zeros, vocab_size=vocab_size,
              iter_=999, step=1000)
-  result = run_cli("checkpoint.bin", "--workdir=w", module="randygpt.import_bin")
-  assert result.returncode == 0, result.stderr
-  assert "model: 6 layers, 8 heads, n_embd 128, block 64" in result.stdout
-  result = run_cli("--workdir=w", "--max_new_tokens=20", module="randygpt.sample")
-  assert result.returncode == 0, result.stderr
-  result = run_cli("--resume", "--workdir=w", "--iters=1010", "--eval_iters=2")
-  assert result.returncode == 0, result.stderr
-  assert "Resumed from w/checkpoints/latest/1000 at iteration 1000" in result.stdout
+  import_checkpoint("checkpoint.bin", "--workdir=w")
+  assert "model: 6 layers, 8 heads, n_embd 128, block 64" in capsys.readouterr().out
+  sample_in_process("--workdir=w", "--max_new_tokens=20")
+  summary = run_training("w", resume=True, iters=1010, eval_iters=2)
+  assert summary["status"] == "completed"
+  assert "Resumed from w/checkpoints/latest/1000 at iteration 1000" in capsys.readouterr().out
   assert json.loads((tmp_path / "w" / "summary.json").read_text())["iters"] == 1010
 
 
@@ -231,22 +249,30 @@ def _corrupt(kind, path):
     (None, ["--data=other.txt"], "Checkpoint vocab_size 59 != vocab_size 6 of --data=other.txt"),
     (None, ["--data=missing.txt"], "Cannot read --data=missing.txt"),
 ])
-def test_refusals_are_one_line(run_cli, checkpoint_file, tmp_path, kind, args, message):
+def test_refusals_are_one_line(checkpoint_file, tmp_path, monkeypatch, kind, args, message):
+  monkeypatch.chdir(tmp_path)
   _corrupt(kind, checkpoint_file[0])
   (tmp_path / "other.txt").write_text("abc\n", encoding="utf-8")
-  result = run_cli("checkpoint.bin", "--data=c.txt", "--workdir=w", *SHAPE_FLAGS, *args,
-                   module="randygpt.import_bin")
-  assert result.returncode == 1 and "Traceback" not in result.stderr
-  assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
-  assert message in result.stderr, result.stderr
+  with raises_user_error(message):
+    import_checkpoint("checkpoint.bin", "--data=c.txt", "--workdir=w", *SHAPE_FLAGS, *args)
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 
-def test_refuses_a_workdir_with_checkpoints_and_a_missing_file_argument(run_cli, checkpoint_file):
+def test_the_command_takes_the_file_and_refuses_in_one_line(run_cli, checkpoint_file):
+  """The command hands its one argument to the import, and its refusal is one line."""
+  _corrupt("magic", checkpoint_file[0])
+  assert_clean_error(run_cli("checkpoint.bin", "--data=c.txt", "--workdir=w", *SHAPE_FLAGS,
+                             module="randygpt.import_bin"),
+                     "Error: Bad magic bytes in checkpoint checkpoint.bin")
+
+
+def test_refuses_a_workdir_with_checkpoints_and_a_missing_file_argument(checkpoint_file,
+                                                                        monkeypatch):
+  monkeypatch.chdir(checkpoint_file[0].parent)
   args = ["checkpoint.bin", "--data=c.txt", "--workdir=w", *SHAPE_FLAGS]
-  assert run_cli(*args, module="randygpt.import_bin").returncode == 0
-  result = run_cli(*args, module="randygpt.import_bin")
-  assert result.returncode == 1 and "already holds checkpoints" in result.stderr
-  assert run_cli(*args, "--overwrite", module="randygpt.import_bin").returncode == 0
-  result = run_cli("--data=c.txt", module="randygpt.import_bin")
-  assert result.returncode == 1 and "Give one randyGPT checkpoint file" in result.stderr
+  import_checkpoint(*args)
+  with raises_user_error("already holds checkpoints"):
+    import_checkpoint(*args)
+  import_checkpoint(*args, "--overwrite")
+  with raises_user_error("Give one randyGPT checkpoint file"):
+    import_checkpoint("--data=c.txt")

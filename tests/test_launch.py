@@ -1,72 +1,52 @@
-"""Several processes, one model: `python -m randygpt.launch --processes=N` (launch.sh)."""
+"""Several processes, one model: `python -m randygpt.launch --processes=N` (launch.sh), and
+launch.sh itself: processes by nature."""
 
 import json
 import signal
 import subprocess
-import sys
-import time
 
 import psutil
 import pytest
 
-from conftest import REPO, make_corpus
+from conftest import (REPO, as_args, read_metrics, run_training, tiny, wait_for,
+                      write_corpus)
 
-FLAGS = ["--data=c.txt", "--n_embd=32", "--n_head=4", "--n_layer=2", "--block_size=16",
-         "--batch_size=8", "--eval_iters=2", "--eval_interval=10", "--log_interval=5",
-         "--max_new_tokens=10", "--checkpoint_interval=10"]
+RUN = tiny(eval_interval=10, log_interval=5, checkpoint_interval=10)
+FLAGS = ["--data=c.txt", *as_args(RUN)]
 
 
 @pytest.fixture
-def corpus(tmp_path):
-  (tmp_path / "c.txt").write_text(make_corpus(), encoding="utf-8")
-
-
-def records(workdir):
-  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+def corpus(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  write_corpus(tmp_path / "c.txt")
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_and_resume_in_one(run_cli, corpus, tmp_path):
-  one = run_cli(*FLAGS, "--iters=20", "--workdir=one")
-  assert one.returncode == 0, one.stderr
+def test_two_processes_train_like_one_and_resume_in_one(run_cli, corpus, tmp_path, capsys):
+  run_training("one", **RUN, data="c.txt", iters=20)  # In this process, on its 2 devices.
   two = run_cli("--processes=2", *FLAGS, "--iters=20", "--workdir=two", module="randygpt.launch")
   assert two.returncode == 0, two.stderr
   assert two.stdout.count("iter   20 |") == 1  # One log stream: process 0's.
-  for got, want in zip(records(tmp_path / "two"), records(tmp_path / "one"), strict=True):
+  for got, want in zip(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"),
+                       strict=True):
     for key in ("train_loss", "val_loss", "eval_train_loss"):
       assert got.get(key) == pytest.approx(want.get(key), abs=1e-4), (key, got["iter"])
-  resumed = run_cli("--iters=25", "--resume", "--workdir=two")
-  assert resumed.returncode == 0, resumed.stderr
-  assert "Resumed from two/checkpoints/latest/20" in resumed.stdout
+  capsys.readouterr()
+  assert run_training("two", iters=25, resume=True)["status"] == "completed"
+  assert "Resumed from two/checkpoints/latest/20" in capsys.readouterr().out
 
 
-def test_unreachable_coordinator_gives_up_with_a_message(run_cli, corpus):
-  start = time.monotonic()
-  result = run_cli(*FLAGS, "--iters=5", "--coordinator_address=127.0.0.1:9",
-                   "--num_processes=2", "--process_id=1", "--distributed_timeout=5")
-  assert result.returncode == 1 and "Traceback" not in result.stderr
-  assert "Process 1 could not join the run at 127.0.0.1:9 within 5s" in result.stderr
-  assert time.monotonic() - start < 60
-
-
-def start_launcher(tmp_path, cli_env, *args):
-  return subprocess.Popen(
-      [sys.executable, "-m", "randygpt.launch", "--processes=2", *FLAGS, *args],
-      cwd=tmp_path, env={**cli_env, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_training(proc):
-  for line in proc.stdout:
-    if line.startswith("iter"):
-      return
-  raise AssertionError(proc.stderr.read())
+@pytest.fixture
+def start_launcher(start_cli):
+  def start(*args):
+    return start_cli("--processes=2", *FLAGS, *args, module="randygpt.launch")
+  return start
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_process_at_the_same_step(cli_env, corpus, tmp_path):
-  proc = start_launcher(tmp_path, cli_env, "--iters=100000", "--workdir=w")
-  wait_for_training(proc)
+def test_ctrl_c_stops_every_process_at_the_same_step(start_launcher, corpus, tmp_path):
+  proc = start_launcher("--iters=100000", "--workdir=w")
+  wait_for(proc, "\niter ")
   proc.send_signal(signal.SIGINT)
   stdout, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 128 + signal.SIGINT, stderr
@@ -76,9 +56,9 @@ def test_ctrl_c_stops_every_process_at_the_same_step(cli_env, corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_when_one_process_dies_the_launcher_stops_the_others(cli_env, corpus, tmp_path):
-  proc = start_launcher(tmp_path, cli_env, "--iters=100000", "--workdir=w")
-  wait_for_training(proc)
+def test_when_one_process_dies_the_launcher_stops_the_others(start_launcher, corpus):
+  proc = start_launcher("--iters=100000", "--workdir=w")
+  wait_for(proc, "\niter ")
   children = psutil.Process(proc.pid).children()
   assert len(children) == 2
   children[1].kill()

@@ -30,9 +30,13 @@ def test_schedule_with_horizon_shorter_than_warmup_is_valid():
   assert float(lr(19)) == pytest.approx(1e-3)
 
 
+def init_params(config):
+  """model.init_params in one compiled program (eager, each of its operations compiles)."""
+  return jax.jit(model.init_params, static_argnums=1)(jax.random.key(0), config)
+
+
 def test_decay_mask_skips_embeddings_only():
-  params = model.init_params(jax.random.key(0), ModelConfig(vocab_size=7, n_embd=8, n_head=2,
-                                                            n_layer=2, block_size=4))
+  params = init_params(ModelConfig(vocab_size=7, n_embd=8, n_head=2, n_layer=2, block_size=4))
   mask = optim.decay_mask(params)
   assert mask["wte"] is False and mask["wpe"] is False
   assert mask["lm_head"] is True
@@ -40,14 +44,14 @@ def test_decay_mask_skips_embeddings_only():
 
 
 def test_weight_decay_shrinks_matrices_but_not_embeddings():
-  params = model.init_params(jax.random.key(0), ModelConfig(vocab_size=7, n_embd=8, n_head=2,
-                                                            n_layer=1, block_size=4))
+  params = init_params(ModelConfig(vocab_size=7, n_embd=8, n_head=2, n_layer=1, block_size=4))
   opt = optim.make_optimizer(TRAIN)
-  state = opt.init(params)
+  state = jax.jit(opt.init)(params)
   zero_grads = jax.tree.map(jnp.zeros_like, params)
+  update = jax.jit(opt.update)
   for _ in range(20):  # Past the warmup, so the learning rate is not zero.
-    updates, state = opt.update(zero_grads, state, params)
-    params_next = optax.apply_updates(params, updates)
+    updates, state = update(zero_grads, state, params)
+    params_next = jax.jit(optax.apply_updates)(params, updates)
   np.testing.assert_array_equal(params_next["wte"], params["wte"])
   np.testing.assert_array_equal(params_next["wpe"], params["wpe"])
   assert float(jnp.abs(params_next["lm_head"]).sum()) < float(jnp.abs(params["lm_head"]).sum())

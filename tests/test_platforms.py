@@ -1,15 +1,17 @@
 """Where training, evaluation and sampling run, and the fallback to the CPU."""
 
+import jax
+import numpy as np
 import pytest
 
-import json
+from randygpt import evaluate
+from randygpt.config import ModelConfig, TrainConfig
+from randygpt.runtime import devices, platforms
 
-from randygpt.runtime import platforms
+from conftest import (as_args, needs_gpu, read_metrics, run_training, tiny, without_gpu,
+                      write_corpus)
 
-from conftest import make_corpus, needs_gpu, without_gpu
-
-TINY = ["--n_embd=32", "--n_head=4", "--n_layer=1", "--block_size=16", "--batch_size=4",
-        "--eval_iters=2", "--eval_interval=10", "--iters=10", "--max_new_tokens=20"]
+RUN = tiny(eval_interval=10, iters=10)
 
 
 @without_gpu
@@ -40,23 +42,35 @@ def test_an_installed_accelerator_that_fails_is_skipped_with_its_reason():
                    " evaluating on CPU"]
 
 
+def test_training_takes_the_first_cpu_devices_asked_for():
+  assert len(jax.devices("cpu")) == 2  # This process's (conftest).
+  assert platforms.place("cpu", "cpu").train_devices == tuple(jax.devices("cpu"))
+  one = platforms.place("cpu", "cpu", num_cpu_devices=1)
+  assert one.train_devices == (jax.devices("cpu")[0],)
+  assert one.default_device == jax.devices("cpu")[0]
+
+
 def test_eval_copies_replicated_params_to_the_eval_device():
-  import jax
-  import numpy as np
   placement = platforms.place("cpu", "cpu")
   assert placement.notes == ()
-  tree = {"w": jax.device_put(np.arange(4.0), placement.train_devices[0])}
-  copied = placement.for_eval(tree)
+  mesh = devices.data_mesh(placement.train_devices)
+  tree = {"w": jax.device_put(np.arange(4.0), devices.replicated(mesh))}
+  evaluator = evaluate.Evaluator(placement.eval_device, {"train": np.arange(40),
+                                                         "val": np.arange(40)},
+                                 jax.random.key(0), TrainConfig(), ModelConfig())
+  copied = evaluator.place(tree)
   assert copied["w"].devices() == {placement.eval_device}
   np.testing.assert_array_equal(copied["w"], np.arange(4.0))
 
 
 @without_gpu
-@pytest.mark.parametrize("jax_platforms", ["METAL,cpu", "tpu,cpu"])
+@pytest.mark.parametrize("jax_platforms", ["METAL,cpu",
+                                           pytest.param("tpu,cpu", marks=pytest.mark.slow)])
 def test_a_listed_backend_that_cannot_start_falls_back_with_one_warning(run_cli, tmp_path,
                                                                          jax_platforms):
-  (tmp_path / "c.txt").write_text(make_corpus(), encoding="utf-8")
-  result = run_cli("--data=c.txt", *TINY, env={"JAX_PLATFORMS": jax_platforms})
+  """JAX_PLATFORMS is read when JAX starts: in a process of its own."""
+  write_corpus(tmp_path / "c.txt")
+  result = run_cli("--data=c.txt", *as_args(RUN), env={"JAX_PLATFORMS": jax_platforms})
   assert result.returncode == 0, result.stderr
   warnings = [line for line in result.stdout.splitlines() if line.startswith("⚠")]
   assert len(warnings) == 1 and warnings[0].endswith("; evaluating on CPU"), result.stdout
@@ -74,25 +88,23 @@ def test_a_gpu_evaluates_while_the_cpu_trains():
 
 
 @needs_gpu
-def test_losses_estimated_on_the_gpu_match_the_cpu(run_cli, tmp_path):
-  (tmp_path / "c.txt").write_text(make_corpus(), encoding="utf-8")
+def test_losses_estimated_on_the_gpu_match_the_cpu(tmp_path):
+  corpus = write_corpus(tmp_path / "c.txt")
   losses = {}
   for eval_platform in ("cpu", "gpu"):
-    result = run_cli("--data=c.txt", *TINY, "--iters=30", "--eval_interval=10",
-                     f"--eval_platform={eval_platform}", f"--workdir={eval_platform}")
-    assert result.returncode == 0, result.stderr
-    lines = (tmp_path / eval_platform / "metrics.jsonl").read_text().splitlines()
-    losses[eval_platform] = [json.loads(line)["val_loss"] for line in lines
-                             if "val_loss" in line]
+    run_training(tmp_path / eval_platform, **(RUN | {"data": corpus, "iters": 30,
+                                                     "eval_platform": eval_platform}))
+    losses[eval_platform] = [r["val_loss"] for r in read_metrics(tmp_path / eval_platform)
+                             if "val_loss" in r]
   assert len(losses["cpu"]) == 3
   assert losses["gpu"] == pytest.approx(losses["cpu"], abs=2e-3)
 
 
 @needs_gpu
-def test_training_on_a_gpu_by_auto(run_cli, tmp_path):
-  (tmp_path / "c.txt").write_text(make_corpus(), encoding="utf-8")
-  result = run_cli("--data=c.txt", *TINY, "--train_platform=auto")
-  assert result.returncode == 0, result.stderr
-  assert "✓ GPU enabled for training: gpu:0" in result.stdout
-  assert "✓ GPU enabled for evaluation: gpu:0" in result.stdout
-  assert (tmp_path / "runs/default/samples.txt").exists()
+def test_training_on_a_gpu_by_auto(tmp_path, capsys):
+  run_training(tmp_path / "w", **RUN, data=write_corpus(tmp_path / "c.txt"),
+               train_platform="auto")
+  stdout = capsys.readouterr().out
+  assert "✓ GPU enabled for training: gpu:0" in stdout
+  assert "✓ GPU enabled for evaluation: gpu:0" in stdout
+  assert (tmp_path / "w" / "samples.txt").exists()

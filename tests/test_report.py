@@ -1,3 +1,6 @@
+"""`python -m randygpt.report`: its functions on hand-made workdirs, then the command in this
+process on a sweep trained here."""
+
 import csv
 import io
 import json
@@ -9,10 +12,7 @@ from randygpt import report
 from randygpt.runtime import rundir
 from randygpt.errors import UserError
 
-from conftest import make_corpus
-
-TINY = ["--n_embd=32", "--n_head=4", "--n_layer=2", "--block_size=32", "--batch_size=8",
-        "--max_new_tokens=20", "--eval_iters=2"]
+from conftest import parsed_flags, raises_user_error, run_training, tiny, write_corpus
 
 
 def make_run(workdir, lr="0.001", val=(2.5, 2.0), status="completed", starts=(0,),
@@ -143,44 +143,53 @@ def test_plot_without_matplotlib_says_so(sweep, tmp_path, monkeypatch):
   assert not (tmp_path / "curves.png").exists()
 
 
-def test_cli_prints_csv(run_cli, sweep):
-  result = run_cli(sweep, "--csv", "--sort=-learning_rate", module="randygpt.report")
-  assert result.returncode == 0, result.stderr
-  rows = list(csv.DictReader(io.StringIO(result.stdout)))
+def run_report(*args):
+  """`python -m randygpt.report args...` in this process: its flags parsed, its paths given."""
+  with parsed_flags(*[a for a in args if a.startswith("--")]):
+    report.report([a for a in args if not a.startswith("--")])
+
+
+def test_command_prints_csv(sweep, capsys):
+  run_report(str(sweep), "--csv", "--sort=-learning_rate")
+  rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
   assert [(r["name"], r["learning_rate"], r["best_val"]) for r in rows] == [
       ("lr3e-3", "0.003", "2.2"), ("lr1e-3", "0.001", "2.0")]
 
 
+# The command's one `Error:` line and exit status: test_launch.py (launch.sh report).
 @pytest.mark.parametrize("args, message", [
-    ([], "Error: Name the runs to compare"),
-    (["missing"], "Error: missing does not exist."),
-    (["sweep", "--sort=loss"], "Error: --sort=loss: no such column"),
-    (["sweep", "--plot=nodir/c.png"], "Error: Cannot write --plot=nodir/c.png"),
+    ([], "Name the runs to compare"),
+    (["missing"], "missing does not exist."),
+    (["sweep", "--sort=loss"], "--sort=loss: no such column"),
+    (["sweep", "--plot=nodir/c.png"], "Cannot write --plot=nodir/c.png"),
 ])
-def test_cli_bad_input_gets_a_short_clear_error(run_cli, sweep, args, message):
-  result = run_cli(*args, module="randygpt.report")
-  assert result.returncode == 1 and "Traceback" not in result.stderr
-  assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+def test_command_bad_input_gets_a_short_clear_error(sweep, monkeypatch, args, message):
+  monkeypatch.chdir(sweep.parent)
+  with raises_user_error(message) as info:
+    run_report(*args)
+  assert str(info.value).startswith(message)
 
 
 @pytest.mark.slow
-def test_a_sweep_from_a_shell_loop_is_reported_plotted_and_resumed(run_cli, tmp_path):
+def test_a_sweep_from_a_shell_loop_is_reported_plotted_and_resumed(tmp_path, monkeypatch,
+                                                                    capsys):
   pytest.importorskip("matplotlib")
-  (tmp_path / "c.txt").write_text(make_corpus(), encoding="utf-8")
-  loop = ["--data=c.txt", *TINY, "--iters=20", "--eval_interval=10", "--resume"]
+  monkeypatch.chdir(tmp_path)
+  write_corpus(tmp_path / "c.txt")
+  loop = tiny(data="c.txt", iters=20, eval_interval=10, resume=True)
   for lr in ("1e-3", "3e-3"):
-    result = run_cli(*loop, f"--learning_rate={lr}", f"--workdir=runs/s/lr{lr}")
-    assert result.returncode == 0, result.stderr
-    assert f"Sample: python -m randygpt.sample --workdir=runs/s/lr{lr}" in result.stdout
-  again = run_cli(*loop, "--learning_rate=1e-3", "--workdir=runs/s/lr1e-3")
-  assert "Already at iteration 20" in again.stdout  # A re-run sweep skips finished runs.
+    workdir = f"runs/s/lr{lr}"
+    assert run_training(workdir, **loop, learning_rate=float(lr))["status"] == "completed"
+    assert f"Sample: python -m randygpt.sample --workdir={workdir}" in capsys.readouterr().out
+  again = run_training("runs/s/lr1e-3", **loop, learning_rate=1e-3)
+  assert again == {"status": "nothing to train"}  # A re-run sweep skips finished runs.
+  assert "Already at iteration 20" in capsys.readouterr().out
 
-  result = run_cli("runs/s", "--plot=curves.png", module="randygpt.report")
-  assert result.returncode == 0, result.stderr
-  header, *lines = result.stdout.splitlines()
+  run_report("runs/s", "--plot=curves.png")
+  header, *lines = capsys.readouterr().out.splitlines()
   assert header.split()[:3] == ["name", "status", "learning_rate"]
   assert [line.split()[:3] for line in lines] == [["lr1e-3", "completed", "0.001"],
                                                   ["lr3e-3", "completed", "0.003"]]
   assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
-  start = json.loads((tmp_path / "runs/s/lr1e-3/run.json").read_text())["starts"][0]
-  assert start["iter"] == 0 and "--learning_rate=1e-3" in start["command"]
+  starts = json.loads((tmp_path / "runs/s/lr1e-3/run.json").read_text())["starts"]
+  assert [s["iter"] for s in starts] == [0]  # (What it records of the command: test_rundir.py.)

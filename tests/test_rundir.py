@@ -9,9 +9,9 @@ import pytest
 from randygpt.runtime import rundir
 from randygpt.errors import UserError
 
-from conftest import REPO, make_corpus
+from conftest import REPO, raises_user_error, run_training, tiny, write_corpus
 
-HOLD = ("import sys, time; from pathlib import Path; from randygpt import rundir\n"
+HOLD = ("import sys, time; from pathlib import Path; from randygpt.runtime import rundir\n"
         "with rundir.claim(Path(sys.argv[1])):\n  print('held', flush=True); time.sleep(60)")
 
 
@@ -64,15 +64,26 @@ def test_is_held_is_false_for_a_workdir_never_claimed(tmp_path):
 
 
 def test_record_start_keeps_resumes_and_restarts_fresh(tmp_path):
-  rundir.record_start(tmp_path, 0)
-  rundir.record_start(tmp_path, 40)
+  rundir.record_start(tmp_path, 0, new_history=True)
+  rundir.record_start(tmp_path, 40, new_history=False)
   starts = json.loads((tmp_path / "run.json").read_text())["starts"]
   assert [s["iter"] for s in starts] == [0, 40]
   for key in ("jax", "jaxlib", "optax", "orbax-checkpoint"):
     assert re.match(r"\d+\.\d+", starts[0]["packages"][key]), key
   assert re.match(r"\d+\.\d+", starts[0]["python"])
-  rundir.record_start(tmp_path, 0)
+  rundir.record_start(tmp_path, 0, new_history=True)
   assert len(json.loads((tmp_path / "run.json").read_text())["starts"]) == 1
+
+
+def test_environment_records_the_command_as_typed(monkeypatch):
+  """`python -m randygpt.main --flags...` is what run.json says ran the run."""
+  monkeypatch.setattr(sys, "argv", ["/x/randygpt/main.py", "--learning_rate=1e-3",
+                                    "--workdir=runs/s/lr 1e-3"])
+  main = type(sys)("__main__")
+  main.__spec__ = type("Spec", (), {"name": "randygpt.main"})()
+  monkeypatch.setitem(sys.modules, "__main__", main)
+  assert rundir.environment()["command"] == (
+      f"{sys.executable} -m randygpt.main --learning_rate=1e-3 '--workdir=runs/s/lr 1e-3'")
 
 
 @pytest.mark.skipif(not (REPO / ".git").exists(), reason="not a git checkout")
@@ -101,16 +112,13 @@ def test_next_steps_resume_only_an_unfinished_run(tmp_path):
       f"Resume: python -m randygpt.main --resume --workdir={tmp_path} --iters=100")
 
 
-def test_training_refuses_a_workdir_a_live_run_holds(run_cli, tmp_path):
-  (tmp_path / "c.txt").write_text(make_corpus(), encoding="utf-8")
+def test_training_refuses_a_workdir_a_live_run_holds(tmp_path):
   holder = hold_in_subprocess(tmp_path / "busy")
   try:
-    result = run_cli("--data=c.txt", "--iters=2", "--workdir=busy")
+    with raises_user_error(f"--workdir={tmp_path / 'busy'} is in use by another run (process "
+                           f"{holder.pid}). Wait for it to end, or choose another --workdir."):
+      run_training(tmp_path / "busy", **tiny(data=write_corpus(tmp_path / "c.txt"), iters=2))
   finally:
     holder.kill()
     holder.wait()
-  assert result.returncode == 1 and "Traceback" not in result.stderr
-  assert result.stderr.strip() == (
-      f"Error: --workdir=busy is in use by another run (process {holder.pid}). "
-      "Wait for it to end, or choose another --workdir.")
   assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["run.lock"]

@@ -1,0 +1,84 @@
+"""What every command does around its work, in this process: flag errors and stray arguments
+as one `Error:` line and exit status 1, and the stop request that signals set. (The real
+processes, their stderr and their deaths by signal: test_main.py.)"""
+
+import logging
+import signal
+import sys
+import threading
+
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+
+from randygpt import flags as randygpt_flags  # noqa: F401  defines the flags parsed here
+from randygpt.runtime import cli
+
+
+@pytest.fixture
+def exits(capsys, monkeypatch):
+  """Calls `fn(*args)`, expects the CLI's exit (status 1, one `Error:` line on stderr) and
+  returns that line. What the exit silences for the rest of a process is restored after."""
+  monkeypatch.setattr(sys, "stderr", sys.stderr)
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+  monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+  asyncio_logger = logging.getLogger("asyncio")
+  asyncio_level = asyncio_logger.level
+
+  def call(fn, *args):
+    with flagsaver.flagsaver(), pytest.raises(SystemExit) as info:
+      try:
+        fn(*args)
+      finally:
+        flags.FLAGS.unparse_flags()
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and err.count("\n") == 1, err
+    return err
+  yield call
+  asyncio_logger.setLevel(asyncio_level)
+
+
+def write(tmp_path, name, content):
+  path = tmp_path / name
+  path.write_text(content)
+  return path
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda p: [f"--flagfile={write(p, 't.cfg', '--n_embed=64')}"],
+     "Error: Unknown command line flag 'n_embed'. Did you mean: n_embd ? (--helpshort "
+     "lists the flags.)"),
+    (lambda p: ["--n_head=5"], "--n_embd must be divisible by --n_head"),
+    (lambda p: ["--top_p=2"], "--top_p must be in (0, 1]"),
+    (lambda p: ["--iters=0"], "Error: flag --iters=0: "),
+    (lambda p: ["--n_embed=64"], "Unknown command line flag 'n_embed'"),
+    (lambda p: ["--flagfile=nope.cfg"],
+     "Error: Could not read a --flagfile ([Errno 2] No such file or directory: 'nope.cfg')"),
+    (lambda p: ["--num_cpu_devices=100000", "--batch_size=100000"],
+     "--num_cpu_devices=100000: 100000 is not an integer in the range"),
+], ids=["typo-in-a-flag-file", "n_head", "top_p", "iters", "unknown-flag", "missing-flag-file",
+        "cpu-devices-past-xla"])
+def test_flag_errors_are_one_line(exits, tmp_path, monkeypatch, make_args, message):
+  monkeypatch.chdir(tmp_path)
+  err = exits(cli.parse_flags, ["randygpt", *make_args(tmp_path)])
+  assert message in err, err
+
+
+def test_stray_arguments_are_refused_before_any_work(exits):
+  work = []
+  err = exits(cli.entry_point(lambda: work.append(1)), ["randygpt", "stray"])
+  assert err == "Error: Unexpected arguments: stray (flags are written --name=value).\n"
+  assert not work
+
+
+def test_stop_request_takes_the_first_signal_and_restores_the_handlers(capsys):
+  previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  stop = cli.StopRequest()
+  with stop.installed():
+    assert signal.getsignal(signal.SIGINT) is stop and signal.getsignal(signal.SIGTERM) is stop
+    stop(signal.SIGTERM, None)
+    stop(signal.SIGINT, None)  # A second signal while stopping changes nothing.
+  assert stop.signum == signal.SIGTERM
+  assert capsys.readouterr().out == "\nSIGTERM received: stopping after this step.\n"
+  assert {s: signal.getsignal(s) for s in previous} == previous
