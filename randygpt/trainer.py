@@ -37,6 +37,7 @@ class Setup:
   placement: platforms.Placement
   mesh: jax.sharding.Mesh
   microbatches: int
+  choices: tuple[str, str]  # Why this device count, why this microbatch count.
   state: dict  # The initial train state, replicated over the mesh.
   train_tokens: jax.Array  # Replicated over the mesh.
   get_batch: Callable  # (tokens, key, batch_size, block_size) -> (inputs, targets).
@@ -99,7 +100,18 @@ def prepare(config: RunConfig) -> Setup | None:
       loc.num_cpu_devices, tc.batch_size, loc.num_processes))
   mesh = devices.data_mesh(placement.train_devices)
   devices.check_batch_divides(tc.batch_size, mesh.size)
-  microbatches = train.train_microbatches(tc, model_config, mesh.devices.flat[0].platform)
+  platform = mesh.devices.flat[0].platform
+  microbatches, why_microbatches = train.choose_microbatches(
+      tc, model_config, platform, explicit="microbatches" in config.explicit,
+      resumed=source is not None)
+  why_devices = devices.why_device_count(loc.num_cpu_devices, "num_cpu_devices" in
+                                         config.explicit, loc.num_processes, platform)
+  # The choices go into the config: flags.cfg and the checkpoints keep them.
+  config = dataclasses.replace(config, train=dataclasses.replace(tc, microbatches=microbatches))
+  if platform == "cpu" and loc.num_processes == 1:
+    config = dataclasses.replace(config, location=dataclasses.replace(
+        loc, num_cpu_devices=mesh.size))
+  tc, loc = config.train, config.location
   replicated = devices.replicated(mesh)
   key = jax.random.key(tc.seed)
   state = train.initial_state(jax.random.fold_in(key, train.INIT_STREAM), model_config, tc,
@@ -114,7 +126,7 @@ def prepare(config: RunConfig) -> Setup | None:
   evaluator = evaluate.Evaluator(placement.eval_device, splits,
                                  jax.random.fold_in(key, train.EVAL_STREAM), tc, model_config)
   setup = Setup(config, model_config, start_iter, source, best, tokenizer, prompts, placement,
-                mesh, microbatches, state, jax.device_put(splits["train"], replicated),
+                mesh, microbatches, (why_devices, why_microbatches), state, jax.device_put(splits["train"], replicated),
                 get_batch, step_fn, evaluator)
   print_header(setup, data_line)
   return setup
@@ -125,10 +137,11 @@ def print_header(setup: Setup, data_line: str) -> None:
   print(data_line)
   print(f"model: {mc.n_layer} layers, {mc.n_head} heads, n_embd {mc.n_embd}, block "
         f"{mc.block_size}, dropout {mc.dropout} | {model.n_params(mc):,} parameters")
-  mb = setup.microbatches
-  print(f"devices: {setup.mesh.size} x {setup.mesh.devices.flat[0].platform} (data-parallel) "
-        f"| batch {tc.batch_size} x {mc.block_size} = {tc.batch_size * mc.block_size:,} "
-        f"tokens/step in {mb} microbatch{'es' if mb > 1 else ''} | workdir: {setup.workdir}")
+  mb, (why_devices, why_microbatches) = setup.microbatches, setup.choices
+  print(f"devices: {setup.mesh.size} x {setup.mesh.devices.flat[0].platform} (data-parallel; "
+        f"{why_devices}) | batch {tc.batch_size} x {mc.block_size} = "
+        f"{tc.batch_size * mc.block_size:,} tokens/step in {mb} "
+        f"microbatch{'es' if mb > 1 else ''} ({why_microbatches}) | workdir: {setup.workdir}")
   for note in setup.placement.notes:
     print(note)
   if setup.source:

@@ -181,6 +181,18 @@ def test_microbatches_default_to_cache_sized_slices_on_the_cpu(
   assert train.train_microbatches(tc, model_config, platform) == expected
 
 
+@pytest.mark.parametrize("requested, explicit, resumed, batch_size, expected", [
+    (0, False, False, 32, (4, "automatic: slices of at most 512 tokens")),
+    (2, True, False, 32, (2, "--microbatches")),
+    (8, False, True, 32, (8, "kept from the checkpoint")),
+    (8, False, True, 12, (2, "automatic: slices of at most 512 tokens")),  # A new batch size.
+])
+def test_the_microbatch_choice_says_why(requested, explicit, resumed, batch_size, expected):
+  tc = TrainConfig(batch_size=batch_size, microbatches=requested)
+  assert train.choose_microbatches(tc, ModelConfig(block_size=64), "cpu", explicit=explicit,
+                                   resumed=resumed) == expected
+
+
 def test_train_step_advances_the_schedule_count(setup):
   cfg, tokens, _ = setup
   step = jax.jit(train_step(cfg))
