@@ -395,8 +395,8 @@ def nanogpt_ms(script: str, config, iters: int) -> float:
 
 
 def loop_ms(config, iters: int, cache: Path) -> float:
-  """randygpt.main's median ms/iteration over `iters` iterations (log lines of 10), its
-  compilation cached by the round before."""
+  """randygpt.main's median ms/iteration over `iters` iterations (the log lines' ms/it,
+  every 10 iterations, less the first), its compilation cached by a run before."""
   with tempfile.TemporaryDirectory() as tmp:
     flagfile = Path(tmp) / "flags.cfg"
     flagfile.write_text(config.flagfile(), encoding="utf-8")
@@ -409,7 +409,8 @@ def loop_ms(config, iters: int, cache: Path) -> float:
       raise UserError(f"The training loop timing failed: {done.stderr.strip()[-300:]}")
     from randygpt import metrics
     records = metrics.read_records(Path(tmp) / "w" / "metrics.jsonl")
-  return _percentile([r["ms_per_iter"] for r in records[1:-1] if "ms_per_iter" in r], 50)
+  timed = [r["ms_per_iter"] for r in records if "ms_per_iter" in r]
+  return _percentile(timed[1:] or timed, 50)  # The first includes the first step's wait.
 
 
 def measure_shapes(config, specs, *, steps: int, warmup_steps: int, repeats: int,

@@ -126,8 +126,8 @@ def prepare(config: RunConfig) -> Setup | None:
   evaluator = evaluate.Evaluator(placement.eval_device, splits,
                                  jax.random.fold_in(key, train.EVAL_STREAM), tc, model_config)
   setup = Setup(config, model_config, start_iter, source, best, tokenizer, prompts, placement,
-                mesh, microbatches, (why_devices, why_microbatches), state, jax.device_put(splits["train"], replicated),
-                get_batch, step_fn, evaluator)
+                mesh, microbatches, (why_devices, why_microbatches), state,
+                jax.device_put(splits["train"], replicated), get_batch, step_fn, evaluator)
   print_header(setup, data_line)
   return setup
 
