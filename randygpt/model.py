@@ -128,16 +128,31 @@ def _transformer(params, tokens_BxT, config: ModelConfig, keep_Lx2xNxD, cache, p
   return logits_NxV.reshape(batch, t, config.vocab_size), new_cache
 
 
+def dropout_masks(rng: jax.Array, rows_B: jax.Array, config: ModelConfig,
+                  t: int) -> jax.Array:
+  """Which activations dropout keeps, (L, 2, B·T, D): each batch row's masks drawn from
+  `fold_in(rng, row)` by its global row number, so that they do not depend on how the
+  batch is split into microbatches or over devices."""
+  shape = (config.n_layer, 2, t, config.n_embd)
+
+  def row_masks(row):
+    return jax.random.bernoulli(jax.random.fold_in(rng, row), 1.0 - config.dropout, shape)
+  keep_Lx2xBxTxD = jax.vmap(row_masks, out_axes=2)(rows_B)
+  return keep_Lx2xBxTxD.reshape(config.n_layer, 2, -1, config.n_embd)
+
+
 def forward(params, tokens_BxT: jax.Array, config: ModelConfig, *, train: bool = False,
-            rng: jax.Array | None = None) -> jax.Array:
-  """Logits (B, T, vocab) for each position; dropout only when `train` and `rng` is given."""
+            rng: jax.Array | None = None, rows_B: jax.Array | None = None) -> jax.Array:
+  """Logits (B, T, vocab) for each position; dropout only when `train` and `rng` is given,
+  its masks drawn per global row (`rows_B`, by default 0..B-1: the batch is whole)."""
   use_dropout = train and config.dropout > 0.0
   if use_dropout and rng is None:
     raise ValueError("forward(train=True) with dropout needs an rng")
   keep_Lx2xNxD = None
-  if use_dropout:  # All masks at once: one random-bits computation rather than 2 * n_layer.
-    shape = (config.n_layer, 2, tokens_BxT.size, config.n_embd)
-    keep_Lx2xNxD = jax.random.bernoulli(rng, 1.0 - config.dropout, shape)
+  if use_dropout:
+    batch, t = tokens_BxT.shape
+    rows_B = jnp.arange(batch) if rows_B is None else rows_B
+    keep_Lx2xNxD = dropout_masks(rng, rows_B, config, t)
   return _transformer(params, tokens_BxT, config, keep_Lx2xNxD, None, 0)[0]
 
 
@@ -149,8 +164,8 @@ def forward_cached(params, tokens_BxT: jax.Array, cache: dict, pos: jax.Array,
 
 
 def loss_fn(params, batch, config: ModelConfig, *, train: bool = False,
-            rng: jax.Array | None = None) -> jax.Array:
+            rng: jax.Array | None = None, rows_B: jax.Array | None = None) -> jax.Array:
   """Mean next-character cross-entropy of `batch = (inputs_BxT, targets_BxT)`."""
   inputs_BxT, targets_BxT = batch
-  logits_BxTxV = forward(params, inputs_BxT, config, train=train, rng=rng)
+  logits_BxTxV = forward(params, inputs_BxT, config, train=train, rng=rng, rows_B=rows_B)
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT).mean()

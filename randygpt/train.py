@@ -5,6 +5,7 @@ schedule's step count. Data windows and dropout masks are pure functions of (see
 iteration), so a resumed run continues exactly as if it had never stopped.
 """
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -44,8 +45,9 @@ def train_step(state: dict, batch, rng: jax.Array, *, model_config: ModelConfig,
 
   def add_slice(total, inputs):
     i, microbatch = inputs[0], inputs[1:]
+    rows_B = i + microbatches * jnp.arange(microbatch[0].shape[0])  # Its rows in the batch.
     loss_and_grads = jax.value_and_grad(model.loss_fn)(
-        state["params"], microbatch, model_config, train=True, rng=jax.random.fold_in(rng, i))
+        state["params"], microbatch, model_config, train=True, rng=rng, rows_B=rows_B)
     return optax.tree_utils.tree_add(total, loss_and_grads), None
 
   zeros = (jnp.zeros(()), optax.tree_utils.tree_zeros_like(state["params"]))
@@ -74,6 +76,22 @@ def train_microbatches(tc: TrainConfig, model_config: ModelConfig, platform: str
   sequences_per_slice = largest_fitting_divisor(tc.batch_size, model_config.block_size,
                                                 CPU_MICROBATCH_TOKENS)
   return tc.batch_size // sequences_per_slice
+
+
+def choose_microbatches(tc: TrainConfig, model_config: ModelConfig, platform: str, *,
+                        explicit: bool, resumed: bool) -> tuple[int, str]:
+  """The step's microbatch count and the header's reason: --microbatches when `explicit`,
+  else the checkpoint's on a resume (unless a new --batch_size no longer divides by it),
+  else automatic. The count goes into the run's config: flags.cfg and the checkpoints keep
+  it, so a resume or a repeat from flags.cfg takes the same step."""
+  if tc.microbatches and explicit:
+    return tc.microbatches, "--microbatches"
+  if tc.microbatches and resumed and tc.batch_size % tc.microbatches == 0:
+    return tc.microbatches, "kept from the checkpoint"
+  auto = train_microbatches(dataclasses.replace(tc, microbatches=0), model_config, platform)
+  if platform != "cpu":
+    return auto, f"automatic on {platform}"
+  return auto, f"automatic: slices of at most {CPU_MICROBATCH_TOKENS} tokens"
 
 
 def jit_train_step(model_config: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh,

@@ -110,6 +110,8 @@ def entry_point(work):
     import jax  # After flag parsing: --help and flag errors stay fast.
     from randygpt.runtime import devices, platforms
     jax.config.update("jax_compilation_cache_dir", str(cache_dir("jax")))
+    if flags.FLAGS.resume and not flags.FLAGS.num_cpu_devices:  # The run's own device count.
+      flags.FLAGS.num_cpu_devices = devices.saved_device_count(flags.FLAGS.workdir)
     devices.set_cpu_device_count(devices.cpu_device_count(
         flags.FLAGS.num_cpu_devices, flags.FLAGS.batch_size, flags.FLAGS.num_processes))
     try:
