@@ -118,6 +118,7 @@ def measure(params, val_tokens, model_config, sample_config, n_windows: int, rep
 
 def bench_rolling():
   import jax
+  import numpy as np
 
   from randygpt import checkpoint, data, train
   from randygpt.config import RunConfig
@@ -132,11 +133,12 @@ def bench_rolling():
   if saved.model.position != "rope":
     raise UserError(f"{path} was trained with --position={saved.model.position}: the rolling "
                     "cache needs a --position=rope run.")
-  tokenizer = data.CharTokenizer(tuple(meta["vocab"]))
-  text, _ = data.load_text(saved.data.data, encoding=saved.data.data_encoding)
-  text, _ = data.tokenize(text, saved.data.tokenizer)
-  _, val_tokens = data.split(tokenizer.encode(text), saved.model.block_size)
-  model_config = dataclasses.replace(saved.model, vocab_size=tokenizer.vocab_size)
+  corpus = data.load_corpus(saved.data.data, cli.cache_dir("tokens"),
+                            encoding=saved.data.data_encoding, tokenizer=saved.data.tokenizer)
+  checkpoint.check_vocab(meta["vocab"], corpus.tokenizer, path, saved.data.data)
+  _, val_tokens = data.split(corpus.tokens, saved.model.block_size)
+  val_tokens = np.asarray(val_tokens)
+  model_config = dataclasses.replace(saved.model, vocab_size=corpus.tokenizer.vocab_size)
   state = train.initial_state(jax.random.key(0), model_config, saved.train, path,
                               jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
   sample_config = dataclasses.replace(
