@@ -34,13 +34,18 @@ def eval_loss(params, batch, *, model_config: ModelConfig, chunks: int = 1) -> j
   return jax.lax.map(chunk_loss, in_chunks).mean()
 
 
+def eval_windows(tc: TrainConfig) -> int:
+  """Windows in each of an estimate's two splits."""
+  return tc.eval_iters * tc.batch_size
+
+
 def eval_chunks(tc: TrainConfig, model_config: ModelConfig, platform: str) -> int:
   """How many chunks an estimate runs in on `platform`: the fewest whose size fits the
   platform's limit, in whole batches of windows unless one batch's logits exceed
   EVAL_CHUNK_BYTES (a vocabulary of thousands), then in windows."""
   max_tokens_by_bytes = EVAL_CHUNK_BYTES // (4 * model_config.vocab_size)  # float32 logits.
   max_tokens = min(EVAL_CHUNK_TOKENS.get(platform, max_tokens_by_bytes), max_tokens_by_bytes)
-  block, windows = model_config.block_size, tc.eval_iters * tc.batch_size
+  block, windows = model_config.block_size, eval_windows(tc)
   unit = tc.batch_size if tc.batch_size * block <= max_tokens_by_bytes else 1
   per_chunk = unit * train.largest_fitting_divisor(windows // unit, unit * block, max_tokens)
   return windows // per_chunk
@@ -48,8 +53,7 @@ def eval_chunks(tc: TrainConfig, model_config: ModelConfig, platform: str) -> in
 
 def eval_chunk_tokens(tc: TrainConfig, model_config: ModelConfig, platform: str) -> int:
   """Tokens in one chunk of an estimate on `platform`."""
-  windows = tc.eval_iters * tc.batch_size
-  return windows * model_config.block_size // eval_chunks(tc, model_config, platform)
+  return eval_windows(tc) * model_config.block_size // eval_chunks(tc, model_config, platform)
 
 
 def jit_eval_loss(tc: TrainConfig, model_config: ModelConfig, platform: str,
@@ -76,7 +80,7 @@ class Evaluator:
     # train windows, 1 the val windows), from where each device it uses gets its copy.
     self._windows = None if splits is None else {
         name: data.windows(splits[name], data.window_starts(
-            jax.random.fold_in(key, index), tc.eval_iters * tc.batch_size, len(splits[name]),
+            jax.random.fold_in(key, index), eval_windows(tc), len(splits[name]),
             model_config.block_size), model_config.block_size)
         for index, name in enumerate(("train", "val"))}
     self._inputs = (None, None)  # (device, its copy of the windows)
@@ -151,7 +155,7 @@ class Evaluator:
   def _on_accelerator(self, what: str, work):
     """`work()` through the tests' seam; an estimate that runs out of memory is retried in
     chunks half as large, down to one window a chunk."""
-    windows = 0 if self.tc is None else self.tc.eval_iters * self.tc.batch_size
+    windows = 0 if self.tc is None else eval_windows(self.tc)
     while True:
       try:
         return platforms.SEAM.hook(what, work)
