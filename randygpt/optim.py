@@ -16,6 +16,7 @@ import re
 
 import jax
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from randygpt.config import TrainConfig
 from randygpt.errors import UserError
@@ -83,10 +84,24 @@ def _matrices(tree):
   return jax.tree_util.tree_map_with_path(lambda path, x: _split_qkv(x, path), tree)
 
 
-def scale_by_muon_blocks(rms: float, beta: float = 0.95) -> optax.GradientTransformation:
+def _by_layer(tree, mesh: Mesh | None):
+  """`tree` laid out over `mesh` by layer (the leading axis), where the layers divide evenly:
+  each device orthogonalises its share of the matrices, not all of them (measurements.md,
+  "Muon's update spread over the devices")."""
+  if mesh is None or mesh.size == 1:
+    return tree
+  by_layer = NamedSharding(mesh, PartitionSpec("data"))
+  whole = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+      x, by_layer if x.shape[0] % mesh.size == 0 else whole), tree)
+
+
+def scale_by_muon_blocks(rms: float, beta: float = 0.95,
+                         mesh: Mesh | None = None) -> optax.GradientTransformation:
   """Muon for the stacked blocks' matrices: each (L, in, out) leaf is L matrices (wqkv 3L
   matrices of D x D), orthogonalised separately, each scaled to an RMS of `rms`
-  (0.2·sqrt(max(in, out)), "Muon is Scalable for LLM Training", Liu et al. 2025)."""
+  (0.2·sqrt(max(in, out)), "Muon is Scalable for LLM Training", Liu et al. 2025). With a
+  `mesh`, the layers are spread over its devices for the update."""
   def dims(tree):  # Axis 1 is the input; the output is the last axis; the rest are batches.
     return jax.tree.map(lambda x: optax.contrib.MuonDimensionNumbers(1, x.ndim - 1), tree)
 
@@ -97,7 +112,7 @@ def scale_by_muon_blocks(rms: float, beta: float = 0.95) -> optax.GradientTransf
 
   def update_fn(updates, state, params=None):
     del params
-    updates, state = muon.update(_matrices(updates), state)
+    updates, state = muon.update(_by_layer(_matrices(updates), mesh), state)
     updates = jax.tree.map(
         lambda u: u * (rms * max(u.shape[1], u.shape[-1]) ** 0.5), updates)
     return jax.tree_util.tree_map_with_path(lambda path, u: _fuse_qkv(u, path), updates), state
@@ -105,7 +120,8 @@ def scale_by_muon_blocks(rms: float, beta: float = 0.95) -> optax.GradientTransf
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(config: TrainConfig, mesh: Mesh | None = None) -> optax.GradientTransformation:
+  """The run's optimizer; `mesh`: the training devices, over which Muon spreads its work."""
   clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity()
   if config.optimizer == "adamw":
     return optax.chain(
@@ -119,7 +135,7 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
   # optax.adamw is this chain too: scale_by_adam, add_decayed_weights, scale_by_learning_rate.
   return optax.chain(
       clip,
-      optax.partition({"muon": scale_by_muon_blocks(config.muon_rms),
+      optax.partition({"muon": scale_by_muon_blocks(config.muon_rms, mesh=mesh),
                        "adam": optax.scale_by_adam(b1=config.beta1, b2=config.beta2)},
                       muon_labels),
       optax.add_decayed_weights(config.weight_decay, decay_mask),
