@@ -249,6 +249,33 @@ def test_muon_orthogonalises_each_layer_and_each_of_q_k_v():
   assert singular.max() / singular.min() > 3
 
 
+def test_muon_s_update_is_laid_out_by_layer_over_the_devices():
+  from randygpt.runtime import devices
+  mesh = devices.data_mesh(jax.devices("cpu")[:2])
+  tree = {"even": jnp.ones((4, 3, 3)), "odd": jnp.ones((3, 3, 3))}
+  out = jax.jit(lambda t: optim._by_layer(t, mesh))(tree)
+  assert out["even"].sharding.spec == jax.sharding.PartitionSpec("data")
+  assert out["odd"].sharding.is_fully_replicated  # 3 layers do not divide over 2 devices.
+  assert optim._by_layer(tree, None) is tree
+
+
+@needs_muon
+def test_muon_spread_over_two_devices_takes_the_same_step():
+  from randygpt.runtime import devices
+  mesh = devices.data_mesh(jax.devices("cpu")[:2])
+  params = init(config_of("rope"))
+  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape), params)
+  tc = TrainConfig(optimizer="muon", warmup_iters=0)
+  replicated = devices.replicated(mesh)
+  params, grads = jax.device_put((params, grads), replicated)
+  results = []
+  for opt in (optim.make_optimizer(tc), optim.make_optimizer(tc, mesh)):
+    step = jax.jit(opt.update, out_shardings=replicated)
+    results.append(step(grads, jax.jit(opt.init)(params), params))
+  for spread, whole in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[0])):
+    np.testing.assert_allclose(spread, whole, rtol=1e-5, atol=1e-7)
+
+
 @needs_muon
 def test_muon_keeps_the_schedule_count_and_skips_decay_of_embeddings():
   config = config_of("rope")
