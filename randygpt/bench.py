@@ -286,12 +286,25 @@ def prepare_step(config):
   return model_config, placement, mesh, microbatches, state, step, corpus.tokens, batch
 
 
+def check_torch_comparable(config) -> None:
+  """torch_reference.py is randyGPT's architecture with AdamW: refuses a config with levers."""
+  levers = [f"--{name}" for name, on in (
+      ("position", config.model.position != "learned"), ("qk_norm", config.model.qk_norm),
+      ("final_norm", config.model.final_norm), ("optimizer", config.train.optimizer != "adamw"))
+      if on]
+  if levers:
+    raise UserError(f"--torch times randyGPT's architecture with AdamW, not {', '.join(levers)}: "
+                    "drop those flags or --torch.")
+
+
 def measure(config, *, steps: int, warmup_steps: int, saves: int, with_torch: bool,
             peak_gflops: float) -> dict:
   import jax
   import numpy as np
 
   from randygpt import model
+  if with_torch:
+    check_torch_comparable(config)
   model_config, placement, mesh, microbatches, state, step, tokens, batch = prepare_step(config)
   tc = config.train
   start = time.perf_counter()
@@ -470,6 +483,7 @@ def measure_shapes(config, specs, *, steps: int, warmup_steps: int, repeats: int
   import numpy as np
 
   from randygpt import torch_reference
+  check_torch_comparable(config)
   results = []
   with tempfile.TemporaryDirectory() as cache:
     for spec in specs:

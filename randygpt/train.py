@@ -64,8 +64,9 @@ def largest_fitting_divisor(count: int, tokens_each: int, max_tokens: int) -> in
   """The largest divisor n of `count` (at least 1) whose n items of `tokens_each` tokens
   hold at most `max_tokens`: how many batches an estimate runs at once, or how many
   sequences a microbatch holds."""
-  return max(n for n in range(1, count + 1)
-             if count % n == 0 and (n == 1 or n * tokens_each <= max_tokens))
+  # Down from the most that fit: the work does not grow with `count` (--batch_size=10**9).
+  most = max(1, min(count, max_tokens // tokens_each))
+  return next(n for n in range(most, 0, -1) if count % n == 0)
 
 
 def train_microbatches(tc: TrainConfig, model_config: ModelConfig, platform: str) -> int:
@@ -100,7 +101,7 @@ def jit_train_step(model_config: ModelConfig, tc: TrainConfig, mesh: jax.shardin
   the state replicated (XLA all-reduces the gradients), the old state donated."""
   replicated = devices.replicated(mesh)
   return jax.jit(functools.partial(
-      train_step, model_config=model_config, optimizer=optim.make_optimizer(tc),
+      train_step, model_config=model_config, optimizer=optim.make_optimizer(tc, mesh),
       schedule=optim.lr_schedule(tc), microbatches=microbatches),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 

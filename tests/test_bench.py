@@ -86,3 +86,11 @@ def test_shapes_table_times_randygpt_beside_the_peers(tmp_path):
   assert len(row["rounds"]["randygpt"]) == len(row["rounds"]["torch_reference"]) == 2
   assert row["nanogpt"] is None and row["step_vs_faster_peer"] > 0
   assert "| 2/2/16/16/4/0.1 |" in bench.shapes_table(rows)
+
+
+def test_the_pytorch_reference_is_refused_with_levers(tmp_path):
+  from conftest import raises_user_error
+  with raises_user_error("--torch times randyGPT's architecture with AdamW, not --position, "
+                         "--optimizer: drop those flags or --torch."):
+    bench.measure(config(tmp_path, position="rope", optimizer="muon"), steps=1,
+                  warmup_steps=0, saves=1, with_torch=True, peak_gflops=0.0)

@@ -223,7 +223,7 @@ def test_training_lowers_the_loss(setup):
 
 @pytest.mark.parametrize("count, tokens_each, max_tokens, expected", [
     (200, 2048, 2048, 1), (200, 2048, 20000, 8), (200, 256, 2048, 8), (7, 256, 2048, 7),
-    (7, 512, 2048, 1), (20, 4096, 2048, 1)])
+    (7, 512, 2048, 1), (20, 4096, 2048, 1), (10**9, 64, 512, 8), (10**9 + 7, 64, 512, 1)])
 def test_largest_fitting_divisor(count, tokens_each, max_tokens, expected):
   assert train.largest_fitting_divisor(count, tokens_each, max_tokens) == expected
 
