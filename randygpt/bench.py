@@ -50,7 +50,7 @@ flags.DEFINE_list("shapes", [], "Instead of the one-shape report: time randygpt'
                   "train.py) at these shapes, interleaved, in one table. Preset names ("
                   "tiny, nanogpt, default, default-d0, medium) or L/H/D/T/B/dropout, e.g. "
                   "4/4/128/64/12/0. The other flags (--steps, the learning rate...) apply.")
-flags.DEFINE_integer("repeats", 3, "With --shapes: rounds of randygpt, PyTorch, nanoGPT (and "
+flags.DEFINE_integer("shape_repeats", 3, "With --shapes: rounds of randygpt, PyTorch, nanoGPT (and "
                      "the real loop) in turn; the table gives their medians.", lower_bound=1)
 flags.DEFINE_integer("loop_iters", 0, "With --shapes: also time the real training loop "
                      "(randygpt.main, warm compilation cache) over this many iterations; "
@@ -549,7 +549,7 @@ def bench():
     except ImportError:
       raise UserError("--shapes needs PyTorch: pip install torch==2.13.0") from None
     rows = measure_shapes(config, flags.FLAGS.shapes, steps=flags.FLAGS.steps,
-                          warmup_steps=flags.FLAGS.warmup_steps, repeats=flags.FLAGS.repeats,
+                          warmup_steps=flags.FLAGS.warmup_steps, repeats=flags.FLAGS.shape_repeats,
                           loop_iters=flags.FLAGS.loop_iters,
                           nanogpt_iters=flags.FLAGS.nanogpt_iters,
                           script=flags.FLAGS.nanogpt_script)
