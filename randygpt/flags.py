@@ -137,7 +137,7 @@ for _beta in ("beta1", "beta2"):  # At 1, Adam's bias correction divides by zero
   flags.register_validator(_beta, lambda v: v < 1.0, f"--{_beta} must be below 1.")
 flags.register_validator("top_p", lambda v: 0.0 < v <= 1.0, "--top_p must be in (0, 1].")
 for _rate in ("learning_rate", "muon_rms"):  # 0 would train nothing.
-  flags.register_validator(_rate, lambda v: v > 0.0, f"--{_rate} must be > 0.")
+  flags.register_validator(_rate, lambda v: v > 0.0, f"--{_rate} must be positive.")
 flags.register_multi_flags_validator(
     ["n_embd", "n_head"], lambda f: f["n_embd"] % f["n_head"] == 0,
     "--n_embd must be divisible by --n_head.")
