@@ -268,6 +268,13 @@ def measure(config, *, steps: int, warmup_steps: int, saves: int, with_torch: bo
   import numpy as np
 
   from randygpt import model
+  levers = [f"--{name}" for name, on in (
+      ("position", config.model.position != "learned"), ("qk_norm", config.model.qk_norm),
+      ("final_norm", config.model.final_norm), ("optimizer", config.train.optimizer != "adamw"))
+      if on]
+  if with_torch and levers:  # torch_reference.py is randyGPT's architecture with AdamW.
+    raise UserError(f"--torch times randyGPT's architecture with AdamW, not {', '.join(levers)}: "
+                    "drop those flags or --torch.")
   model_config, placement, mesh, microbatches, state, step, tokens, batch = prepare_step(config)
   tc = config.train
   start = time.perf_counter()

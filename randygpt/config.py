@@ -17,6 +17,10 @@ class ModelConfig:
   n_layer: int = 6
   block_size: int = 64
   dropout: float = 0.1
+  # The levers (docs/levers.md); off by default, which is randyGPT's architecture.
+  position: str = "learned"  # "rope": rotary q and k, no learned position embedding.
+  qk_norm: bool = False  # Gain-free RMSNorm of each head's query and key.
+  final_norm: bool = False  # Gain-free RMSNorm before the lm_head.
 
   @property
   def head_dim(self) -> int:
@@ -26,6 +30,8 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   iters: int = 1000
+  optimizer: str = "adamw"  # "muon": Muon for the blocks' matrices, AdamW for the rest.
+  muon_rms: float = 0.2  # Muon's update RMS relative to the learning rate (AdamW's is ~0.2).
   batch_size: int = 32
   microbatches: int = 0  # 0: decided from the shape and the platform.
   learning_rate: float = 3e-3
@@ -51,6 +57,7 @@ class SampleConfig:
   temperature: float = 0.8  # 0: greedy.
   top_p: float = 0.9
   top_k: int = 0  # 0: off.
+  rolling_cache: bool = False  # --position=rope: past the window, a rolling key/value cache.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +84,13 @@ class LocationConfig:
   distributed_timeout: int = 60
 
 
-# What a resumed run takes from its checkpoint whatever the flags say.
-FIXED_ON_RESUME = ("n_embd", "n_head", "n_layer", "block_size", "seed")
+# What a resumed run takes from its checkpoint whatever the flags say: the parameter tree's
+# shape, the function it computes, the optimizer state's kind, and the seed.
+FIXED_ON_RESUME = ("n_embd", "n_head", "n_layer", "block_size", "position", "qk_norm",
+                   "final_norm", "optimizer", "seed")
+# What a checkpoint written before a flag existed ran with: the flag's default.
+_DEFAULTS = {f.name: f.default for section in (ModelConfig, TrainConfig)
+             for f in dataclasses.fields(section)}
 
 _SECTIONS = {"model": ModelConfig, "train": TrainConfig, "sample": SampleConfig,
              "data": DataConfig, "location": LocationConfig}
@@ -123,12 +135,13 @@ class RunConfig:
     """The checkpoint's flags, overridden by those the user set now. The model shape
     and seed cannot be overridden: explicit flags that contradict them are refused."""
     current = self.to_flags(include_location=True)
+    saved = {**{name: _DEFAULTS[name] for name in FIXED_ON_RESUME}, **saved}
     clashes = [f"{name}={saved[name]} (flag: {current[name]})" for name in FIXED_ON_RESUME
-               if name in self.explicit and saved.get(name) != current[name]]
+               if name in self.explicit and saved[name] != current[name]]
     if clashes:
       raise UserError(f"Checkpoint {checkpoint} has {', '.join(clashes)}. A resumed run keeps "
-                      "the checkpoint's shape and seed: drop those flags, or start a new run "
-                      "in another --workdir.")
+                      "the checkpoint's shape, levers, optimizer and seed: drop those flags, "
+                      "or start a new run in another --workdir.")
     merged = {**saved, **{k: v for k, v in current.items()
                           if k in self.explicit or k in LocationConfig.__dataclass_fields__}}
     merged["prompt"] = tuple(merged["prompt"])

@@ -66,10 +66,25 @@ flags.DEFINE_integer("n_layer", 6, "Transformer blocks.", lower_bound=1)
 flags.DEFINE_integer("block_size", 64, "Context length in characters.", lower_bound=1)
 flags.DEFINE_float("dropout", 0.1, "Dropout rate on the attention and MLP outputs during "
                    "training.", lower_bound=0.0)
+flags.DEFINE_enum(
+    "position", "learned", ["learned", "rope"], "How the model knows positions: `learned` "
+    "embeddings added to the input (randyGPT), or `rope`: rotary embeddings of each head's "
+    "query and key, relative positions with no learned parameters (docs/levers.md).")
+flags.DEFINE_bool("qk_norm", False, "Normalise each head's query and key (gain-free RMSNorm) "
+                  "before their dot product (docs/levers.md).")
+flags.DEFINE_bool("final_norm", False, "A gain-free RMSNorm of the last residual stream "
+                  "before the lm_head (randyGPT has none; docs/levers.md).")
 
 # Training.
 flags.DEFINE_integer("iters", 1000, "Target iteration: training stops when this many steps "
                      "are done (not an additional count).", lower_bound=1)
+flags.DEFINE_enum(
+    "optimizer", "adamw", ["adamw", "muon"], "`adamw` for every weight, or `muon`: Muon "
+    "(optax.contrib, optax 0.2.7 or newer) for each block's matrices (q, k and v as three), "
+    "AdamW for the embeddings and the lm_head, one learning-rate schedule (docs/levers.md).")
+flags.DEFINE_float("muon_rms", 0.2, "--optimizer=muon: the RMS of Muon's orthogonalised update "
+                   "per unit of learning rate, so that --learning_rate suits both optimizers "
+                   "(AdamW's update RMS is about 0.2).")
 flags.DEFINE_integer("batch_size", 32, "Sequences per training step.", lower_bound=1)
 flags.DEFINE_integer("microbatches", 0, "Slices of the batch that a training step runs one "
                      "after another, summing their gradients: the same step in less memory, "
@@ -112,12 +127,17 @@ flags.DEFINE_float("top_p", 0.9, "Nucleus sampling: keep the smallest set of cha
                    "probability reaches this, in (0, 1].")
 flags.DEFINE_integer("top_k", 0, "Keep only the k most likely characters; 0 is off.",
                      lower_bound=0)
+flags.DEFINE_bool(
+    "rolling_cache", False, "With --position=rope, sample past --block_size with a rolling "
+    "key/value cache (one position per character) instead of re-running the window for each "
+    "one; each character then keeps the context it had when it was computed (docs/levers.md).")
 
 flags.register_validator("dropout", lambda v: v < 1.0, "--dropout must be below 1.")
 for _beta in ("beta1", "beta2"):  # At 1, Adam's bias correction divides by zero.
   flags.register_validator(_beta, lambda v: v < 1.0, f"--{_beta} must be below 1.")
 flags.register_validator("top_p", lambda v: 0.0 < v <= 1.0, "--top_p must be in (0, 1].")
-flags.register_validator("learning_rate", lambda v: v > 0.0, "--learning_rate must be > 0.")
+for _rate in ("learning_rate", "muon_rms"):  # 0 would train nothing.
+  flags.register_validator(_rate, lambda v: v > 0.0, f"--{_rate} must be positive.")
 flags.register_multi_flags_validator(
     ["n_embd", "n_head"], lambda f: f["n_embd"] % f["n_head"] == 0,
     "--n_embd must be divisible by --n_head.")

@@ -50,13 +50,17 @@ def generate(params, prompt_BxP: jax.Array, key: jax.Array, model_config: ModelC
   """`max_new_tokens` tokens following each row of `prompt_BxP` (P >= 1), in one jitted loop.
 
   While the text fits the context window, a key/value cache makes each new token cost one
-  position (the prompt is prefilled at once). Beyond it, positions are absolute, so each
-  token re-runs the last block_size tokens, as nanoGPT does. `use_cache=False` re-runs the
-  window for every token: the reference the cached path must match.
+  position (the prompt is prefilled at once). Beyond it, each token re-runs the last
+  block_size tokens, as nanoGPT does; with rotary positions and `rolling_cache`, the cache
+  rolls on instead (one position per token, each keeping the keys and values computed when
+  it was added: not what re-running the window computes, docs/levers.md). `use_cache=False`
+  re-runs the window for every token: the reference the cached path must match.
   """
   batch, n_prompt = prompt_BxP.shape
   n_new, block = sample_config.max_new_tokens, model_config.block_size
-  n_cached = min(n_new, block - n_prompt + 1) if use_cache and n_prompt <= block else 0
+  rolling = sample_config.rolling_cache and model_config.position == "rope"
+  n_cached = (0 if not use_cache or n_prompt > block else
+              n_new if rolling else min(n_new, block - n_prompt + 1))
   buffer_BxM = jnp.zeros((batch, max(n_prompt + n_new, block)), jnp.int32)
   buffer_BxM = buffer_BxM.at[:, :n_prompt].set(prompt_BxP)
 

@@ -4,6 +4,12 @@ Pre-norm blocks with gain-free RMSNorm, causal multi-head attention, a squared-R
 MLP of width 4*n_embd, no biases, learned token and position embeddings and an
 untied lm_head applied to the last residual stream (randyGPT has no final norm).
 
+Three levers change the architecture, each off by default (docs/levers.md):
+`position="rope"` rotates each head's query and key by its absolute position (rotary
+embeddings, so attention sees relative positions) and drops the learned `wpe`; `qk_norm`
+RMS-normalises each head's query and key, gain-free; `final_norm` RMS-normalises the last
+residual stream before the lm_head, gain-free. None of them adds a parameter.
+
 Names carry their shapes (`logits_BxTxV`), in letters that mean the same in every file:
   B  sequences in a batch          T  positions in a window (at most block_size)
   S  positions attended over       D  n_embd
@@ -29,6 +35,7 @@ from randygpt.config import ModelConfig
 
 RMS_EPS = 1e-5
 INIT_STD = 0.02
+ROPE_BASE = 10000.0  # The rotary frequencies' base, as in RoFormer and Llama.
 
 
 def init_params(key: jax.Array, config: ModelConfig) -> dict:
@@ -45,16 +52,20 @@ def init_params(key: jax.Array, config: ModelConfig) -> dict:
             "mlp": {"w1": normal(k_1, (d, 4 * d)), "w2": normal(k_2, (4 * d, d), residual_std)}}
 
   k_wte, k_wpe, k_head, k_blocks = jax.random.split(key, 4)
-  return {"wte": normal(k_wte, (v, d)), "wpe": normal(k_wpe, (config.block_size, d)),
-          "lm_head": normal(k_head, (d, v)),
-          "blocks": jax.vmap(block)(jax.random.split(k_blocks, config.n_layer))}
+  params = {"wte": normal(k_wte, (v, d)), "wpe": normal(k_wpe, (config.block_size, d)),
+            "lm_head": normal(k_head, (d, v)),
+            "blocks": jax.vmap(block)(jax.random.split(k_blocks, config.n_layer))}
+  if config.position == "rope":  # Same keys for the rest: only wpe differs from "learned".
+    del params["wpe"]
+  return params
 
 
 def n_params(config: ModelConfig) -> int:
   """The parameters of `init_params(key, config)`: per block 12·D² (attention 4, MLP 8),
-  the token and position embeddings and the lm_head."""
+  the token embeddings, the position embeddings (not with rope) and the lm_head."""
   d = config.n_embd
-  return 12 * config.n_layer * d * d + (2 * config.vocab_size + config.block_size) * d
+  positions = config.block_size if config.position == "learned" else 0
+  return 12 * config.n_layer * d * d + (2 * config.vocab_size + positions) * d
 
 
 def train_flops_per_token(config: ModelConfig) -> int:
@@ -75,28 +86,52 @@ def _dropout(x, rate, keep):
 
 
 def init_cache(config: ModelConfig, batch: int) -> dict:
-  """An empty key/value cache for `batch` sequences of up to block_size positions, each
-  layer's stacked along a leading n_layer axis."""
+  """An empty key/value cache for `batch` sequences of block_size positions, each layer's
+  stacked along a leading n_layer axis. Position p is stored at slot p mod block_size: up
+  to block_size it is the window itself; past it (rope only) a ring of the last block_size
+  positions."""
   shape = (config.n_layer, batch, config.block_size, config.n_head, config.head_dim)
   return {"k": jnp.zeros(shape), "v": jnp.zeros(shape)}
 
 
+def rope(x_BxTxHxK: jax.Array, pos) -> jax.Array:
+  """Rotary position embedding: each pair (i, i + K/2) of a head's features rotated by the
+  angle (pos + t) / ROPE_BASE**(2i/K), t the row's index in the window."""
+  half = x_BxTxHxK.shape[-1] // 2
+  inv_freq = ROPE_BASE ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_TxK = (pos + jnp.arange(x_BxTxHxK.shape[1]))[:, None].astype(jnp.float32) * inv_freq
+  cos, sin = jnp.cos(angle_TxK)[:, None, :], jnp.sin(angle_TxK)[:, None, :]
+  x1, x2 = x_BxTxHxK[..., :half], x_BxTxHxK[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
 def _attention(attn, x_NxD, batch, config: ModelConfig, cache, pos):
   """Causal attention of the T new positions pos..pos+T-1; with a cache, their keys and
-  values are written into it at `pos` and the queries attend over the whole cache."""
+  values are written into it at slot `pos` mod block_size and the queries attend over the
+  cached positions up to their own (a ring past the window: T is then 1)."""
   n, d = x_NxD.shape
   t, h, k = n // batch, config.n_head, config.head_dim
   qkv_NxC = x_NxD @ attn["wqkv"]
   q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = jnp.split(qkv_NxC.reshape(batch, t, 3 * h, k), 3, axis=2)
+  if config.qk_norm:
+    q_BxTxHxK, k_BxTxHxK = rmsnorm(q_BxTxHxK), rmsnorm(k_BxTxHxK)
+  if config.position == "rope":
+    q_BxTxHxK, k_BxTxHxK = rope(q_BxTxHxK, pos), rope(k_BxTxHxK, pos)
   if cache is not None:
-    cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BxTxHxK, pos, axis=1),
-             "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BxTxHxK, pos, axis=1)}
+    s = cache["k"].shape[1]
+    slot = pos % s
+    cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BxTxHxK, slot, axis=1),
+             "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BxTxHxK, slot, axis=1)}
     k_BxSxHxK, v_BxSxHxK = cache["k"], cache["v"]
+    # The position each slot holds after this write (negative: not written yet).
+    last = pos + t - 1
+    key_pos_S = last - (last - jnp.arange(s)) % s
   else:
     k_BxSxHxK, v_BxSxHxK = k_BxTxHxK, v_BxTxHxK
-  s = k_BxSxHxK.shape[1]
+    key_pos_S = pos + jnp.arange(t)
   scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK) / math.sqrt(k)
-  causal_TxS = jnp.arange(s)[None, :] <= pos + jnp.arange(t)[:, None]
+  causal_TxS = ((key_pos_S[None, :] <= pos + jnp.arange(t)[:, None])
+                & (key_pos_S[None, :] >= 0))
   scores_BxHxTxS = jnp.where(causal_TxS, scores_BxHxTxS, -jnp.inf)
   probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
   out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS, v_BxSxHxK)
@@ -111,7 +146,9 @@ def _transformer(params, tokens_BxT, config: ModelConfig, keep_Lx2xNxD, cache, p
   """The blocks as a `lax.scan` over their stacked weights, unrolled: a rolled loop ran the
   train step 15-30% slower on the CPU (docs/measurements.md, "Training speed")."""
   batch, t = tokens_BxT.shape
-  x_BxTxD = params["wte"][tokens_BxT] + jax.lax.dynamic_slice_in_dim(params["wpe"], pos, t)
+  x_BxTxD = params["wte"][tokens_BxT]
+  if config.position == "learned":
+    x_BxTxD = x_BxTxD + jax.lax.dynamic_slice_in_dim(params["wpe"], pos, t)
 
   def block(x_NxD, layer):
     weights, keep_2xNxD, layer_cache = layer
@@ -124,6 +161,8 @@ def _transformer(params, tokens_BxT, config: ModelConfig, keep_Lx2xNxD, cache, p
 
   x_NxD, new_cache = jax.lax.scan(block, x_BxTxD.reshape(batch * t, config.n_embd),
                                   (params["blocks"], keep_Lx2xNxD, cache), unroll=True)
+  if config.final_norm:
+    x_NxD = rmsnorm(x_NxD)
   logits_NxV = x_NxD @ params["lm_head"]
   return logits_NxV.reshape(batch, t, config.vocab_size), new_cache
 
@@ -143,8 +182,10 @@ def forward(params, tokens_BxT: jax.Array, config: ModelConfig, *, train: bool =
 
 def forward_cached(params, tokens_BxT: jax.Array, cache: dict, pos: jax.Array,
                    config: ModelConfig) -> tuple[jax.Array, dict]:
-  """Logits of T tokens at positions pos..pos+T-1 (pos + T <= block_size) given the cache
-  of the positions before them, and the cache with theirs added. No dropout."""
+  """Logits of T tokens at positions pos..pos+T-1 given the cache of the positions before
+  them, and the cache with theirs added. No dropout. pos + T <= block_size, except with
+  rope, where one token (T = 1) may go past the window: the cache then holds the last
+  block_size positions, each with the keys and values computed when it was added."""
   return _transformer(params, tokens_BxT, config, None, cache, pos)
 
 

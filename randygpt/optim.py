@@ -1,16 +1,29 @@
-"""The optimizer: AdamW with global-norm clipping and a warmup-then-cosine schedule.
+"""The optimizer: AdamW (or Muon for the blocks' matrices) with global-norm clipping and a
+warmup-then-cosine schedule.
 
 Weight decay applies to the 2-D weight matrices inside the blocks and the lm_head,
 not to the token and position embeddings: decaying an embedding row pulls rare
 characters towards zero for no gain in generalisation.
+
+`--optimizer=muon` replaces Adam's scaling of the blocks' matrices (wqkv as its three
+D x D matrices, wo, w1, w2, each layer's its own) by Muon's: Nesterov momentum,
+orthogonalised by Newton-Schulz iterations (optax.contrib.scale_by_muon), scaled to an RMS
+of `muon_rms` so that one learning rate suits both. The embeddings and the lm_head keep
+Adam. Decay and the schedule are shared: chain(clip, partition(muon | adam), decay, lr).
 """
+
+import re
 
 import jax
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from randygpt.config import TrainConfig
+from randygpt.errors import UserError
 
 NO_DECAY = frozenset({"wte", "wpe"})
+# The blocks' matrices Muon updates, by their key in params["blocks"][...]: all of them.
+MUON_LEAVES = frozenset({"wqkv", "wo", "w1", "w2"})
 
 
 def decay_horizon(config: TrainConfig) -> int:
@@ -39,9 +52,92 @@ def decay_mask(params) -> dict:
   return jax.tree_util.tree_map_with_path(lambda path, _: path[0].key not in NO_DECAY, params)
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+def muon_labels(params) -> dict:
+  """"muon" for every leaf Muon updates (the blocks' matrices), "adam" for the rest."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "muon" if path[0].key == "blocks" and path[-1].key in MUON_LEAVES
+      else "adam", params)
+
+
+MUON_OPTAX = (0, 2, 7)
+
+
+def muon_supported(version: str = optax.__version__) -> bool:
+  """Whether optax's Muon orthogonalises stacked matrices as used here: 0.2.7 or newer
+  (MuonDimensionNumbers came in 0.2.6, which still scaled inside scale_by_muon)."""
+  release = tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+  return release >= MUON_OPTAX
+
+
+def _split_qkv(x, path):
+  """wqkv (L, D, 3D) as (L, D, 3, D): its q, k and v matrices side by side."""
+  if path[-1].key == "wqkv":
+    return x.reshape(*x.shape[:-1], 3, x.shape[-1] // 3)
+  return x
+
+
+def _fuse_qkv(x, path):
+  return x.reshape(*x.shape[:-2], -1) if path[-1].key == "wqkv" else x
+
+
+def _matrices(tree):
+  return jax.tree_util.tree_map_with_path(lambda path, x: _split_qkv(x, path), tree)
+
+
+def _by_layer(tree, mesh: Mesh | None):
+  """`tree` laid out over `mesh` by layer (the leading axis), where the layers divide evenly:
+  each device orthogonalises its share of the matrices, not all of them (measurements.md,
+  "Muon's update spread over the devices")."""
+  if mesh is None or mesh.size == 1:
+    return tree
+  by_layer = NamedSharding(mesh, PartitionSpec("data"))
+  whole = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+      x, by_layer if x.shape[0] % mesh.size == 0 else whole), tree)
+
+
+def scale_by_muon_blocks(rms: float, beta: float = 0.95,
+                         mesh: Mesh | None = None) -> optax.GradientTransformation:
+  """Muon for the stacked blocks' matrices: each (L, in, out) leaf is L matrices (wqkv 3L
+  matrices of D x D), orthogonalised separately, each scaled to an RMS of `rms`
+  (0.2·sqrt(max(in, out)), "Muon is Scalable for LLM Training", Liu et al. 2025). With a
+  `mesh`, the layers are spread over its devices for the update."""
+  def dims(tree):  # Axis 1 is the input; the output is the last axis; the rest are batches.
+    return jax.tree.map(lambda x: optax.contrib.MuonDimensionNumbers(1, x.ndim - 1), tree)
+
+  muon = optax.contrib.scale_by_muon(beta=beta, weight_dimension_numbers=dims)
+
+  def init_fn(params):
+    return muon.init(_matrices(params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    updates, state = muon.update(_by_layer(_matrices(updates), mesh), state)
+    updates = jax.tree.map(
+        lambda u: u * (rms * max(u.shape[1], u.shape[-1]) ** 0.5), updates)
+    return jax.tree_util.tree_map_with_path(lambda path, u: _fuse_qkv(u, path), updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_optimizer(config: TrainConfig, mesh: Mesh | None = None) -> optax.GradientTransformation:
+  """The run's optimizer; `mesh`: the training devices, over which Muon spreads its work."""
+  clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity()
+  if config.optimizer == "adamw":
+    return optax.chain(
+        clip,
+        optax.adamw(lr_schedule(config), b1=config.beta1, b2=config.beta2,
+                    weight_decay=config.weight_decay, mask=decay_mask),
+    )
+  if not muon_supported():
+    raise UserError(f"--optimizer=muon needs optax 0.2.7 or newer (installed: "
+                    f"{optax.__version__}); use --optimizer=adamw, or upgrade optax.")
+  # optax.adamw is this chain too: scale_by_adam, add_decayed_weights, scale_by_learning_rate.
   return optax.chain(
-      optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity(),
-      optax.adamw(lr_schedule(config), b1=config.beta1, b2=config.beta2,
-                  weight_decay=config.weight_decay, mask=decay_mask),
+      clip,
+      optax.partition({"muon": scale_by_muon_blocks(config.muon_rms, mesh=mesh),
+                       "adam": optax.scale_by_adam(b1=config.beta1, b2=config.beta2)},
+                      muon_labels),
+      optax.add_decayed_weights(config.weight_decay, decay_mask),
+      optax.scale_by_learning_rate(lr_schedule(config)),
   )

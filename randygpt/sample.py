@@ -17,7 +17,7 @@ from randygpt import flags as randygpt_flags
 flags.DEFINE_string("checkpoint", "", "best, latest, or a checkpoint path (a step directory "
                     "or a workdir); default: the best checkpoint, else the latest.")
 for _name in ("workdir", "prompt", "max_new_tokens", "num_samples", "temperature", "top_p",
-              "top_k", "seed", "eval_platform"):
+              "top_k", "rolling_cache", "seed", "eval_platform"):
   flags.declare_key_flag(_name, flag_values=flags.FLAGS)
 
 

@@ -83,7 +83,7 @@ def jit_train_step(model_config: ModelConfig, tc: TrainConfig, mesh: jax.shardin
   the state replicated (XLA all-reduces the gradients), the old state donated."""
   replicated = devices.replicated(mesh)
   return jax.jit(functools.partial(
-      train_step, model_config=model_config, optimizer=optim.make_optimizer(tc),
+      train_step, model_config=model_config, optimizer=optim.make_optimizer(tc, mesh),
       schedule=optim.lr_schedule(tc), microbatches=microbatches),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 

@@ -52,3 +52,11 @@ def test_bench_times_the_pytorch_reference_beside_randygpt(tmp_path):
   assert any(name.startswith("PyTorch 2.") for name, _ in table)
   assert "randygpt / PyTorch" in dict(table)
   assert "start-up to first iteration" not in dict(table)  # No training runs asked for.
+
+
+def test_the_pytorch_reference_is_refused_with_levers(tmp_path):
+  from conftest import raises_user_error
+  with raises_user_error("--torch times randyGPT's architecture with AdamW, not --position, "
+                         "--optimizer: drop those flags or --torch."):
+    bench.measure(config(tmp_path, position="rope", optimizer="muon"), steps=1,
+                  warmup_steps=0, saves=1, with_torch=True, peak_gflops=0.0)

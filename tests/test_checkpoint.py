@@ -242,6 +242,8 @@ def test_two_ctrl_c_in_a_row_before_any_evaluation(start_cli, corpus, tmp_path):
     ({"iters": 30}, "w already holds checkpoints (latest: iteration 20). Use --resume"),
     ({"iters": 30, "resume": True, "data": "other.txt"}, "Checkpoint vocab_size"),
     ({"iters": 30, "resume": True, "n_layer": 3}, "has n_layer=1 (flag: 3)"),
+    ({"iters": 30, "resume": True, "position": "rope"}, "has position=learned (flag: rope)"),
+    ({"iters": 30, "resume": True, "optimizer": "muon"}, "has optimizer=adamw (flag: muon)"),
     ({"iters": 30, "resume_from": "w/checkpoints/latest/99"}, "does not exist"),
     ({"iters": 30, "resume_from": "c.txt"}, "is not a randygpt checkpoint"),
 ])

@@ -41,3 +41,29 @@ def test_resume_refuses_flags_that_contradict_the_shape_or_seed():
 def test_resume_accepts_flags_equal_to_the_checkpoint():
   now = RunConfig.from_flags(SAVED, explicit=set(SAVED))
   assert now.resumed(SAVED, "ckpt").to_flags() == SAVED
+
+
+def test_resume_refuses_flags_that_contradict_the_levers_or_optimizer():
+  saved = {**SAVED, "position": "rope", "qk_norm": True}
+  now = RunConfig.from_flags({"position": "learned", "qk_norm": False, "optimizer": "muon"},
+                             explicit={"position", "qk_norm", "optimizer"})
+  with pytest.raises(UserError, match=r"position=rope \(flag: learned\), qk_norm=True \(flag: "
+                     r"False\), optimizer=adamw \(flag: muon\)\. A resumed run keeps the "
+                     r"checkpoint's shape, levers, optimizer and seed"):
+    now.resumed(saved, "ckpt")
+
+
+def test_a_checkpoint_from_before_the_levers_has_them_off():
+  older = {k: v for k, v in SAVED.items()
+           if k not in ("position", "qk_norm", "final_norm", "optimizer", "muon_rms",
+                        "rolling_cache")}
+  resumed = RunConfig.from_flags({}, explicit=set()).resumed(older, "ckpt")
+  assert (resumed.model.position, resumed.model.qk_norm, resumed.model.final_norm,
+          resumed.train.optimizer) == ("learned", False, False, "adamw")
+  # Saying so explicitly is no contradiction; asking for a lever is.
+  off = RunConfig.from_flags({"position": "learned", "final_norm": False},
+                             explicit={"position", "final_norm"})
+  assert off.resumed(older, "ckpt").model.position == "learned"
+  on = RunConfig.from_flags({"final_norm": True}, explicit={"final_norm"})
+  with pytest.raises(UserError, match=r"final_norm=False \(flag: True\)"):
+    on.resumed(older, "ckpt")

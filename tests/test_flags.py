@@ -28,7 +28,8 @@ def restore_flags():
     (["--top_p=1.5"], "top_p must be in"),
     (["--temperature=-0.5"], "--temperature=-0.5"),
     (["--dropout=1.0"], "dropout must be below 1"),
-    (["--learning_rate=0"], "learning_rate must be > 0"),
+    (["--learning_rate=0"], "learning_rate must be positive"),
+    (["--muon_rms=0"], "muon_rms must be positive"),
     (["--min_lr=1", "--learning_rate=0.1"], "min_lr must not exceed"),
     (["--top_k=-3"], "top_k"),
 ])
@@ -94,3 +95,14 @@ def test_presets_parse_and_have_the_documented_shapes():
     shapes[name] = (config.model.n_embd, config.model.n_head, config.model.n_layer)
   assert shapes == {"tiny": (64, 4, 2), "medium": (256, 8, 6), "large": (512, 16, 12),
                     "shakespeare": (128, 8, 6)}
+
+
+def test_the_fast_preset_keeps_the_shakespeare_shape_and_batch():
+  from conftest import REPO
+  base, fast = (parse(f"--flagfile={REPO / 'experiments' / name}")
+                for name in ("shakespeare.cfg", "shakespeare_fast.cfg"))
+  for section in ("model", "train", "data", "sample"):
+    differ = {k for k, v in getattr(fast, section).__dict__.items()
+              if getattr(getattr(base, section), k) != v}
+    assert differ <= {"position", "qk_norm", "final_norm", "optimizer"}, differ
+  assert (fast.model.block_size, fast.train.batch_size) == (64, 32)
