@@ -23,14 +23,14 @@ from absl import flags
 
 from randygpt.runtime import cli
 from randygpt import flags as randygpt_flags
+from randygpt import sample  # Its --checkpoint (a flag is defined once per process).
 from randygpt.errors import UserError
 
-flags.DEFINE_string("checkpoint", "", "best, latest, or a checkpoint path; default: the best "
-                    "checkpoint, else the latest.")
 flags.DEFINE_integer("windows", 32, "Validation windows of 4 x block_size for the losses.",
                      lower_bound=1)
 flags.DEFINE_integer("repeats", 5, "Timed generations of each kind.", lower_bound=1)
 flags.adopt_module_key_flags(randygpt_flags)
+flags.declare_key_flag("checkpoint")
 
 WINDOW_BLOCKS = 4  # The loss windows' length, in block_size.
 
@@ -121,15 +121,9 @@ def bench_rolling():
   import numpy as np
 
   from randygpt import checkpoint, data, train
-  from randygpt.config import RunConfig
   config = randygpt_flags.run_config()
-  workdir = Path(config.location.workdir)
-  spec = flags.FLAGS.checkpoint
-  if not spec:
-    spec = "best" if "best" in checkpoint.Checkpoints(workdir).existing() else "latest"
-  path = checkpoint.resolve(spec, workdir)
-  meta = checkpoint.read_meta(path)
-  saved = RunConfig.from_flags(meta["config"])
+  path, meta, saved = sample.open_checkpoint(flags.FLAGS.checkpoint,
+                                             Path(config.location.workdir))
   if saved.model.position != "rope":
     raise UserError(f"{path} was trained with --position={saved.model.position}: the rolling "
                     "cache needs a --position=rope run.")

@@ -84,7 +84,7 @@ flags.DEFINE_enum(
     "AdamW for the embeddings and the lm_head, one learning-rate schedule (docs/levers.md).")
 flags.DEFINE_float("muon_rms", 0.2, "--optimizer=muon: the RMS of Muon's orthogonalised update "
                    "per unit of learning rate, so that --learning_rate suits both optimizers "
-                   "(AdamW's update RMS is about 0.2).", lower_bound=0.0)
+                   "(AdamW's update RMS is about 0.2).")
 flags.DEFINE_integer("batch_size", 32, "Sequences per training step.", lower_bound=1)
 flags.DEFINE_integer("microbatches", 0, "Slices of the batch that a training step runs one "
                      "after another, summing their gradients: the same step in less memory, "
@@ -136,7 +136,8 @@ flags.register_validator("dropout", lambda v: v < 1.0, "--dropout must be below 
 for _beta in ("beta1", "beta2"):  # At 1, Adam's bias correction divides by zero.
   flags.register_validator(_beta, lambda v: v < 1.0, f"--{_beta} must be below 1.")
 flags.register_validator("top_p", lambda v: 0.0 < v <= 1.0, "--top_p must be in (0, 1].")
-flags.register_validator("learning_rate", lambda v: v > 0.0, "--learning_rate must be > 0.")
+for _rate in ("learning_rate", "muon_rms"):  # 0 would train nothing.
+  flags.register_validator(_rate, lambda v: v > 0.0, f"--{_rate} must be positive.")
 flags.register_multi_flags_validator(
     ["n_embd", "n_head"], lambda f: f["n_embd"] % f["n_head"] == 0,
     "--n_embd must be divisible by --n_head.")

@@ -21,20 +21,25 @@ for _name in ("workdir", "prompt", "max_new_tokens", "num_samples", "temperature
   flags.declare_key_flag(_name, flag_values=flags.FLAGS)
 
 
+def open_checkpoint(spec: str, workdir: Path):
+  """The checkpoint `spec` names (default: the best, else the latest), its metadata and its
+  run's config."""
+  from randygpt import checkpoint
+  from randygpt.config import RunConfig
+  if not spec:
+    spec = "best" if "best" in checkpoint.Checkpoints(workdir).existing() else "latest"
+  path = checkpoint.resolve(spec, workdir)
+  meta = checkpoint.read_meta(path)
+  return path, meta, RunConfig.from_flags(meta["config"])
+
+
 def sample_from_checkpoint(spec: str, config) -> None:
   import jax
 
-  from randygpt import checkpoint, data, evaluate, generate, train
-  from randygpt.config import RunConfig
+  from randygpt import data, evaluate, generate, train
   from randygpt.runtime import footprint, platforms
 
-  workdir = Path(config.location.workdir)
-  if not spec:
-    existing = checkpoint.Checkpoints(workdir).existing()
-    spec = "best" if "best" in existing else "latest"
-  path = checkpoint.resolve(spec, workdir)
-  meta = checkpoint.read_meta(path)
-  saved = RunConfig.from_flags(meta["config"])
+  path, meta, saved = open_checkpoint(spec, Path(config.location.workdir))
   tokenizer = data.CharTokenizer(tuple(meta["vocab"]))
   prompts = generate.check_prompts(config.sample.prompt, tokenizer)
   model_config = dataclasses.replace(saved.model, vocab_size=tokenizer.vocab_size)
