@@ -167,17 +167,28 @@ def _transformer(params, tokens_BxT, config: ModelConfig, keep_Lx2xNxD, cache, p
   return logits_NxV.reshape(batch, t, config.vocab_size), new_cache
 
 
+def _mix32(x: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: every input bit flips each output bit with p ~ 1/2."""
+  x = (x ^ (x >> 16)) * jnp.uint32(0x85EBCA6B)
+  x = (x ^ (x >> 13)) * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
 def dropout_masks(rng: jax.Array, rows_B: jax.Array, config: ModelConfig,
                   t: int) -> jax.Array:
-  """Which activations dropout keeps, (L, 2, B·T, D): each batch row's masks drawn from
-  `fold_in(rng, row)` by its global row number, so that they do not depend on how the
-  batch is split into microbatches or over devices."""
-  shape = (config.n_layer, 2, t, config.n_embd)
-
-  def row_masks(row):
-    return jax.random.bernoulli(jax.random.fold_in(rng, row), 1.0 - config.dropout, shape)
-  keep_Lx2xBxTxD = jax.vmap(row_masks, out_axes=2)(rows_B)
-  return keep_Lx2xBxTxD.reshape(config.n_layer, 2, -1, config.n_embd)
+  """Which activations dropout keeps, (L, 2, B·T, D), as a pure function of (rng, global
+  row, element): so the masks do not depend on how the batch is split into microbatches or
+  over devices. Each row gets two 32-bit keys from `jax.random`; each element hashes its
+  index with them. jax.random drawing every element cost 60-70 ms a step at the default
+  shape, the hash 1 ms (docs/measurements.md, "Dropout masks")."""
+  keys_2xB = jax.vmap(lambda row: jax.random.bits(jax.random.fold_in(rng, row), (2,),
+                                                  jnp.uint32), out_axes=1)(rows_B)
+  k1_Bx1x1, k2_Bx1x1 = keys_2xB[:, :, None, None]
+  shape = (config.n_layer, 2, 1, t, config.n_embd)
+  index_Lx2x1xTxD = jnp.arange(math.prod(shape), dtype=jnp.uint32).reshape(shape)
+  bits_Lx2xBxTxD = _mix32(_mix32(index_Lx2x1xTxD ^ k1_Bx1x1) ^ k2_Bx1x1)
+  drop_below = jnp.uint32(min(round(config.dropout * 2**32), 2**32 - 1))
+  return (bits_Lx2xBxTxD >= drop_below).reshape(config.n_layer, 2, -1, config.n_embd)
 
 
 def forward(params, tokens_BxT: jax.Array, config: ModelConfig, *, train: bool = False,
