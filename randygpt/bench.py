@@ -279,7 +279,8 @@ def prepare_step(config):
   devices.check_batch_divides(tc.batch_size, mesh.size)
   state = train.initial_state(jax.random.key(0), model_config, tc, None,
                               devices.replicated(mesh))
-  microbatches = train.train_microbatches(tc, model_config, mesh.devices.flat[0].platform)
+  microbatches = train.train_microbatches(tc, model_config, mesh.devices.flat[0].platform,
+                                          mesh.size)
   step = train.jit_train_step(model_config, tc, mesh, microbatches)
   batch = jax.device_put(data.get_batch(corpus.tokens, jax.random.key(1), tc.batch_size,
                                         model_config.block_size), devices.batch_sharded(mesh))

@@ -99,7 +99,7 @@ def _place(config: RunConfig, model_config: ModelConfig, source: Path | None):
   devices.check_batch_divides(tc.batch_size, mesh.size)
   platform = mesh.devices.flat[0].platform
   microbatches, why_microbatches = train.choose_microbatches(
-      tc, model_config, platform, explicit="microbatches" in config.explicit,
+      tc, model_config, platform, devices=mesh.size, explicit="microbatches" in config.explicit,
       resumed=source is not None)
   why_devices = devices.why_device_count(loc.num_cpu_devices, "num_cpu_devices" in
                                          config.explicit, loc.num_processes, platform)
