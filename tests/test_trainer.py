@@ -48,7 +48,7 @@ def test_trains_writes_every_output_and_repeats_from_flags_cfg(tmp_path, capsys)
 
   # The automatic choices, said in the header, are recorded; flags.cfg, read by absl as
   # --flagfile, repeats the run exactly.
-  assert "(automatic: slices of at most 512 tokens)" in stdout
+  assert "microbatch (automatic: slices of " in stdout
   recorded = (workdir / "flags.cfg").read_text().splitlines()
   assert "--microbatches=1" in recorded and "--num_cpu_devices=2" in recorded
   again = trainer.run(parse_args(f"--flagfile={workdir / 'flags.cfg'}",
