@@ -45,7 +45,31 @@ flags.DEFINE_list("text_sizes", [], "Measure start-up and peak memory against th
                   "size instead: --data repeated to each of these sizes in bytes, e.g. "
                   "1e6,1e8,1e9 (first start builds the token cache, second reuses it).")
 flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
+flags.DEFINE_list("shapes", [], "Instead of the one-shape report: time randygpt's train step "
+                  "beside both PyTorch peers (randygpt/torch_reference.py and nanoGPT's own "
+                  "train.py) at these shapes, interleaved, in one table. Preset names ("
+                  "tiny, nanogpt, default, default-d0, medium) or L/H/D/T/B/dropout, e.g. "
+                  "4/4/128/64/12/0. The other flags (--steps, the learning rate...) apply.")
+flags.DEFINE_integer("shape_repeats", 3, "With --shapes: rounds of randygpt, PyTorch, nanoGPT (and "
+                     "the real loop) in turn; the table gives their medians.", lower_bound=1)
+flags.DEFINE_integer("loop_iters", 0, "With --shapes: also time the real training loop "
+                     "(randygpt.main, warm compilation cache) over this many iterations; "
+                     "0 skips it.", lower_bound=0)
+flags.DEFINE_integer("nanogpt_iters", 30, "With --shapes: iterations of each nanoGPT run (its "
+                     "first 10 untimed); 0 skips nanoGPT.", lower_bound=0)
+flags.DEFINE_string("nanogpt_script", str(Path(__file__).resolve().parents[2] / "shared" /
+                                          "tools" / "nanogpt-bench.sh"),
+                    "With --shapes: the script that times nanoGPT's train.py at a shape "
+                    "(N_LAYER N_HEAD N_EMBD BLOCK BATCH DROPOUT ITERS; needs NANOGPT_GIT on "
+                    "first use).")
 flags.adopt_module_key_flags(randygpt_flags)
+
+# --shapes presets: (n_layer, n_head, n_embd, block_size, batch_size, dropout).
+SHAPES = {"tiny": (2, 4, 64, 64, 32, 0.1),  # experiments/tiny.cfg with the default batch.
+          "nanogpt": (4, 4, 128, 64, 12, 0.0),  # nanoGPT's README example for a CPU.
+          "default": (6, 8, 128, 64, 32, 0.1),
+          "default-d0": (6, 8, 128, 64, 32, 0.0),
+          "medium": (6, 8, 256, 128, 32, 0.1)}  # experiments/medium.cfg.
 
 SAVE_EVERY = 10  # Steps between timed checkpoint saves.
 GENERATION_STREAMS = 8  # Parallel samples in the batched generation timing.
@@ -255,11 +279,23 @@ def prepare_step(config):
   devices.check_batch_divides(tc.batch_size, mesh.size)
   state = train.initial_state(jax.random.key(0), model_config, tc, None,
                               devices.replicated(mesh))
-  microbatches = train.train_microbatches(tc, model_config, mesh.devices.flat[0].platform)
+  microbatches = train.train_microbatches(tc, model_config, mesh.devices.flat[0].platform,
+                                          mesh.size)
   step = train.jit_train_step(model_config, tc, mesh, microbatches)
   batch = jax.device_put(data.get_batch(corpus.tokens, jax.random.key(1), tc.batch_size,
                                         model_config.block_size), devices.batch_sharded(mesh))
   return model_config, placement, mesh, microbatches, state, step, corpus.tokens, batch
+
+
+def check_torch_comparable(config) -> None:
+  """torch_reference.py is randyGPT's architecture with AdamW: refuses a config with levers."""
+  levers = [f"--{name}" for name, on in (
+      ("position", config.model.position != "learned"), ("qk_norm", config.model.qk_norm),
+      ("final_norm", config.model.final_norm), ("optimizer", config.train.optimizer != "adamw"))
+      if on]
+  if levers:
+    raise UserError(f"--torch times randyGPT's architecture with AdamW, not {', '.join(levers)}: "
+                    "drop those flags or --torch.")
 
 
 def measure(config, *, steps: int, warmup_steps: int, saves: int, with_torch: bool,
@@ -268,13 +304,8 @@ def measure(config, *, steps: int, warmup_steps: int, saves: int, with_torch: bo
   import numpy as np
 
   from randygpt import model
-  levers = [f"--{name}" for name, on in (
-      ("position", config.model.position != "learned"), ("qk_norm", config.model.qk_norm),
-      ("final_norm", config.model.final_norm), ("optimizer", config.train.optimizer != "adamw"))
-      if on]
-  if with_torch and levers:  # torch_reference.py is randyGPT's architecture with AdamW.
-    raise UserError(f"--torch times randyGPT's architecture with AdamW, not {', '.join(levers)}: "
-                    "drop those flags or --torch.")
+  if with_torch:
+    check_torch_comparable(config)
   model_config, placement, mesh, microbatches, state, step, tokens, batch = prepare_step(config)
   tc = config.train
   start = time.perf_counter()
@@ -392,6 +423,114 @@ def text_size_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def parse_shape(spec: str) -> tuple:
+  if spec in SHAPES:
+    return SHAPES[spec]
+  parts = spec.split("/")
+  try:
+    if len(parts) == 6:
+      return (*map(int, parts[:5]), float(parts[5]))
+  except ValueError:
+    pass
+  raise UserError(f"--shapes: {spec!r} is neither a preset ({', '.join(SHAPES)}) nor "
+                  "L/H/D/T/B/dropout, e.g. 4/4/128/64/12/0.")
+
+
+def shape_config(config, spec: str):
+  n_layer, n_head, n_embd, block, batch, dropout = parse_shape(spec)
+  return dataclasses.replace(
+      config, model=dataclasses.replace(config.model, n_layer=n_layer, n_head=n_head,
+                                        n_embd=n_embd, block_size=block, dropout=dropout),
+      train=dataclasses.replace(config.train, batch_size=batch))
+
+
+def nanogpt_ms(script: str, config, iters: int) -> float:
+  """nanoGPT's train.py median ms/iteration at this shape, from the shared script."""
+  mc, tc = config.model, config.train
+  done = subprocess.run([script, *map(str, (mc.n_layer, mc.n_head, mc.n_embd, mc.block_size,
+                                            tc.batch_size, mc.dropout, iters))],
+                        capture_output=True, text=True)
+  words = done.stdout.split()
+  if done.returncode or "median" not in words:
+    raise UserError(f"The nanoGPT timing failed ({script}): "
+                    f"{(done.stdout + done.stderr).strip()[-300:]}")
+  return float(words[words.index("median") + 1])
+
+
+def loop_ms(config, iters: int, cache: Path) -> float:
+  """randygpt.main's median ms/iteration over `iters` iterations (the log lines' ms/it,
+  every 10 iterations, less the first), its compilation cached by a run before."""
+  with tempfile.TemporaryDirectory() as tmp:
+    flagfile = Path(tmp) / "flags.cfg"
+    flagfile.write_text(config.flagfile(), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "randygpt.main", f"--flagfile={flagfile}", f"--iters={iters}",
+         f"--workdir={Path(tmp) / 'w'}", "--log_interval=10", f"--eval_interval={iters}",
+         "--eval_iters=1", "--max_new_tokens=1", f"--checkpoint_interval={iters}"],
+        env={**os.environ, "RANDYGPT_CACHE": str(cache)}, capture_output=True, text=True)
+    if done.returncode:
+      raise UserError(f"The training loop timing failed: {done.stderr.strip()[-300:]}")
+    from randygpt import metrics
+    records = metrics.read_records(Path(tmp) / "w" / "metrics.jsonl")
+  timed = [r["ms_per_iter"] for r in records if "ms_per_iter" in r]
+  return _percentile(timed[1:] or timed, 50)  # The first includes the first step's wait.
+
+
+def measure_shapes(config, specs, *, steps: int, warmup_steps: int, repeats: int,
+                   loop_iters: int, nanogpt_iters: int, script: str) -> list[dict]:
+  """Per shape, `repeats` rounds of: randygpt's jitted step, torch_reference's step,
+  nanoGPT's train.py (its own loop) and randygpt's real loop; the medians of the rounds."""
+  import jax
+  import numpy as np
+
+  from randygpt import torch_reference
+  check_torch_comparable(config)
+  results = []
+  with tempfile.TemporaryDirectory() as cache:
+    for spec in specs:
+      cfg = shape_config(config, spec)
+      model_config, _, mesh, microbatches, state, step, tokens, batch = prepare_step(cfg)
+      step = step.lower(state, batch, jax.random.key(2)).compile()
+      rounds = {"randygpt": [], "torch_reference": [], "nanogpt": [], "randygpt_loop": []}
+      if loop_iters:
+        loop_ms(cfg, 2, Path(cache))  # Compiles into the cache.
+      for _ in range(repeats):
+        state, seconds = measure_steps(step, state, batch, steps, warmup_steps)
+        rounds["randygpt"].append(1e3 * _percentile(seconds, 50))
+        rounds["torch_reference"].append(torch_reference.measure(
+            model_config, cfg.train, np.asarray(tokens), steps, warmup_steps)["torch_ms_per_step"])
+        if nanogpt_iters:
+          rounds["nanogpt"].append(nanogpt_ms(script, cfg, nanogpt_iters))
+        if loop_iters:
+          rounds["randygpt_loop"].append(loop_ms(cfg, loop_iters, Path(cache)))
+      row = {"shape": spec, "devices": mesh.size, "microbatches": microbatches,
+             "rounds": rounds, "load": os.getloadavg()[0]}
+      row |= {name: _percentile(values, 50) if values else None
+              for name, values in rounds.items()}
+      peers = [row[p] for p in ("torch_reference", "nanogpt") if row[p] is not None]
+      row["step_vs_faster_peer"] = min(peers) / row["randygpt"]
+      if row["randygpt_loop"] is not None:
+        row["loop_vs_faster_peer"] = min(peers) / row["randygpt_loop"]
+      results.append(row)
+      print(shapes_table([row], header=not results[:-1]), flush=True)
+  return results
+
+
+def shapes_table(rows, header: bool = True) -> str:
+  def ms(value):
+    return "-" if value is None else f"{value:.1f}"
+  lines = ["| shape | devices x microbatches | randygpt step ms | torch_reference ms | nanoGPT "
+           "train.py ms/iter | randygpt loop ms/iter | step vs faster peer | loop vs faster "
+           "peer | load (1 min) |", "|---|---|---|---|---|---|---|---|---|"] if header else []
+  for r in rows:
+    loop_ratio = r.get("loop_vs_faster_peer")
+    lines.append(f"| {r['shape']} | {r['devices']} x {r['microbatches']} | {ms(r['randygpt'])} "
+                 f"| {ms(r['torch_reference'])} | {ms(r['nanogpt'])} | {ms(r['randygpt_loop'])} "
+                 f"| {r['step_vs_faster_peer']:.2f}x | "
+                 f"{'-' if loop_ratio is None else f'{loop_ratio:.2f}x'} | {r['load']:.1f} |")
+  return "\n".join(lines)
+
+
 def bench():
   config = randygpt_flags.run_config()
   if flags.FLAGS.text_sizes:
@@ -404,6 +543,19 @@ def bench():
                       "bytes, e.g. 1e6,1e8.") from None
     rows = measure_text_sizes(config, sizes)
     print(json.dumps(rows) if flags.FLAGS.json else text_size_table(rows))
+    return
+  if flags.FLAGS.shapes:
+    try:
+      import torch  # noqa: F401
+    except ImportError:
+      raise UserError("--shapes needs PyTorch: pip install torch==2.13.0") from None
+    rows = measure_shapes(config, flags.FLAGS.shapes, steps=flags.FLAGS.steps,
+                          warmup_steps=flags.FLAGS.warmup_steps, repeats=flags.FLAGS.shape_repeats,
+                          loop_iters=flags.FLAGS.loop_iters,
+                          nanogpt_iters=flags.FLAGS.nanogpt_iters,
+                          script=flags.FLAGS.nanogpt_script)
+    if flags.FLAGS.json:
+      print(json.dumps(rows))
     return
   result = measure(config, steps=flags.FLAGS.steps, warmup_steps=flags.FLAGS.warmup_steps,
                    saves=flags.FLAGS.saves, with_torch=flags.FLAGS.torch,

@@ -172,7 +172,7 @@ def make_meta(step: int, best: tuple[float, int] | None, tokenizer, config, **ex
   vocabulary and the run's flags (with `extra` entries, e.g. where an import came from)."""
   best_val, best_iter = best or (None, None)
   return {"format": FORMAT, "iter": step, "best_val_loss": best_val, "best_iter": best_iter,
-          "vocab": list(tokenizer.chars), "config": config.to_flags(), **extra}
+          "vocab": list(tokenizer.chars), "config": config.recorded_flags(), **extra}
 
 
 def check_vocab(saved_chars, tokenizer, path: Path, data_path: str) -> None:

@@ -123,10 +123,18 @@ class RunConfig:
       sections[name] = section(**{k: v for k, v in values.items() if k in names})
     return cls(**sections, explicit=frozenset(explicit))
 
+  def recorded_flags(self) -> dict:
+    """What flags.cfg and a checkpoint record: the run's flags, and the CPU device count when
+    set (a location flag, but the one that changes a step's float32 sums)."""
+    values = self.to_flags()
+    if self.location.num_cpu_devices:
+      values["num_cpu_devices"] = self.location.num_cpu_devices
+    return values
+
   def flagfile(self) -> str:
     """The run's flags in flag-file form: `--flagfile` of it repeats the run elsewhere."""
     lines = []
-    for name, value in self.to_flags().items():
+    for name, value in self.recorded_flags().items():
       for item in (value if isinstance(value, (tuple, list)) else (value,)):
         lines.append(f"--{name}={item}")
     return "\n".join(lines) + "\n"

@@ -88,8 +88,9 @@ flags.DEFINE_float("muon_rms", 0.2, "--optimizer=muon: the RMS of Muon's orthogo
 flags.DEFINE_integer("batch_size", 32, "Sequences per training step.", lower_bound=1)
 flags.DEFINE_integer("microbatches", 0, "Slices of the batch that a training step runs one "
                      "after another, summing their gradients: the same step in less memory, "
-                     "and on the CPU faster. Must divide --batch_size; 0 picks slices of at most "
-                     "512 tokens on the CPU and 1 elsewhere.", lower_bound=0)
+                     "and on the CPU faster. Must divide --batch_size; 0 picks, on the CPU, "
+                     "slices whose share on each device fits the caches (the header says "
+                     "which), and 1 elsewhere.", lower_bound=0)
 flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate, reached after the warmup.")
 flags.DEFINE_float("min_lr", 3e-4, "Learning rate at the end of the cosine decay and after "
                    "it.", lower_bound=0.0)

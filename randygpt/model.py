@@ -167,16 +167,42 @@ def _transformer(params, tokens_BxT, config: ModelConfig, keep_Lx2xNxD, cache, p
   return logits_NxV.reshape(batch, t, config.vocab_size), new_cache
 
 
+def _mix32(x: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: every input bit flips each output bit with p ~ 1/2."""
+  x = (x ^ (x >> 16)) * jnp.uint32(0x85EBCA6B)
+  x = (x ^ (x >> 13)) * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def dropout_masks(rng: jax.Array, rows_B: jax.Array, config: ModelConfig,
+                  t: int) -> jax.Array:
+  """Which activations dropout keeps, (L, 2, B·T, D), as a pure function of (rng, global
+  row, element): so the masks do not depend on how the batch is split into microbatches or
+  over devices. Each row gets two 32-bit keys from `jax.random`; each element hashes its
+  index with them. jax.random drawing every element cost 60-70 ms a step at the default
+  shape, the hash 1 ms (docs/measurements.md, "Dropout masks")."""
+  keys_2xB = jax.vmap(lambda row: jax.random.bits(jax.random.fold_in(rng, row), (2,),
+                                                  jnp.uint32), out_axes=1)(rows_B)
+  k1_Bx1x1, k2_Bx1x1 = keys_2xB[:, :, None, None]
+  shape = (config.n_layer, 2, 1, t, config.n_embd)
+  index_Lx2x1xTxD = jnp.arange(math.prod(shape), dtype=jnp.uint32).reshape(shape)
+  bits_Lx2xBxTxD = _mix32(_mix32(index_Lx2x1xTxD ^ k1_Bx1x1) ^ k2_Bx1x1)
+  drop_below = jnp.uint32(min(round(config.dropout * 2**32), 2**32 - 1))
+  return (bits_Lx2xBxTxD >= drop_below).reshape(config.n_layer, 2, -1, config.n_embd)
+
+
 def forward(params, tokens_BxT: jax.Array, config: ModelConfig, *, train: bool = False,
-            rng: jax.Array | None = None) -> jax.Array:
-  """Logits (B, T, vocab) for each position; dropout only when `train` and `rng` is given."""
+            rng: jax.Array | None = None, rows_B: jax.Array | None = None) -> jax.Array:
+  """Logits (B, T, vocab) for each position; dropout only when `train` and `rng` is given,
+  its masks drawn per global row (`rows_B`, by default 0..B-1: the batch is whole)."""
   use_dropout = train and config.dropout > 0.0
   if use_dropout and rng is None:
     raise ValueError("forward(train=True) with dropout needs an rng")
   keep_Lx2xNxD = None
-  if use_dropout:  # All masks at once: one random-bits computation rather than 2 * n_layer.
-    shape = (config.n_layer, 2, tokens_BxT.size, config.n_embd)
-    keep_Lx2xNxD = jax.random.bernoulli(rng, 1.0 - config.dropout, shape)
+  if use_dropout:
+    batch, t = tokens_BxT.shape
+    rows_B = jnp.arange(batch) if rows_B is None else rows_B
+    keep_Lx2xNxD = dropout_masks(rng, rows_B, config, t)
   return _transformer(params, tokens_BxT, config, keep_Lx2xNxD, None, 0)[0]
 
 
@@ -190,8 +216,8 @@ def forward_cached(params, tokens_BxT: jax.Array, cache: dict, pos: jax.Array,
 
 
 def loss_fn(params, batch, config: ModelConfig, *, train: bool = False,
-            rng: jax.Array | None = None) -> jax.Array:
+            rng: jax.Array | None = None, rows_B: jax.Array | None = None) -> jax.Array:
   """Mean next-character cross-entropy of `batch = (inputs_BxT, targets_BxT)`."""
   inputs_BxT, targets_BxT = batch
-  logits_BxTxV = forward(params, inputs_BxT, config, train=train, rng=rng)
+  logits_BxTxV = forward(params, inputs_BxT, config, train=train, rng=rng, rows_B=rows_B)
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT).mean()

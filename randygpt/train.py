@@ -5,7 +5,9 @@ schedule's step count. Data windows and dropout masks are pure functions of (see
 iteration), so a resumed run continues exactly as if it had never stopped.
 """
 
+import dataclasses
 import functools
+import math
 from pathlib import Path
 
 import jax
@@ -14,15 +16,18 @@ import optax
 
 from randygpt import checkpoint, model, optim
 from randygpt.config import ModelConfig, TrainConfig
-from randygpt.runtime import devices
+from randygpt.runtime import devices, footprint
 
 # Independent random streams, each derived from the seed with `jax.random.fold_in`
 # (generate.SAMPLE_STREAM is 4).
 INIT_STREAM, DATA_STREAM, DROPOUT_STREAM, EVAL_STREAM = range(4)
-# Tokens per microbatch of a train step on the CPU: a step over slices this small ran
-# 1.2-1.6x faster than over the whole batch at once at the default and medium shapes, as
-# each slice's activations stay in cache (docs/measurements.md, "Training speed").
-CPU_MICROBATCH_TOKENS = 512
+# A train step on the CPU runs its batch in slices (microbatches), each device's share of a
+# slice small enough for its activations to stay in the CPU's caches, but not so small that
+# its matmuls (the weight gradients are D x tokens x D) stop filling the cores. Both bounds
+# measured over devices x microbatches at seven shapes (docs/measurements.md, "The
+# automatic choices across shapes").
+CPU_SLICE_ACTIVATION_BYTES = 20 << 20
+CPU_MIN_SLICE_TOKENS = 256
 
 
 def init_train_state(key: jax.Array, model_config: ModelConfig,
@@ -44,8 +49,9 @@ def train_step(state: dict, batch, rng: jax.Array, *, model_config: ModelConfig,
 
   def add_slice(total, inputs):
     i, microbatch = inputs[0], inputs[1:]
+    rows_B = i + microbatches * jnp.arange(microbatch[0].shape[0])  # Its rows in the batch.
     loss_and_grads = jax.value_and_grad(model.loss_fn)(
-        state["params"], microbatch, model_config, train=True, rng=jax.random.fold_in(rng, i))
+        state["params"], microbatch, model_config, train=True, rng=rng, rows_B=rows_B)
     return optax.tree_utils.tree_add(total, loss_and_grads), None
 
   zeros = (jnp.zeros(()), optax.tree_utils.tree_zeros_like(state["params"]))
@@ -67,14 +73,44 @@ def largest_fitting_divisor(count: int, tokens_each: int, max_tokens: int) -> in
   return next(n for n in range(most, 0, -1) if count % n == 0)
 
 
-def train_microbatches(tc: TrainConfig, model_config: ModelConfig, platform: str) -> int:
-  """--microbatches, or for 0: on the CPU the fewest slices of the batch (dividing it) of
-  at most CPU_MICROBATCH_TOKENS tokens each; elsewhere 1."""
+def divisors(n: int) -> list[int]:
+  """The divisors of n, ascending (sqrt(n) steps: --batch_size may be 10**9)."""
+  small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+  return sorted({*small, *(n // d for d in small)})
+
+
+def train_microbatches(tc: TrainConfig, model_config: ModelConfig, platform: str,
+                       devices: int = 1) -> int:
+  """--microbatches, or for 0: on the CPU the fewest slices whose share on each of `devices`
+  holds at most CPU_SLICE_ACTIVATION_BYTES of activations, but no fewer than
+  CPU_MIN_SLICE_TOKENS tokens (the count dividing each device's rows, so that slices stay on
+  their devices); elsewhere 1."""
   if tc.microbatches or platform != "cpu":
     return tc.microbatches or 1
-  sequences_per_slice = largest_fitting_divisor(tc.batch_size, model_config.block_size,
-                                                CPU_MICROBATCH_TOKENS)
-  return tc.batch_size // sequences_per_slice
+  rows, t = tc.batch_size // devices, model_config.block_size
+  counts = [n for n in divisors(rows) if rows // n * t >= CPU_MIN_SLICE_TOKENS] or [1]
+  fitting = [n for n in counts if footprint.activations(model_config, rows // n * t)
+             <= CPU_SLICE_ACTIVATION_BYTES]
+  return min(fitting) if fitting else max(counts)
+
+
+def choose_microbatches(tc: TrainConfig, model_config: ModelConfig, platform: str, *,
+                        devices: int, explicit: bool, resumed: bool) -> tuple[int, str]:
+  """The step's microbatch count and the header's reason: --microbatches when `explicit`,
+  else the checkpoint's on a resume (unless a new --batch_size no longer divides by it),
+  else automatic. The count goes into the run's config: flags.cfg and the checkpoints keep
+  it, so a resume or a repeat from flags.cfg takes the same step."""
+  if tc.microbatches and explicit:
+    return tc.microbatches, "--microbatches"
+  if tc.microbatches and resumed and tc.batch_size % tc.microbatches == 0:
+    return tc.microbatches, "kept from the checkpoint"
+  auto = train_microbatches(dataclasses.replace(tc, microbatches=0), model_config, platform,
+                            devices)
+  if platform != "cpu":
+    return auto, f"automatic on {platform}"
+  tokens = tc.batch_size // (devices * auto) * model_config.block_size
+  size = footprint.human_bytes(footprint.activations(model_config, tokens))
+  return auto, f"automatic: slices of {tokens} tokens on each device, {size} of activations"
 
 
 def jit_train_step(model_config: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh,

@@ -38,6 +38,7 @@ class Setup:
   placement: platforms.Placement
   mesh: jax.sharding.Mesh
   microbatches: int
+  choices: tuple[str, str]  # Why this device count, why this microbatch count.
   state: dict  # The initial train state, replicated over the mesh.
   corpus: data.Corpus
   sampler: data.WindowSampler  # step -> the step's windows (inputs, targets) on the host.
@@ -86,20 +87,31 @@ def _read_text(config: RunConfig, meta: dict | None, source: Path | None):
   return corpus, {"train": train_np, "val": val_np}
 
 
-def _place(config: RunConfig, model_config: ModelConfig):
-  """The devices that train and evaluate, the training mesh and the microbatch count; a run
-  the machine's memory cannot hold is refused here, before anything big is allocated."""
+def _place(config: RunConfig, model_config: ModelConfig, source: Path | None):
+  """The devices that train and evaluate, the training mesh, the microbatch count and the
+  header's reasons for both counts; the config gets the counts, so that flags.cfg and the
+  checkpoints keep them. A run the machine's memory cannot hold is refused here, before
+  anything big is allocated."""
   tc, loc = config.train, config.location
   placement = platforms.place(loc.train_platform, loc.eval_platform, devices.cpu_device_count(
       loc.num_cpu_devices, tc.batch_size, loc.num_processes))
   mesh = devices.data_mesh(placement.train_devices)
   devices.check_batch_divides(tc.batch_size, mesh.size)
-  microbatches = train.train_microbatches(tc, model_config, mesh.devices.flat[0].platform)
+  platform = mesh.devices.flat[0].platform
+  microbatches, why_microbatches = train.choose_microbatches(
+      tc, model_config, platform, devices=mesh.size, explicit="microbatches" in config.explicit,
+      resumed=source is not None)
+  why_devices = devices.why_device_count(loc.num_cpu_devices, "num_cpu_devices" in
+                                         config.explicit, loc.num_processes, platform)
+  config = dataclasses.replace(config, train=dataclasses.replace(tc, microbatches=microbatches))
+  if platform == "cpu" and loc.num_processes == 1:
+    config = dataclasses.replace(config, location=dataclasses.replace(
+        loc, num_cpu_devices=mesh.size))
   eval_platform = placement.eval_device.platform
   footprint.check(model_config, config.sample, tc, train_devices=mesh.local_devices,
                   eval_platform=eval_platform, microbatches=microbatches,
                   eval_chunk_tokens=evaluate.eval_chunk_tokens(tc, model_config, eval_platform))
-  return placement, mesh, microbatches
+  return config, placement, mesh, microbatches, (why_devices, why_microbatches)
 
 
 def prepare(config: RunConfig) -> Setup | None:
@@ -116,7 +128,8 @@ def prepare(config: RunConfig) -> Setup | None:
   tokenizer = corpus.tokenizer
   prompts = generate.check_prompts(config.sample.prompt, tokenizer)
   model_config = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
-  placement, mesh, microbatches = _place(config, model_config)
+  config, placement, mesh, microbatches, choices = _place(config, model_config, source)
+  tc, loc = config.train, config.location
   replicated = devices.replicated(mesh)
   key = jax.random.key(tc.seed)
   state = train.initial_state(jax.random.fold_in(key, train.INIT_STREAM), model_config, tc,
@@ -135,7 +148,7 @@ def prepare(config: RunConfig) -> Setup | None:
                                  jax.random.fold_in(key, train.EVAL_STREAM), tc)
   placement = evaluator.probe(state["params"], placement)
   setup = Setup(config, model_config, start_iter, source, best, tokenizer, prompts, placement,
-                mesh, microbatches, state, corpus, sampler, step_fn, evaluator)
+                mesh, microbatches, choices, state, corpus, sampler, step_fn, evaluator)
   print_header(setup, splits)
   return setup
 
@@ -149,10 +162,11 @@ def print_header(setup: Setup, splits: dict) -> None:
   print(f"token cache: {corpus.cache_path} ({size}, {corpus.tokens.dtype.name}, {how})")
   print(f"model: {mc.n_layer} layers, {mc.n_head} heads, n_embd {mc.n_embd}, block "
         f"{mc.block_size}, dropout {mc.dropout} | {model.n_params(mc):,} parameters")
-  mb = setup.microbatches
-  print(f"devices: {setup.mesh.size} x {setup.mesh.devices.flat[0].platform} (data-parallel) "
-        f"| batch {tc.batch_size} x {mc.block_size} = {tc.batch_size * mc.block_size:,} "
-        f"tokens/step in {mb} microbatch{'es' if mb > 1 else ''} | workdir: {setup.workdir}")
+  mb, (why_devices, why_microbatches) = setup.microbatches, setup.choices
+  print(f"devices: {setup.mesh.size} x {setup.mesh.devices.flat[0].platform} (data-parallel; "
+        f"{why_devices}) | batch {tc.batch_size} x {mc.block_size} = "
+        f"{tc.batch_size * mc.block_size:,} tokens/step in {mb} "
+        f"microbatch{'es' if mb > 1 else ''} ({why_microbatches}) | workdir: {setup.workdir}")
   for note in setup.placement.notes:
     print(note)
   if setup.source:

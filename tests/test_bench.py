@@ -54,6 +54,40 @@ def test_bench_times_the_pytorch_reference_beside_randygpt(tmp_path):
   assert "start-up to first iteration" not in dict(table)  # No training runs asked for.
 
 
+def test_shapes_are_presets_or_six_numbers(tmp_path):
+  assert bench.parse_shape("nanogpt") == (4, 4, 128, 64, 12, 0.0)
+  assert bench.parse_shape("3/4/96/256/8/0.1") == (3, 4, 96, 256, 8, 0.1)
+  shaped = bench.shape_config(config(tmp_path), "medium")
+  assert (shaped.model.n_embd, shaped.model.block_size, shaped.train.batch_size) == (256, 128, 32)
+  for wrong in ("huge", "4/4/128/64/12", "4/4/x/64/12/0"):
+    with pytest.raises(bench.UserError, match="neither a preset"):
+      bench.parse_shape(wrong)
+
+
+def test_nanogpt_timing_comes_from_the_shared_script(tmp_path):
+  script = tmp_path / "fake.sh"
+  script.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\n'
+                    'echo "nanoGPT median 12.5 ms/iter over 5 iterations"\n')
+  script.chmod(0o755)
+  shaped = bench.shape_config(config(tmp_path), "nanogpt")
+  assert bench.nanogpt_ms(str(script), shaped, 15) == 12.5
+  assert (tmp_path / "args").read_text().split() == "4 4 128 64 12 0.0 15".split()
+  script.write_text("#!/bin/sh\necho 'set NANOGPT_GIT' >&2\nexit 1\n")
+  with pytest.raises(bench.UserError, match="nanoGPT timing failed.*NANOGPT_GIT"):
+    bench.nanogpt_ms(str(script), shaped, 15)
+
+
+@pytest.mark.slow
+def test_shapes_table_times_randygpt_beside_the_peers(tmp_path):
+  pytest.importorskip("torch", reason="the PyTorch reference is optional")
+  rows = bench.measure_shapes(config(tmp_path), ["2/2/16/16/4/0.1"], steps=2, warmup_steps=1,
+                              repeats=2, loop_iters=0, nanogpt_iters=0, script="")
+  (row,) = rows
+  assert len(row["rounds"]["randygpt"]) == len(row["rounds"]["torch_reference"]) == 2
+  assert row["nanogpt"] is None and row["step_vs_faster_peer"] > 0
+  assert "| 2/2/16/16/4/0.1 |" in bench.shapes_table(rows)
+
+
 def test_the_pytorch_reference_is_refused_with_levers(tmp_path):
   from conftest import raises_user_error
   with raises_user_error("--torch times randyGPT's architecture with AdamW, not --position, "

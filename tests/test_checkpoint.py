@@ -171,7 +171,9 @@ def test_resume_is_bit_exact(corpus, tmp_path, capsys):
   run_training("two", **(RUN | {"data": corpus, "iters": 20, "lr_decay_iters": 40}))
   capsys.readouterr()
   assert run_training("two", iters=40, resume=True)["status"] == "completed"
-  assert "Resumed from two/checkpoints/latest/20 at iteration 20" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "Resumed from two/checkpoints/latest/20 at iteration 20" in out
+  assert "(kept from the checkpoint)" in out  # The first start's microbatch count.
   assert losses(tmp_path / "two") == losses(tmp_path / "one")
   assert_trees_equal(restored_state(tmp_path / "two"), restored_state(tmp_path / "one"))
   assert ((tmp_path / "two" / "samples.txt").read_text()

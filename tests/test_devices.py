@@ -16,6 +16,14 @@ from conftest import (as_args, raises_user_error, read_metrics, restored_state, 
 RUN = tiny(eval_interval=10, log_interval=5, dropout=0.1)
 
 
+def test_a_resume_finds_the_device_count_in_flags_cfg(tmp_path):
+  assert devices.saved_device_count(str(tmp_path)) == 0  # No flags.cfg.
+  (tmp_path / "flags.cfg").write_text("--batch_size=8\n--num_cpu_devices=2\n")
+  assert devices.saved_device_count(str(tmp_path)) == 2
+  assert devices.why_device_count(2, False, 1, "cpu") == "kept from the run's flags.cfg"
+  assert devices.why_device_count(0, False, 1, "cpu").startswith("automatic")
+
+
 def test_batch_must_divide_across_devices():
   devices.check_batch_divides(8, 4)
   with pytest.raises(UserError, match="--batch_size=8 does not divide evenly across 3 devices"):
@@ -49,7 +57,7 @@ def runs_on_1_and_2_devices(tmp_path_factory):
 def test_same_result_on_1_and_2_devices(runs_on_1_and_2_devices):
   for n in (1, 2):
     stdout = (runs_on_1_and_2_devices / f"d{n}.out").read_text()
-    assert f"devices: {n} x cpu (data-parallel)" in stdout
+    assert f"devices: {n} x cpu (data-parallel; --num_cpu_devices)" in stdout
   assert_same_run(runs_on_1_and_2_devices / "d2", runs_on_1_and_2_devices / "d1")
 
 
@@ -59,7 +67,7 @@ def test_same_result_on_4_devices(run_cli, runs_on_1_and_2_devices, tmp_path):
   result = run_cli(f"--data={runs_on_1_and_2_devices / 'c.txt'}", *as_args(RUN), "--iters=20",
                    "--num_cpu_devices=4", "--workdir=d4")
   assert result.returncode == 0, result.stderr
-  assert "devices: 4 x cpu (data-parallel)" in result.stdout
+  assert "devices: 4 x cpu (data-parallel; --num_cpu_devices)" in result.stdout
   assert_same_run(tmp_path / "d4", runs_on_1_and_2_devices / "d1")
 
 

@@ -123,6 +123,29 @@ def test_dropout_only_in_training(params):
   assert not np.allclose(train_a, train_b)
 
 
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_masks_keep_the_rate_independently_of_the_split(rate):
+  """The hashed masks: each element kept with probability 1 - rate, rows and layers
+  uncorrelated, and a row's masks the same whichever rows are drawn beside it."""
+  config = ModelConfig(vocab_size=11, n_embd=64, n_head=4, n_layer=3, block_size=32,
+                       dropout=rate)
+  rows_B = jnp.arange(40, 56)
+  keep_Lx2xNxD = np.asarray(model.dropout_masks(jax.random.key(3), rows_B, config, 32))
+  n_masks = 3 * 2 * 16
+  sigma = np.sqrt(rate * (1 - rate) / keep_Lx2xNxD.size)
+  assert abs(keep_Lx2xNxD.mean() - (1 - rate)) < 4 * sigma
+  # Each (layer, site, row) mask against every other: correlations as for independent draws.
+  masks = keep_Lx2xNxD.reshape(n_masks, 32 * 64).astype(np.float64)
+  corr = np.corrcoef(masks)[np.triu_indices(n_masks, 1)]
+  assert np.abs(corr).max() < 6 / np.sqrt(32 * 64)
+  assert abs(corr.mean()) < 6 / np.sqrt(32 * 64 * corr.size)
+  half = np.asarray(model.dropout_masks(jax.random.key(3), rows_B[8:], config, 32))
+  np.testing.assert_array_equal(half, keep_Lx2xNxD.reshape(3, 2, 16, -1)[:, :, 8:].reshape(
+      3, 2, -1, 64))
+  other_step = np.asarray(model.dropout_masks(jax.random.key(4), rows_B, config, 32))
+  assert (other_step != keep_Lx2xNxD).mean() > 0.5 * 2 * rate * (1 - rate)
+
+
 def test_training_with_dropout_needs_rng(params):
   with pytest.raises(ValueError, match="rng"):
     model.forward(params, tokens(), CONFIG, train=True)

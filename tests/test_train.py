@@ -8,7 +8,7 @@ import pytest
 
 from randygpt import data, evaluate, optim, train
 from randygpt.config import ModelConfig, TrainConfig
-from randygpt.runtime import devices
+from randygpt.runtime import devices, footprint
 
 from conftest import make_corpus, unjitted
 
@@ -138,20 +138,91 @@ def test_microbatches_take_the_same_step_as_the_whole_batch(setup):
     assert_states_close(state, results[0][0])
 
 
-@pytest.mark.parametrize("batch_size, block_size, platform, requested, expected", [
-    (32, 64, "cpu", 0, 4),  # 8 sequences of 64 = 512 tokens per slice.
-    (32, 128, "cpu", 0, 8),
-    (12, 64, "cpu", 0, 2),  # 4 slices of 3 would fit too: the fewest is taken.
-    (3, 1024, "cpu", 0, 3),  # Even one sequence is longer: one sequence a slice.
-    (4, 16, "cpu", 0, 1),
-    (32, 64, "gpu", 0, 1),
-    (32, 64, "cpu", 2, 2),
+def test_dropout_runs_do_not_depend_on_the_microbatch_or_device_count():
+  """20 steps with dropout 0.1: the same losses (to float32 summation order) for 1, 2 and 4
+  microbatches on 1 and 2 devices, as each row's masks come from its global row number."""
+  text = make_corpus()
+  tok = data.CharTokenizer.from_text(text)
+  cfg, tc = dataclasses.replace(TINY_MODEL, vocab_size=tok.vocab_size), TINY_TRAIN
+  runs = {}
+  for n_devices in (1, 2):
+    mesh = devices.data_mesh(jax.devices()[:n_devices])
+    tokens = tok.encode(text)
+    init = jax.jit(functools.partial(train.init_train_state, model_config=cfg,
+                                     optimizer=optim.make_optimizer(tc)),
+                   out_shardings=devices.replicated(mesh))
+    for microbatches in (1, 2, 4):
+      step = train.jit_train_step(cfg, tc, mesh, microbatches)
+      state, losses = init(jax.random.key(0)), []
+      for i in range(20):
+        batch = jax.device_put(data.get_batch(tokens, jax.random.key(i), tc.batch_size,
+                                              cfg.block_size), devices.batch_sharded(mesh))
+        state, step_metrics = step(state, batch, jax.random.key(100 + i))
+        losses.append(step_metrics["loss"])
+      runs[n_devices, microbatches] = np.asarray(losses)
+  reference = runs[1, 1]
+  assert reference[-1] < reference[0] - 0.1  # It trains.
+  for key, losses in runs.items():
+    np.testing.assert_allclose(losses, reference, rtol=0, atol=1e-4, err_msg=str(key))
+
+
+@pytest.mark.parametrize("spec, devices, expected", [
+    ("6/8/128/64/32", 2, 4),  # 1024 tokens a device: 4 slices of 256 (19 MB each).
+    ("6/8/128/64/32", 1, 8),
+    ("4/4/128/64/12", 2, 1),  # 384 tokens a device already fit (16 MB): no slicing.
+    ("2/4/64/64/32", 2, 1),  # A small model: 1024 tokens take 13 MB.
+    ("6/8/256/128/32", 2, 8),  # 256 tokens take 38 MB, but smaller slices starve the matmuls.
+    ("6/8/128/64/12", 2, 1),  # Slices must divide each device's 6 rows: 2 x 192 is too few.
+    ("6/8/128/1024/3", 1, 3),  # Even one sequence is over: one sequence a slice.
+    ("1/1/32/8/2", 2, 1),
 ])
-def test_microbatches_default_to_cache_sized_slices_on_the_cpu(
-    batch_size, block_size, platform, requested, expected):
+def test_cpu_slices_fit_the_caches_and_keep_the_matmuls_busy(spec, devices, expected):
+  n_layer, n_head, n_embd, block_size, batch_size = map(int, spec.split("/"))
+  mc = ModelConfig(vocab_size=65, n_embd=n_embd, n_head=n_head, n_layer=n_layer,
+                   block_size=block_size)
+  got = train.train_microbatches(TrainConfig(batch_size=batch_size), mc, "cpu", devices)
+  assert got == expected
+  rows = batch_size // devices
+  tokens = rows // got * block_size
+  assert rows % got == 0
+  fits = footprint.activations(mc, tokens) <= train.CPU_SLICE_ACTIVATION_BYTES
+  # Either the slices fit and one fewer (the next divisor down) would not, or none fit and
+  # the slices are the smallest that keep CPU_MIN_SLICE_TOKENS (or one sequence).
+  fewer = max([n for n in train.divisors(rows) if n < got], default=None)
+  if fits and fewer:
+    assert footprint.activations(mc, rows // fewer * block_size) > train.CPU_SLICE_ACTIVATION_BYTES
+  if not fits:
+    smaller = [n for n in train.divisors(rows) if n > got]
+    assert not smaller or rows // smaller[0] * block_size < train.CPU_MIN_SLICE_TOKENS
+
+
+@pytest.mark.parametrize("platform, requested, expected", [("gpu", 0, 1), ("cpu", 2, 2)])
+def test_microbatches_elsewhere_and_requested(platform, requested, expected):
+  tc = TrainConfig(batch_size=32, microbatches=requested)
+  assert train.train_microbatches(tc, ModelConfig(block_size=64), platform, 2) == expected
+
+
+@pytest.mark.parametrize("n", [1, 12, 97, 360, 10**9 + 7])
+def test_divisors(n):
+  assert train.divisors(n) == [d for d in range(1, min(n, 400) + 1) if n % d == 0] + (
+      [n] if n > 400 else [])
+
+
+AUTO = "automatic: slices of 256 tokens on each device, 19.1 MB of activations"
+
+
+@pytest.mark.parametrize("requested, explicit, resumed, batch_size, expected", [
+    (0, False, False, 32, (4, AUTO)),
+    (2, True, False, 32, (2, "--microbatches")),
+    (8, False, True, 32, (8, "kept from the checkpoint")),
+    (8, False, True, 12, (1, "automatic: slices of 384 tokens on each device, 28.6 MB of "
+                             "activations")),  # A new batch size that 8 does not divide.
+])
+def test_the_microbatch_choice_says_why(requested, explicit, resumed, batch_size, expected):
   tc = TrainConfig(batch_size=batch_size, microbatches=requested)
-  model_config = ModelConfig(block_size=block_size)
-  assert train.train_microbatches(tc, model_config, platform) == expected
+  mc = ModelConfig(vocab_size=65, block_size=64)
+  assert train.choose_microbatches(tc, mc, "cpu", devices=2, explicit=explicit,
+                                   resumed=resumed) == expected
 
 
 def test_train_step_advances_the_schedule_count(setup):
@@ -194,14 +265,16 @@ def test_largest_fitting_divisor(count, tokens_each, max_tokens, expected):
 #   PYTHONPATH=. .venv/bin/python tests/test_train.py
 # check them in both environments of .ci/run (.venv and .venv-metal-pins), and paste them
 # here, saying why in the commit.
-PINNED = {"loss": 2.398118, "grad_norm": 0.0282798037, "params_abs_sum": 100.8737377,
-          "params_weighted_sum": -0.1147174}
-# Jax 0.10.2 (.venv) and 0.5.0 (.venv-metal-pins) give the same loss and gradient norm here,
-# and parameter sums 1.6e-6 and 1.4e-6 apart (.venv: 100.8737385, -0.1147167; the other:
-# 100.8737369, -0.1147182); with a batch of 4 the loss was one float32 step apart (2.4e-7),
-# the norm 3.7e-9. The tolerances are about five times those; each environment gives the
-# same bits run after run. A wrong dropout mask, microbatch or learning rate moves the
-# numbers by far more.
+PINNED = {"loss": 2.3981279, "grad_norm": 0.0282966215, "params_abs_sum": 101.4716200,
+          "params_weighted_sum": -0.0319694}
+# Regenerated when dropout masks came to be a hash of (global batch row, element) (issue 18;
+# before: loss 2.398118, grad_norm 0.0282798037, params_abs_sum 100.8737377,
+# params_weighted_sum -0.1147174). Jax 0.10.2 (.venv) and 0.5.0 (.venv-metal-pins) give the
+# same gradient norm here, losses one float32 step apart (2.3981278, 2.3981280) and
+# parameter sums 8e-7 apart (.venv: 101.4716203, -0.0319698; the other: 101.4716196,
+# -0.0319691). The tolerances are a few times those; each environment gives the same bits
+# run after run. A wrong dropout mask, microbatch or learning rate moves the numbers by far
+# more.
 PINNED_ABS_TOL = {"loss": 1e-6, "grad_norm": 2e-8, "params_abs_sum": 1e-5,
                   "params_weighted_sum": 1e-5}
 

@@ -46,7 +46,11 @@ def test_trains_writes_every_output_and_repeats_from_flags_cfg(tmp_path, capsys)
   assert samples[0].startswith("ANNA:") and samples[1].startswith("né")
   assert samples[0] in stdout
 
-  # flags.cfg, read by absl as --flagfile, repeats the run exactly.
+  # The automatic choices, said in the header, are recorded; flags.cfg, read by absl as
+  # --flagfile, repeats the run exactly.
+  assert "microbatch (automatic: slices of " in stdout
+  recorded = (workdir / "flags.cfg").read_text().splitlines()
+  assert "--microbatches=1" in recorded and "--num_cpu_devices=2" in recorded
   again = trainer.run(parse_args(f"--flagfile={workdir / 'flags.cfg'}",
                                  f"--workdir={tmp_path / 'run2'}"))
   assert again["status"] == "completed"

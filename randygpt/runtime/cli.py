@@ -110,6 +110,11 @@ def entry_point(work):
     import jax  # After flag parsing: --help and flag errors stay fast.
     from randygpt.runtime import devices, platforms
     jax.config.update("jax_compilation_cache_dir", str(cache_dir("jax")))
+    # Every compilation, not only those over 1 s: a run's ~25 small ones cost ~1.5 s of
+    # start-up compiled afresh (docs/measurements.md, "Start-up").
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    if flags.FLAGS.resume and not flags.FLAGS.num_cpu_devices:  # The run's own device count.
+      flags.FLAGS.num_cpu_devices = devices.saved_device_count(flags.FLAGS.workdir)
     devices.set_cpu_device_count(devices.cpu_device_count(
         flags.FLAGS.num_cpu_devices, flags.FLAGS.batch_size, flags.FLAGS.num_processes))
     try:

@@ -9,6 +9,7 @@ so data windows and dropout masks do not depend on the device count.
 import os
 import socket
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -28,6 +29,31 @@ def cpu_device_count(requested: int, batch_size: int, num_processes: int = 1) ->
     return requested or 1
   top = min(os.cpu_count() or 1, AUTO_MAX_DEVICES)
   return max(n for n in range(1, top + 1) if batch_size % n == 0)
+
+
+def why_device_count(requested: int, explicit: bool, num_processes: int, platform: str) -> str:
+  """The header's reason for the training device count."""
+  if platform != "cpu":
+    return f"training on {platform}"
+  if num_processes > 1:
+    return "one per process"
+  if explicit:
+    return "--num_cpu_devices"
+  if requested:
+    return "kept from the run's flags.cfg"
+  return f"automatic: up to min(cores, {AUTO_MAX_DEVICES}) dividing the batch"
+
+
+def saved_device_count(workdir: str) -> int:
+  """The --num_cpu_devices that `workdir`'s flags.cfg records (0 when none): a resume trains
+  on the device count its run chose, fixed before JAX starts."""
+  try:
+    text = (Path(workdir) / "flags.cfg").read_text(encoding="utf-8")
+  except (OSError, UnicodeDecodeError):
+    return 0
+  counts = [line.partition("=")[2].strip() for line in text.splitlines()
+            if line.startswith("--num_cpu_devices=")]
+  return int(counts[-1]) if counts and counts[-1].isdigit() else 0
 
 
 def set_cpu_device_count(n: int) -> None:

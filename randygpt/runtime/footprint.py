@@ -41,7 +41,7 @@ def human_bytes(n: float) -> str:
     n /= 1000
 
 
-def _activations(mc: ModelConfig, tokens: int, backward: bool) -> int:
+def activations(mc: ModelConfig, tokens: int, backward: bool = True) -> int:
   """Bytes of `tokens` tokens' activations (kept for the backward pass when `backward`)."""
   per_layer = ACTIVATIONS_PER_EMBD * mc.n_embd + 2 * mc.n_head * mc.block_size
   layers = mc.n_layer if backward else 1
@@ -70,12 +70,12 @@ def estimate(mc: ModelConfig, sample: SampleConfig, tc: TrainConfig | None = Non
   else:
     per_device = tc.batch_size * mc.block_size // (microbatches * devices)
     parts["--n_embd, --n_layer"] = params * STATE_COPIES * devices
-    parts["--batch_size, --block_size, --microbatches"] = devices * _activations(
+    parts["--batch_size, --block_size, --microbatches"] = devices * activations(
         mc, per_device, backward=True)
   if tc is not None:
     windows = 2 * tc.eval_iters * tc.batch_size  # Train and val, gathered once.
     parts["--eval_iters, --batch_size"] = (2 * FLOAT_BYTES * windows * mc.block_size
-                             + _activations(mc, eval_chunk_tokens, backward=False))
+                             + activations(mc, eval_chunk_tokens, backward=False))
   return parts
 
 

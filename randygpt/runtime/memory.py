@@ -1,10 +1,11 @@
 """The process's memory: how much it holds, and keeping glibc and Linux from holding more.
 
 glibc's malloc gives each thread that allocates its own arena and keeps what is freed
-there: XLA's worker threads then hold ~100 MB that the process never uses again. It also
-raises its mmap threshold as large blocks are freed, so a train step's temporary buffers
-end up in the heap and stay resident, and compiling leaves hundreds of MB free but
-resident. Linux, for its part, keeps every page of library code the process has run
+there: XLA's worker threads then hold ~100 MB that the process never uses again. Its mmap
+threshold moves as large blocks are freed; fixed at 1 MB, every step mapped its temporary
+buffers afresh and faulted their pages in (7-50% of a step), so it is fixed at glibc's
+maximum, 32 MB: a step's buffers are reused from the heap. Compiling leaves hundreds of MB
+free but resident, handed back with `malloc_trim`. Linux, for its part, keeps every page of library code the process has run
 mapped: after compiling, ~150 MB of jaxlib (mostly XLA's compiler) that training never
 runs again. All of it is undone here where the system allows (docs/measurements.md, "Memory").
 """
@@ -13,9 +14,12 @@ import ctypes
 import resource
 
 # mallopt parameters, from glibc's malloc.h; madvise advice, from Linux's mman.h.
-_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _MADV_DONTNEED = 4
-MMAP_THRESHOLD_BYTES = 1 << 20  # Blocks this large are mapped, and unmapped when freed.
+# Blocks this large are mapped, and unmapped when freed; free memory this large at the top
+# of the heap is given back. Measured in docs/measurements.md, "Memory" (malloc's settings).
+MMAP_THRESHOLD_BYTES = 32 << 20
+TRIM_THRESHOLD_BYTES = 64 << 20
 
 
 def _glibc():
@@ -24,11 +28,12 @@ def _glibc():
 
 
 def configure_malloc() -> None:
-  """One malloc arena for all threads, and large blocks returned when freed; call before
-  JAX starts its threads."""
+  """One malloc arena for all threads, and fixed thresholds for mapping and trimming; call
+  before JAX starts its threads."""
   if libc := _glibc():
     libc.mallopt(_M_ARENA_MAX, 1)
     libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
 
 
 def unmodified_library_mappings() -> list[tuple[int, int]]:
