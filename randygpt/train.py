@@ -68,9 +68,7 @@ def largest_fitting_divisor(count: int, tokens_each: int, max_tokens: int) -> in
   """The largest divisor n of `count` (at least 1) whose n items of `tokens_each` tokens
   hold at most `max_tokens`: how many batches an estimate runs at once, or how many
   sequences a microbatch holds."""
-  # Down from the most that fit: the work does not grow with `count` (--batch_size=10**9).
-  most = max(1, min(count, max_tokens // tokens_each))
-  return next(n for n in range(most, 0, -1) if count % n == 0)
+  return max([n for n in divisors(count) if n * tokens_each <= max_tokens], default=1)
 
 
 def divisors(n: int) -> list[int]:

@@ -37,7 +37,6 @@ class Setup:
   prompts: tuple[str, ...]
   placement: platforms.Placement
   mesh: jax.sharding.Mesh
-  microbatches: int
   choices: tuple[str, str]  # Why this device count, why this microbatch count.
   state: dict  # The initial train state, replicated over the mesh.
   corpus: data.Corpus
@@ -88,9 +87,9 @@ def _read_text(config: RunConfig, meta: dict | None, source: Path | None):
 
 
 def _place(config: RunConfig, model_config: ModelConfig, source: Path | None):
-  """The devices that train and evaluate, the training mesh, the microbatch count and the
-  header's reasons for both counts; the config gets the counts, so that flags.cfg and the
-  checkpoints keep them. A run the machine's memory cannot hold is refused here, before
+  """The config with the chosen microbatch and device counts (so that flags.cfg and the
+  checkpoints keep them), the devices that train and evaluate, the training mesh and the
+  header's reasons for both counts. A run the machine's memory cannot hold is refused here, before
   anything big is allocated."""
   tc, loc = config.train, config.location
   placement = platforms.place(loc.train_platform, loc.eval_platform, devices.cpu_device_count(
@@ -111,7 +110,7 @@ def _place(config: RunConfig, model_config: ModelConfig, source: Path | None):
   footprint.check(model_config, config.sample, tc, train_devices=mesh.local_devices,
                   eval_platform=eval_platform, microbatches=microbatches,
                   eval_chunk_tokens=evaluate.eval_chunk_tokens(tc, model_config, eval_platform))
-  return config, placement, mesh, microbatches, (why_devices, why_microbatches)
+  return config, placement, mesh, (why_devices, why_microbatches)
 
 
 def prepare(config: RunConfig) -> Setup | None:
@@ -128,7 +127,7 @@ def prepare(config: RunConfig) -> Setup | None:
   tokenizer = corpus.tokenizer
   prompts = generate.check_prompts(config.sample.prompt, tokenizer)
   model_config = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
-  config, placement, mesh, microbatches, choices = _place(config, model_config, source)
+  config, placement, mesh, choices = _place(config, model_config, source)
   tc, loc = config.train, config.location
   replicated = devices.replicated(mesh)
   key = jax.random.key(tc.seed)
@@ -141,14 +140,14 @@ def prepare(config: RunConfig) -> Setup | None:
     rundir.initialise(Path(loc.workdir), config, tokenizer, start_iter, discard,
                       data=corpus.fingerprint)
   devices.sync("workdir ready")
-  step_fn = train.jit_train_step(model_config, tc, mesh, microbatches)
+  step_fn = train.jit_train_step(model_config, tc, mesh, tc.microbatches)
   sampler = data.WindowSampler(splits["train"], jax.random.fold_in(key, train.DATA_STREAM),
                                tc.batch_size, model_config.block_size)
   evaluator = evaluate.Evaluator(placement.eval_device, model_config, config.sample, splits,
                                  jax.random.fold_in(key, train.EVAL_STREAM), tc)
   placement = evaluator.probe(state["params"], placement)
   setup = Setup(config, model_config, start_iter, source, best, tokenizer, prompts, placement,
-                mesh, microbatches, choices, state, corpus, sampler, step_fn, evaluator)
+                mesh, choices, state, corpus, sampler, step_fn, evaluator)
   print_header(setup, splits)
   return setup
 
@@ -162,7 +161,7 @@ def print_header(setup: Setup, splits: dict) -> None:
   print(f"token cache: {corpus.cache_path} ({size}, {corpus.tokens.dtype.name}, {how})")
   print(f"model: {mc.n_layer} layers, {mc.n_head} heads, n_embd {mc.n_embd}, block "
         f"{mc.block_size}, dropout {mc.dropout} | {model.n_params(mc):,} parameters")
-  mb, (why_devices, why_microbatches) = setup.microbatches, setup.choices
+  mb, (why_devices, why_microbatches) = tc.microbatches, setup.choices
   print(f"devices: {setup.mesh.size} x {setup.mesh.devices.flat[0].platform} (data-parallel; "
         f"{why_devices}) | batch {tc.batch_size} x {mc.block_size} = "
         f"{tc.batch_size * mc.block_size:,} tokens/step in {mb} "

@@ -5,9 +5,9 @@ there: XLA's worker threads then hold ~100 MB that the process never uses again.
 threshold moves as large blocks are freed; fixed at 1 MB, every step mapped its temporary
 buffers afresh and faulted their pages in (7-50% of a step), so it is fixed at glibc's
 maximum, 32 MB: a step's buffers are reused from the heap. Compiling leaves hundreds of MB
-free but resident, handed back with `malloc_trim`. Linux, for its part, keeps every page of library code the process has run
-mapped: after compiling, ~150 MB of jaxlib (mostly XLA's compiler) that training never
-runs again. All of it is undone here where the system allows (docs/measurements.md, "Memory").
+free but resident, handed back with `malloc_trim`. Linux, for its part, keeps every page of
+library code the process has run mapped: after compiling, ~150 MB of jaxlib (mostly XLA's
+compiler) that training never runs again. All of it is undone here where the system allows (docs/measurements.md, "Memory").
 """
 
 import ctypes
