@@ -38,30 +38,43 @@ def init_train_state(key: jax.Array, model_config: ModelConfig,
 
 def train_step(state: dict, batch, rng: jax.Array, *, model_config: ModelConfig,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-               microbatches: int = 1) -> tuple[dict, dict]:
+               microbatches: int = 1, mesh: jax.sharding.Mesh | None = None
+               ) -> tuple[dict, dict]:
   """One optimizer step on the batch loss (with dropout), its gradient summed over
-  `microbatches` equal slices of the batch run one after another; returns the new state
-  and the step's metrics: loss, gradient norm and the learning rate it used."""
-  def slices(x_BxT):
-    # Slice i takes rows i, i+k, i+2k...: each device's rows stay on that device.
-    b, t = x_BxT.shape
-    return x_BxT.reshape(b // microbatches, microbatches, t).swapaxes(0, 1)
-
-  def add_slice(total, inputs):
-    i, microbatch = inputs[0], inputs[1:]
-    rows_B = i + microbatches * jnp.arange(microbatch[0].shape[0])  # Its rows in the batch.
-    loss_and_grads = jax.value_and_grad(model.loss_fn)(
-        state["params"], microbatch, model_config, train=True, rng=rng, rows_B=rows_B)
-    return optax.tree_utils.tree_add(total, loss_and_grads), None
-
-  zeros = (jnp.zeros(()), optax.tree_utils.tree_zeros_like(state["params"]))
-  total, _ = jax.lax.scan(add_slice, zeros, (jnp.arange(microbatches), *map(slices, batch)))
-  loss, grads = jax.tree.map(lambda x: x / microbatches, total)
+  `microbatches` equal slices of the batch (of each device's rows, on `mesh`) run one after
+  another; returns the new state and the step's metrics: loss, gradient norm and the
+  learning rate it used."""
+  loss_and_grads = functools.partial(batch_loss_and_grads, model_config=model_config,
+                                     microbatches=microbatches)
+  if mesh is None:
+    loss, grads = loss_and_grads(state["params"], batch, rng, 0)
+  else:
+    loss, grads = devices.on_each_device(loss_and_grads, mesh)(state["params"], batch, rng)
   updates, opt = optimizer.update(grads, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   metrics = {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads),
              "lr": schedule(optim.schedule_count(state["opt"]))}
   return {"params": params, "opt": opt}, metrics
+
+
+def batch_loss_and_grads(params: dict, batch, rng: jax.Array, first_row, *,
+                         model_config: ModelConfig, microbatches: int):
+  """The mean loss of `batch` (rows `first_row`... of the whole batch) and its gradient, in
+  `microbatches` slices: slice i takes rows i, i+k, i+2k..."""
+  def slices(x_BxT):
+    b, t = x_BxT.shape
+    return x_BxT.reshape(b // microbatches, microbatches, t).swapaxes(0, 1)
+
+  def add_slice(total, inputs):
+    i, microbatch = inputs[0], inputs[1:]
+    rows_B = first_row + i + microbatches * jnp.arange(microbatch[0].shape[0])
+    loss_and_grads = jax.value_and_grad(model.loss_fn)(
+        params, microbatch, model_config, train=True, rng=rng, rows_B=rows_B)
+    return optax.tree_utils.tree_add(total, loss_and_grads), None
+
+  zeros = (jnp.zeros(()), optax.tree_utils.tree_zeros_like(params))
+  total, _ = jax.lax.scan(add_slice, zeros, (jnp.arange(microbatches), *map(slices, batch)))
+  return jax.tree.map(lambda x: x / microbatches, total)
 
 
 def largest_fitting_divisor(count: int, tokens_each: int, max_tokens: int) -> int:
@@ -114,11 +127,12 @@ def choose_microbatches(tc: TrainConfig, model_config: ModelConfig, platform: st
 def jit_train_step(model_config: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh,
                    microbatches: int = 1):
   """The jitted train step over `mesh`: batches split along `data` (`devices.batch_sharded`),
-  the state replicated (XLA all-reduces the gradients), the old state donated."""
+  each device's gradient computed on its rows and averaged once, the state replicated, the
+  old state donated."""
   replicated = devices.replicated(mesh)
   return jax.jit(functools.partial(
       train_step, model_config=model_config, optimizer=optim.make_optimizer(tc, mesh),
-      schedule=optim.lr_schedule(tc), microbatches=microbatches),
+      schedule=optim.lr_schedule(tc), microbatches=microbatches, mesh=mesh),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
