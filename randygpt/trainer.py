@@ -22,7 +22,7 @@ import numpy as np
 from randygpt import checkpoint, data, evaluate, generate, metrics, model, optim, train
 from randygpt.config import ModelConfig, RunConfig
 from randygpt.errors import UserError
-from randygpt.runtime import cli, devices, footprint, memory, platforms, rundir
+from randygpt.runtime import cli, devices, exported, footprint, memory, platforms, rundir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,9 +231,10 @@ class Trainer:
   def compile(self) -> None:
     print("Compiling train step...", end=" ", flush=True)
     start = time.perf_counter()
-    step_fn = self.setup.step_fn.lower(self.state, self.batch(self.setup.start_iter + 1),
-                                       self.dropout_key).compile()
-    self.step_fn = step_fn
+    setup = self.setup
+    self.step_fn = exported.compile_step(
+        setup.step_fn, repr((setup.model_config, self.tc)), cli.cache_dir("steps"), self.state,
+        self.batch(setup.start_iter + 1), self.dropout_key)
     print(f"done in {time.perf_counter() - start:.1f}s", flush=True)
     self.memory_mb["compile_peak"] = memory.peak_resident_mb()
     self.throughput.mark(self.setup.start_iter)
