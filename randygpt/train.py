@@ -130,9 +130,13 @@ def jit_train_step(model_config: ModelConfig, tc: TrainConfig, mesh: jax.shardin
   each device's gradient computed on its rows and averaged once, the state replicated, the
   old state donated."""
   replicated = devices.replicated(mesh)
+  # Slices that span devices (a count not dividing each device's rows, e.g. a --microbatches
+  # from a resume on fewer devices) are left to XLA's partitioning of the whole step.
+  on_each_device = tc.batch_size // mesh.size % microbatches == 0
   return jax.jit(functools.partial(
       train_step, model_config=model_config, optimizer=optim.make_optimizer(tc, mesh),
-      schedule=optim.lr_schedule(tc), microbatches=microbatches, mesh=mesh),
+      schedule=optim.lr_schedule(tc), microbatches=microbatches,
+      mesh=mesh if on_each_device else None),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 

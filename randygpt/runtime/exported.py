@@ -1,11 +1,12 @@
 """The train step kept as StableHLO (`jax.export`) between runs.
 
 A second run of the same shape loads the persistent compilation cache's machine code, but
-JAX must first trace and lower the step to look it up: ~0.9 s of a ~3 s start-up here
-(docs/measurements.md, "Start-up"). So a run on CPU devices also saves the lowered step,
-keyed by randygpt's source, JAX's version, the environment's JAX and XLA settings, the
-caller's config and the arguments' shapes, devices and shardings; a later run with the same
-key loads it and skips the tracing. Any edit to randygpt's code makes a new key.
+JAX must first trace and lower the step to look it up: 0.9-1.1 s of a 3.3 s start-up at the
+default shape here (docs/measurements.md, "Start-up"). So a run on CPU devices also saves
+the lowered step, keyed by randygpt's source, JAX's version, the environment's JAX and XLA
+settings, the caller's config and the arguments' shapes, devices and shardings; a later run
+with the same key loads it and skips the tracing. Any edit to randygpt's code makes a new
+key.
 """
 
 import hashlib
