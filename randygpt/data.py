@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from randygpt.errors import UserError
+from randygpt.runtime import exported
 
 DEFAULT_DATA = "train.txt"
 VAL_FRACTION = 0.1
@@ -532,11 +533,13 @@ class WindowSampler:
     self._high = len(tokens) - block_size
     draw_one = lambda step: _draw(jax.random.fold_in(key, step), batch_size, self._high)
     self._draw_many = jax.jit(jax.vmap(draw_one))
+    self._compiled = None  # Compiled at the first draw.
     self._first, self._starts = None, None
 
   def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     first = step - step % self.steps_ahead
     if first != self._first:
       steps = np.arange(first, first + self.steps_ahead, dtype=np.uint32)
-      self._first, self._starts = first, _starts(self._draw_many(steps), self._high)
+      self._compiled = self._compiled or exported.compile_kept(self._draw_many, steps)
+      self._first, self._starts = first, _starts(self._compiled(steps), self._high)
     return windows(self.tokens, self._starts[step - first], self.block_size)

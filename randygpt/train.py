@@ -16,7 +16,7 @@ import optax
 
 from randygpt import checkpoint, model, optim
 from randygpt.config import ModelConfig, TrainConfig
-from randygpt.runtime import devices, footprint
+from randygpt.runtime import devices, exported, footprint
 
 # Independent random streams, each derived from the seed with `jax.random.fold_in`
 # (generate.SAMPLE_STREAM is 4).
@@ -151,7 +151,8 @@ def initial_state(key: jax.Array, model_config: ModelConfig, tc: TrainConfig,
   init = functools.partial(init_train_state, model_config=model_config,
                            optimizer=optim.make_optimizer(tc))
   if source is None:  # One jitted init: eager ops would each compile and stay cached.
-    return jax.jit(init, out_shardings=sharding)(key)
+    key = jax.device_put(key, sharding)  # The init's devices, for its kept lowering.
+    return exported.compile_kept(jax.jit(init, out_shardings=sharding), key)(key)
   restored = checkpoint.restore_state(
       source, checkpoint.abstract_like(jax.eval_shape(init, key), sharding))
   # jaxlib 0.5 (the Metal stack) can hand back arrays that share host memory with NumPy;

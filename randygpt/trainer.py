@@ -232,9 +232,9 @@ class Trainer:
     print("Compiling train step...", end=" ", flush=True)
     start = time.perf_counter()
     setup = self.setup
-    self.step_fn = exported.compile_step(
-        setup.step_fn, repr((setup.model_config, self.tc)), cli.cache_dir("steps"), self.state,
-        self.batch(setup.start_iter + 1), self.dropout_key)
+    self.step_fn = exported.compile_kept(
+        setup.step_fn, self.state, self.batch(setup.start_iter + 1), self.dropout_key,
+        donate_argnums=(0,), config_key=repr((setup.model_config, self.tc)))
     print(f"done in {time.perf_counter() - start:.1f}s", flush=True)
     self.memory_mb["compile_peak"] = memory.peak_resident_mb()
     self.throughput.mark(self.setup.start_iter)

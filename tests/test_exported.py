@@ -1,5 +1,6 @@
-"""The train step kept between runs (runtime/exported.py): saved once, loaded after, the
-same step as the one traced; another config or other code is another entry."""
+"""Lowerings kept between runs (runtime/exported.py): saved once, loaded after, the same
+function as the one traced; another config, other code or another traced function is
+another entry."""
 
 import dataclasses
 import functools
@@ -17,6 +18,12 @@ TRAIN = TrainConfig(batch_size=8, microbatches=2, learning_rate=1e-2, warmup_ite
 TOKENS = np.random.default_rng(0).integers(0, MODEL.vocab_size, 500, np.int32)
 
 
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+  monkeypatch.setattr(exported, "_CACHE", {"dir": tmp_path})
+  return tmp_path
+
+
 @pytest.fixture(scope="module")
 def run():
   """The jitted step on 2 devices, a state maker, a batch and a dropout key."""
@@ -30,19 +37,25 @@ def run():
           lambda: init(jax.random.key(0)), batch, jax.random.key(2))
 
 
+def kept_step(run, config_key="config"):
+  jitted, new_state, batch, key = run
+  return exported.compile_kept(jitted, new_state(), batch, key, donate_argnums=(0,),
+                               config_key=config_key)
+
+
 def two_steps(step, new_state, batch, key):
   state, first = step(new_state(), batch, key)
   state, second = step(state, batch, jax.random.fold_in(key, 1))
   return state, [first, second]
 
 
-def test_a_saved_step_loads_and_takes_the_traced_steps(run, tmp_path, monkeypatch):
+def test_a_kept_step_loads_and_takes_the_traced_steps(run, cache, monkeypatch):
   jitted, new_state, batch, key = run
   want_state, want = two_steps(jitted, new_state, batch, key)
-  saving = exported.compile_step(jitted, "config", tmp_path, new_state(), batch, key)
-  assert len(list(tmp_path.glob("*.train_step"))) == 1
-  monkeypatch.setattr(exported, "_export_and_save", None)  # Loading must not trace again.
-  loading = exported.compile_step(jitted, "config", tmp_path, new_state(), batch, key)
+  saving = kept_step(run)
+  assert len(list(cache.glob("*.lowered"))) == 1
+  monkeypatch.setattr(exported, "_export_and_save", None)  # Loading must not lower again.
+  loading = kept_step(run)
   for step in (saving, loading):
     state, got = two_steps(step, new_state, batch, key)
     for g, w in zip(got, want):
@@ -53,24 +66,39 @@ def test_a_saved_step_loads_and_takes_the_traced_steps(run, tmp_path, monkeypatc
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
 
 
-def test_another_config_or_other_code_is_another_entry(run, tmp_path, monkeypatch):
-  jitted, new_state, batch, key = run
-  exported.compile_step(jitted, "config", tmp_path, new_state(), batch, key)
-  exported.compile_step(jitted, repr(dataclasses.replace(TRAIN, seed=2)), tmp_path,
-                        new_state(), batch, key)
-  package = tmp_path / "edited"
+def test_another_config_or_other_code_is_another_entry(run, cache, monkeypatch):
+  kept_step(run)
+  kept_step(run, repr(dataclasses.replace(TRAIN, seed=2)))
+  package = cache / "edited"
   package.mkdir()
   (package / "model.py").write_text("# an edit\n")
   monkeypatch.setattr(exported, "PACKAGE", package)
-  exported.compile_step(jitted, "config", tmp_path, new_state(), batch, key)
-  assert len(list(tmp_path.glob("*.train_step"))) == 3
+  kept_step(run)
+  assert len(list(cache.glob("*.lowered"))) == 3
 
 
-def test_an_unreadable_entry_is_replaced(run, tmp_path):
+def test_an_unreadable_entry_is_replaced(run, cache):
   jitted, new_state, batch, key = run
-  exported.compile_step(jitted, "config", tmp_path, new_state(), batch, key)
-  [entry] = tmp_path.glob("*.train_step")
+  kept_step(run)
+  [entry] = cache.glob("*.lowered")
   entry.write_bytes(b"half a fil")
-  step = exported.compile_step(jitted, "config", tmp_path, new_state(), batch, key)
-  assert np.isfinite(step(new_state(), batch, key)[1]["loss"])
-  assert entry.stat().st_size > 1000 and not list(tmp_path.glob("*.partial"))
+  assert np.isfinite(kept_step(run)(new_state(), batch, key)[1]["loss"])
+  assert entry.stat().st_size > 1000 and not list(cache.glob("*.partial"))
+
+
+def test_a_function_is_kept_by_its_trace(cache, monkeypatch):
+  """The window sampler closes over its key: the same seed loads the kept lowering, another
+  seed is another entry; each draws what its plain jitted function draws."""
+  steps = np.arange(64, dtype=np.uint32)
+  def draws(seed):
+    sampler = data.WindowSampler(TOKENS, jax.random.key(seed), 4, 8)
+    return np.asarray(sampler._draw_many(steps)), exported.compile_kept(sampler._draw_many,
+                                                                        steps)(steps)
+  want, got = draws(0)
+  np.testing.assert_array_equal(got, want)
+  with monkeypatch.context() as patch:
+    patch.setattr(exported, "_export_and_save", None)  # Loading must not lower again.
+    np.testing.assert_array_equal(draws(0)[1], want)
+  other_want, other = draws(1)
+  np.testing.assert_array_equal(other, other_want)
+  assert not np.array_equal(other, want) and len(list(cache.glob("*.lowered"))) == 2

@@ -108,8 +108,9 @@ def entry_point(work):
     _quiet_background_failures()
     memory.configure_malloc()  # Before JAX starts its threads.
     import jax  # After flag parsing: --help and flag errors stay fast.
-    from randygpt.runtime import devices, platforms
+    from randygpt.runtime import devices, exported, platforms
     jax.config.update("jax_compilation_cache_dir", str(cache_dir("jax")))
+    exported.configure(cache_dir("lowered"))
     # Every compilation, not only those over 1 s: a run's ~25 small ones cost ~1.5 s of
     # start-up compiled afresh (docs/measurements.md, "Start-up").
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

@@ -1,84 +1,127 @@
-"""The train step kept as StableHLO (`jax.export`) between runs.
+"""Jitted functions whose lowering is kept between runs (`jax.export`).
 
-A second run of the same shape loads the persistent compilation cache's machine code, but
-JAX must first trace and lower the step to look it up: 0.9-1.1 s of a 3.3 s start-up at the
-default shape here (docs/measurements.md, "Start-up"). So a run on CPU devices also saves
-the lowered step, keyed by randygpt's source, JAX's version, the environment's JAX and XLA
-settings, the caller's config and the arguments' shapes, devices and shardings; a later run
-with the same key loads it and skips the tracing. Any edit to randygpt's code makes a new
-key.
+The persistent compilation cache keeps machine code, but JAX finds it by the lowered
+module, so every run traces and lowers each function first. That is slow at start-up: each
+`jax.random` draw's threefry is lowered afresh (~50 ms a draw: 0.3 s for the init and for
+the window sampler), and tracing and lowering the train step took 0.9-1.1 s of a 3.3 s
+start-up at the default shape here (docs/measurements.md, "Start-up"). So once `configure`
+gave a cache directory, `compile_kept` saves a function's lowering (StableHLO) on CPU devices,
+and later runs load it. The key: the function's traced jaxpr and constants (safe whatever
+changed), or, for the train step, whose tracing is itself slow, randygpt's source and the
+caller's config (an edit to the code makes a new key); with JAX's and optax's versions, the
+JAX and XLA environment and the arguments' shapes, dtypes and devices.
 """
 
 import hashlib
 import os
+import pickle
 from pathlib import Path
 
 import jax
 import jaxlib.version
+import numpy as np
+import optax
 from jax import export
 
 PACKAGE = Path(__file__).resolve().parent.parent
+_CACHE = {"dir": None}  # Set once per process by `configure`.
 
 
-def compile_step(step_fn, config_key: str, cache: Path, state, batch, rng: jax.Array):
-  """`step_fn(state, batch, rng) -> (state, metrics dict)` (jitted, the state donated)
-  compiled for these arguments; on CPU devices loaded from `cache` when a run with the same
-  code, `config_key` and arguments saved it there, and saved there otherwise."""
-  leaves, treedef = jax.tree.flatten(state)
-  args = (batch, jax.random.key_data(rng))  # Raw bits: jax 0.5 cannot serialize key types.
-  platforms = {d.platform for x in leaves for d in x.sharding.device_set}
-  path = cache / f"{_key(config_key, leaves, args)}.train_step"
-  exported = (_load(path) or _export_and_save(step_fn, treedef, jax.random.key_impl(rng),
-                                              path, leaves, args)
-              if platforms == {"cpu"} else None)
-  if exported is None:  # Not on the CPU.
-    return step_fn.lower(state, batch, rng).compile()
-  compiled = jax.jit(exported.call, donate_argnums=0).lower(leaves, *args).compile()
-
-  def step(state, batch, rng):
-    new_leaves, metrics = compiled(jax.tree.leaves(state), batch, jax.random.key_data(rng))
-    return jax.tree.unflatten(treedef, new_leaves), metrics
-  return step
+def configure(cache: Path | None) -> None:
+  _CACHE["dir"] = cache
 
 
-def _load(path: Path) -> export.Exported | None:
+def compile_kept(jitted, *args, donate_argnums=(), config_key: str | None = None):
+  """`jitted` (a `jax.jit` function returning arrays) compiled for `args` (placed on the
+  devices it runs on): a function of arguments like them. Its lowering is loaded from the cache when a run saved it under the
+  same key (above; `config_key` for the source-and-config key), and saved there otherwise.
+  Without a cache, or not on CPU devices, `jitted.lower(*args).compile()`."""
+  leaves, in_tree = jax.tree.flatten(args)
+  platforms = {d.platform for x in leaves if hasattr(x, "sharding")
+               for d in x.sharding.device_set}
+  if _CACHE["dir"] is None or platforms - {"cpu"}:
+    return jitted.lower(*args).compile()
+  impls = [jax.random.key_impl(x) if _is_key(x) else None for x in leaves]
+  bits = _bits(leaves, impls)  # Raw bits: jax 0.5 cannot serialize key types.
+  key = _source_key(config_key) if config_key is not None else _trace_key(jitted, args)
+  path = _CACHE["dir"] / f"{_digest(key, bits)}.lowered"
+  starts = np.cumsum([0] + [len(jax.tree.leaves(a)) for a in args])
+  donated = tuple(i for a in donate_argnums for i in range(starts[a], starts[a + 1]))
+  exported, out_tree = _load(path) or _export_and_save(jitted, in_tree, impls, donated, path,
+                                                      bits)
+  compiled = jax.jit(exported.call, donate_argnums=donated).lower(*bits).compile()
+
+  def call(*args):
+    return jax.tree.unflatten(out_tree, compiled(*_bits(jax.tree.leaves(args), impls)))
+  return call
+
+
+def _is_key(x) -> bool:
+  return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _bits(leaves, impls) -> list:
+  return [jax.random.key_data(x) if impl else x for x, impl in zip(leaves, impls)]
+
+
+def _load(path: Path):
   try:
     data = path.read_bytes()
   except OSError:  # Not saved yet.
     return None
   try:
-    return export.deserialize(bytearray(data))
+    serialized, out_tree = pickle.loads(data)
+    return export.deserialize(bytearray(serialized)), out_tree
   except Exception:  # pylint: disable=broad-except  # Not an entry: flatbuffers' many errors.
     return None
 
 
-def _export_and_save(step_fn, treedef, rng_impl, path: Path, leaves,
-                     args) -> export.Exported:
-  def flat_step(leaves, batch, rng_bits):  # Lists and dicts: optax's types do not serialize.
-    state, metrics = step_fn(jax.tree.unflatten(treedef, leaves), batch,
-                             jax.random.wrap_key_data(rng_bits, impl=rng_impl))
-    return jax.tree.leaves(state), metrics
-  exported = export.export(jax.jit(flat_step, donate_argnums=0), platforms=["cpu"])(
-      leaves, *args)
+def _export_and_save(jitted, in_tree, impls, donated, path: Path, bits):
+  out_trees = []
+
+  def flat(*bits):  # Flat lists of arrays: optax's state types do not serialize.
+    leaves = [jax.random.wrap_key_data(x, impl=impl) if impl else x
+              for x, impl in zip(bits, impls)]
+    out = jitted(*jax.tree.unflatten(in_tree, leaves))
+    out_trees.append(jax.tree.structure(out))
+    return jax.tree.leaves(out)
+  exported = export.export(jax.jit(flat, donate_argnums=donated), platforms=["cpu"])(*bits)
   partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
   try:
-    serialized = exported.serialize()
+    entry = pickle.dumps((exported.serialize(), out_trees[0]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial.write_bytes(serialized)
+    partial.write_bytes(entry)
     partial.replace(path)  # Whole or absent, whoever reads it.
   except (ImportError, OSError):  # No flatbuffers, or a cache we cannot write: not kept.
     partial.unlink(missing_ok=True)
-  return exported
+  return exported, out_trees[0]
 
 
-def _key(config_key: str, leaves, args) -> str:
-  digest = hashlib.sha256()
+def _source_key(config_key: str) -> bytes:
+  digest = hashlib.sha256(config_key.encode())
   for source in sorted(PACKAGE.rglob("*.py")):
     digest.update(source.read_bytes())
+  return digest.digest()
+
+
+def _trace_key(jitted, args) -> bytes:
+  jaxpr = jitted.trace(*args).jaxpr
+  digest = hashlib.sha256(str(jaxpr).encode())
+  for const in jaxpr.consts:
+    const = jax.random.key_data(const) if _is_key(const) else const
+    digest.update(repr((np.shape(const), str(np.asarray(const).dtype))).encode())
+    digest.update(np.asarray(const).tobytes())
+  return digest.digest()
+
+
+def _digest(key: bytes, bits) -> str:
   environment = sorted((k, v) for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_")))
-  specs = [(x.shape, str(x.dtype), str(x.sharding),
-            sorted((d.process_index, d.id) for d in x.sharding.device_set))
-           for x in jax.tree.leaves((leaves, args))]
-  digest.update(repr((jax.__version__, jaxlib.version.__version__, environment, config_key,
-                      specs)).encode())
-  return digest.hexdigest()[:32]
+  specs = [_spec(x) for x in bits]
+  versions = jax.__version__, jaxlib.version.__version__, optax.__version__
+  return hashlib.sha256(key + repr((versions, environment, specs)).encode()).hexdigest()[:32]
+
+
+def _spec(x) -> tuple:
+  sharding = getattr(x, "sharding", None)  # NumPy arguments have none.
+  devices = sorted((d.process_index, d.id) for d in sharding.device_set) if sharding else None
+  return np.shape(x), str(x.dtype), str(sharding), devices
