@@ -151,7 +151,8 @@ def initial_state(key: jax.Array, model_config: ModelConfig, tc: TrainConfig,
   init = functools.partial(init_train_state, model_config=model_config,
                            optimizer=optim.make_optimizer(tc))
   if source is None:  # One jitted init: eager ops would each compile and stay cached.
-    key = jax.device_put(key, sharding)  # The init's devices, for its kept lowering.
+    if sharding.is_fully_addressable:  # Placed for its kept lowering (one process only).
+      key = jax.device_put(key, sharding)
     return exported.compile_kept(jax.jit(init, out_shardings=sharding), key)(key)
   restored = checkpoint.restore_state(
       source, checkpoint.abstract_like(jax.eval_shape(init, key), sharding))

@@ -5,11 +5,12 @@ module, so every run traces and lowers each function first. That is slow at star
 `jax.random` draw's threefry is lowered afresh (~50 ms a draw: 0.3 s for the init and for
 the window sampler), and tracing and lowering the train step took 0.9-1.1 s of a 3.3 s
 start-up at the default shape here (docs/measurements.md, "Start-up"). So once `configure`
-gave a cache directory, `compile_kept` saves a function's lowering (StableHLO) on CPU devices,
-and later runs load it. The key: the function's traced jaxpr and constants (safe whatever
-changed), or, for the train step, whose tracing is itself slow, randygpt's source and the
-caller's config (an edit to the code makes a new key); with JAX's and optax's versions, the
-JAX and XLA environment and the arguments' shapes, dtypes and devices.
+gave a cache directory, `compile_kept` saves a function's lowering (StableHLO) in a
+single-process run on CPU devices, and later runs load it. The key: the function's traced
+jaxpr and constants (safe whatever changed), or, for the train step, whose tracing is
+itself slow, randygpt's source and the caller's config (an edit to the code makes a new
+key); with JAX's and optax's versions, the JAX and XLA environment and the arguments'
+shapes, dtypes and devices.
 """
 
 import hashlib
@@ -33,13 +34,14 @@ def configure(cache: Path | None) -> None:
 
 def compile_kept(jitted, *args, donate_argnums=(), config_key: str | None = None):
   """`jitted` (a `jax.jit` function returning arrays) compiled for `args` (placed on the
-  devices it runs on): a function of arguments like them. Its lowering is loaded from the cache when a run saved it under the
-  same key (above; `config_key` for the source-and-config key), and saved there otherwise.
-  Without a cache, or not on CPU devices, `jitted.lower(*args).compile()`."""
+  devices it runs on): a function of arguments like them. Its lowering is loaded from the
+  cache when a run saved it under the same key (above; `config_key` for the
+  source-and-config key), and saved there otherwise. Without a cache, not on CPU devices or
+  in a multi-process run, `jitted.lower(*args).compile()`."""
   leaves, in_tree = jax.tree.flatten(args)
   platforms = {d.platform for x in leaves if hasattr(x, "sharding")
                for d in x.sharding.device_set}
-  if _CACHE["dir"] is None or platforms - {"cpu"}:
+  if _CACHE["dir"] is None or platforms - {"cpu"} or jax.process_count() > 1:
     return jitted.lower(*args).compile()
   impls = [jax.random.key_impl(x) if _is_key(x) else None for x in leaves]
   bits = _bits(leaves, impls)  # Raw bits: jax 0.5 cannot serialize key types.
