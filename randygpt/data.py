@@ -540,6 +540,7 @@ class WindowSampler:
     first = step - step % self.steps_ahead
     if first != self._first:
       steps = np.arange(first, first + self.steps_ahead, dtype=np.uint32)
-      self._compiled = self._compiled or exported.compile_kept(self._draw_many, steps)
+      if self._compiled is None:
+        self._compiled = exported.compile_kept(self._draw_many, steps)
       self._first, self._starts = first, _starts(self._compiled(steps), self._high)
     return windows(self.tokens, self._starts[step - first], self.block_size)

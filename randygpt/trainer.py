@@ -89,8 +89,8 @@ def _read_text(config: RunConfig, meta: dict | None, source: Path | None):
 def _place(config: RunConfig, model_config: ModelConfig, source: Path | None):
   """The config with the chosen microbatch and device counts (so that flags.cfg and the
   checkpoints keep them), the devices that train and evaluate, the training mesh and the
-  header's reasons for both counts. A run the machine's memory cannot hold is refused here, before
-  anything big is allocated."""
+  header's reasons for both counts. A run the machine's memory cannot hold is refused here,
+  before anything big is allocated."""
   tc, loc = config.train, config.location
   placement = platforms.place(loc.train_platform, loc.eval_platform, devices.cpu_device_count(
       loc.num_cpu_devices, tc.batch_size, loc.num_processes))

@@ -7,7 +7,8 @@ buffers afresh and faulted their pages in (7-50% of a step), so it is fixed at g
 maximum, 32 MB: a step's buffers are reused from the heap. Compiling leaves hundreds of MB
 free but resident, handed back with `malloc_trim`. Linux, for its part, keeps every page of
 library code the process has run mapped: after compiling, ~150 MB of jaxlib (mostly XLA's
-compiler) that training never runs again. All of it is undone here where the system allows (docs/measurements.md, "Memory").
+compiler) that training never runs again. All of it is undone here where the system
+allows (docs/measurements.md, "Memory").
 """
 
 import ctypes
