@@ -24,13 +24,14 @@ from randygpt.runtime import devices
 # data-parallel as the command line does on two cores, and tests can compare 1 and 2.
 devices.set_cpu_device_count(2)
 
-# The suite's time goes to compiling many small programs, not to running them. Two XLA settings
-# cut it (docs/measurements.md, "Test suite"): no LLVM optimisations (the programs then run
-# about half as fast, and compute the same) and the older elementwise emitters (a small
-# program compiles in ~60% of the time). A jaxlib that does not know a flag aborts at start
-# (the pinned 0.5.0 knows only the first), so the second is kept only where a probe process
-# starts with it. Set before JAX starts its backends; pytest-xdist's workers and the processes the tests
-# start inherit the choice. RANDYGPT_TEST_XLA_FLAGS="" keeps XLA's defaults.
+# The suite's time goes to compiling many small programs, not to running them. Two XLA
+# settings cut it (docs/measurements.md, "Test suite"): no LLVM optimisations (the programs
+# then run about half as fast, and compute the same) and the older elementwise emitters (a
+# small program compiles in ~60% of the time). A jaxlib that does not know a flag aborts at
+# start (the pinned 0.5.0 knows only the first), so the second is kept only where a probe
+# process starts with it. Set before JAX starts its backends; pytest-xdist's workers and the
+# processes the tests start inherit the choice. RANDYGPT_TEST_XLA_FLAGS="" keeps XLA's
+# defaults.
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 
 
