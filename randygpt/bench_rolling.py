@@ -120,7 +120,7 @@ def bench_rolling():
   import jax
   import numpy as np
 
-  from randygpt import checkpoint, data, train
+  from randygpt import checkpoint, data
   config = randygpt_flags.run_config()
   path, meta, saved = sample.open_checkpoint(flags.FLAGS.checkpoint,
                                              Path(config.location.workdir))
@@ -133,8 +133,8 @@ def bench_rolling():
   _, val_tokens = data.split(corpus.tokens, saved.model.block_size)
   val_tokens = np.asarray(val_tokens)
   model_config = dataclasses.replace(saved.model, vocab_size=corpus.tokenizer.vocab_size)
-  state = train.initial_state(jax.random.key(0), model_config, saved.train, path,
-                              jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
+  state = checkpoint.restore_train_state(
+      path, model_config, saved.train, jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
   sample_config = dataclasses.replace(
       config.sample, max_new_tokens=(config.sample.max_new_tokens
                                      if "max_new_tokens" in config.explicit else 500))

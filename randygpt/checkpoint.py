@@ -19,8 +19,10 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from randygpt import train
 from randygpt.errors import UserError
 
 KINDS = ("latest", "best")
@@ -197,6 +199,17 @@ def read_meta(path: Path) -> dict:
   if found != FORMAT:
     raise UserError(f"{path} is not a randygpt checkpoint (its metadata has no {FORMAT!r}).")
   return meta
+
+
+def restore_train_state(path: Path, model_config, tc, sharding: jax.sharding.Sharding) -> dict:
+  """The train state saved at `path`, for the run's model and optimizer, placed with
+  `sharding`."""
+  init = train.state_initializer(model_config, tc)
+  restored = restore_state(path, abstract_like(jax.eval_shape(init, jax.random.key(0)),
+                                               sharding))
+  # jaxlib 0.5 (the Metal stack) can hand back arrays that share host memory with NumPy;
+  # donating those to the train step corrupts the heap, so the step gets its own copies.
+  return jax.tree.map(jnp.copy, restored)
 
 
 def restore_state(path: Path, abstract_state):

@@ -5,7 +5,6 @@ The model shape, vocabulary and seed come from the checkpoint alone; the trainin
 not needed. With the run's seed (the default), the samples match the run's samples.txt.
 """
 
-import dataclasses
 from pathlib import Path
 
 from absl import app
@@ -33,25 +32,28 @@ def open_checkpoint(spec: str, workdir: Path):
   return path, meta, RunConfig.from_flags(meta["config"])
 
 
-def sample_from_checkpoint(spec: str, config) -> None:
+def sample_from_checkpoint(spec: str, config, place=None, executor=None) -> None:
+  """Prints samples of the checkpoint `spec` names. `place` chooses the evaluation device from
+  the flags; `executor` runs the work sent to an accelerator (runtime/fallback.py)."""
   import jax
 
-  from randygpt import data, evaluate, generate, train
-  from randygpt.runtime import footprint, platforms
+  from randygpt import checkpoint, data, generate
+  from randygpt.runtime import fallback, footprint, platforms
 
   path, meta, saved = open_checkpoint(spec, Path(config.location.workdir))
   tokenizer = data.CharTokenizer(tuple(meta["vocab"]))
   prompts = generate.check_prompts(config.sample.prompt, tokenizer)
-  model_config = dataclasses.replace(saved.model, vocab_size=tokenizer.vocab_size)
+  model_config = saved.replace(vocab_size=tokenizer.vocab_size).model
   footprint.check(model_config, config.sample)
-  placement = platforms.place("cpu", config.location.eval_platform)
+  placement = (place or platforms.place)("cpu", config.location.eval_platform)
   # Restored on the CPU, from where the sampler copies the weights to its device (and again
   # to the CPU should that device fail).
   cpu = platforms.cpu_device()
   with jax.default_device(cpu):
-    state = train.initial_state(jax.random.key(0), model_config, saved.train, path,
-                                jax.sharding.SingleDeviceSharding(cpu))
-    sampler = evaluate.Evaluator(placement.eval_device, model_config, config.sample)
+    state = checkpoint.restore_train_state(path, model_config, saved.train,
+                                           jax.sharding.SingleDeviceSharding(cpu))
+    sampler = fallback.GuardedEvaluator(placement.eval_device, model_config, config.sample,
+                                        executor=executor or fallback.run_plainly)
     placement = sampler.probe(state["params"], placement)
     for note in placement.notes:
       print(note)

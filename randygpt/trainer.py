@@ -10,7 +10,6 @@ the records); its methods are what a researcher changes: `step`, `record`, `eval
 
 import contextlib
 import dataclasses
-import functools
 import signal
 import time
 from pathlib import Path
@@ -19,34 +18,36 @@ from typing import Callable
 import jax
 import numpy as np
 
-from randygpt import checkpoint, data, evaluate, generate, metrics, model, optim, train
-from randygpt.config import ModelConfig, RunConfig
+from randygpt import checkpoint, data, generate, metrics, model, optim, sharding, train
+from randygpt.config import RunConfig
 from randygpt.errors import UserError
-from randygpt.runtime import cli, devices, exported, footprint, memory, platforms, rundir
+from randygpt.runtime import (cli, devices, exported, fallback, footprint, memory, placement,
+                              platforms, rundir)
 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What a run fixes before its first step."""
-  config: RunConfig  # The checkpoint's flags on a resume; the schedule's horizon fixed.
-  model_config: ModelConfig  # config.model with the vocabulary's size.
+  config: RunConfig  # Resolved: vocabulary, schedule horizon and placement filled in.
   start_iter: int
   source: Path | None  # The checkpoint the run resumes from.
   best: tuple[float, int] | None  # (val loss, iteration) of the best evaluation so far.
   tokenizer: data.CharTokenizer
   prompts: tuple[str, ...]
-  placement: platforms.Placement
-  mesh: jax.sharding.Mesh
-  choices: tuple[str, str]  # Why this device count, why this microbatch count.
+  plan: placement.Plan  # The devices that train and evaluate, and why.
   state: dict  # The initial train state, replicated over the mesh.
   corpus: data.Corpus
   sampler: data.WindowSampler  # step -> the step's windows (inputs, targets) on the host.
   step_fn: Callable  # (state, batch, rng) -> (state, metrics), jitted, the state donated.
-  evaluator: evaluate.Evaluator
+  evaluator: fallback.GuardedEvaluator
 
   @property
   def workdir(self) -> Path:
     return Path(self.config.location.workdir)
+
+  @property
+  def mesh(self) -> jax.sharding.Mesh:
+    return self.plan.mesh
 
 
 class Diverged(UserError):
@@ -57,19 +58,26 @@ class TrainingDeviceFailed(UserError):
   """The accelerator that trains failed; the run ends with the state it could save."""
 
 
-def _resolve_start(config: RunConfig):
-  """The run's config (the checkpoint's on a resume), the checkpoint it starts from, its
-  metadata, and the checkpoints a fresh start or a fork discards."""
+def _start(config: RunConfig):
+  """The run's config (the checkpoint's flags on a resume), the checkpoint it starts from,
+  its metadata, and the checkpoints a fresh start or a fork discards."""
   loc = config.location
   source, discard = checkpoint.plan_start(Path(loc.workdir), loc.resume, loc.resume_from,
                                           loc.overwrite)
   meta = checkpoint.read_meta(source) if source else None
   if meta:
     config = config.resumed(meta["config"], str(source))
-  # The horizon is fixed at the first start and kept in checkpoints.
-  config = dataclasses.replace(config, train=dataclasses.replace(
-      config.train, lr_decay_iters=optim.decay_horizon(config.train)))
   return config, source, meta, discard
+
+
+def resolve(config: RunConfig, vocab_size: int, *, resumed: bool,
+            place=platforms.place) -> tuple[RunConfig, placement.Plan]:
+  """The run's final config, used everywhere after it: the vocabulary's size, the schedule's
+  horizon (fixed at the first start, then kept in checkpoints) and the placement's counts
+  filled in; and the placement's plan."""
+  config = config.replace(vocab_size=vocab_size,
+                          lr_decay_iters=optim.decay_horizon(config.train))
+  return placement.plan(config, resumed=resumed, place=place)
 
 
 def _read_text(config: RunConfig, meta: dict | None, source: Path | None):
@@ -86,53 +94,38 @@ def _read_text(config: RunConfig, meta: dict | None, source: Path | None):
   return corpus, {"train": train_np, "val": val_np}
 
 
-def _place(config: RunConfig, model_config: ModelConfig, source: Path | None):
-  """The config with the chosen microbatch and device counts (so that flags.cfg and the
-  checkpoints keep them), the devices that train and evaluate, the training mesh and the
-  header's reasons for both counts. A run the machine's memory cannot hold is refused here,
-  before anything big is allocated."""
-  tc, loc = config.train, config.location
-  placement = platforms.place(loc.train_platform, loc.eval_platform, devices.cpu_device_count(
-      loc.num_cpu_devices, tc.batch_size, loc.num_processes))
-  mesh = devices.data_mesh(placement.train_devices)
-  devices.check_batch_divides(tc.batch_size, mesh.size)
-  platform = mesh.devices.flat[0].platform
-  microbatches, why_microbatches = train.choose_microbatches(
-      tc, model_config, platform, devices=mesh.size, explicit="microbatches" in config.explicit,
-      resumed=source is not None)
-  why_devices = devices.why_device_count(loc.num_cpu_devices, "num_cpu_devices" in
-                                         config.explicit, loc.num_processes, platform)
-  config = dataclasses.replace(config, train=dataclasses.replace(tc, microbatches=microbatches))
-  if platform == "cpu" and loc.num_processes == 1:
-    config = dataclasses.replace(config, location=dataclasses.replace(
-        loc, num_cpu_devices=mesh.size))
-  eval_platform = placement.eval_device.platform
-  footprint.check(model_config, config.sample, tc, train_devices=mesh.local_devices,
-                  eval_platform=eval_platform, microbatches=microbatches,
-                  eval_chunk_tokens=evaluate.eval_chunk_tokens(tc, model_config, eval_platform))
-  return config, placement, mesh, (why_devices, why_microbatches)
+def initial_state(key: jax.Array, config: RunConfig, source: Path | None,
+                  state_sharding: jax.sharding.Sharding) -> dict:
+  """A fresh train state, or the one saved at `source`, placed with `state_sharding`."""
+  if source is not None:
+    return checkpoint.restore_train_state(source, config.model, config.train, state_sharding)
+  # One jitted init: eager ops would each compile and stay cached.
+  init = jax.jit(train.state_initializer(config.model, config.train),
+                 out_shardings=state_sharding)
+  if state_sharding.is_fully_addressable:  # Placed for its kept lowering (one process only).
+    key = jax.device_put(key, state_sharding)
+  return exported.compile_kept(init, key)(key)
 
 
-def prepare(config: RunConfig) -> Setup | None:
+def prepare(config: RunConfig, place=platforms.place,
+            executor: fallback.Executor = fallback.run_plainly) -> Setup | None:
   """Everything before the first step, the workdir readied and the header printed; None
-  when the checkpoint is already at the target iteration."""
-  config, source, meta, discard = _resolve_start(config)
+  when the checkpoint is already at the target iteration. `place` chooses the devices from
+  the flags; `executor` runs the work sent to an accelerator (runtime/fallback.py)."""
+  config, source, meta, discard = _start(config)
   start_iter = meta["iter"] if meta else 0
-  tc, loc = config.train, config.location
-  if start_iter >= tc.iters:
-    print(f"Already at iteration {start_iter} (target {tc.iters}). Nothing to train. "
-          f"Pass a higher --iters to train further.")
+  if start_iter >= config.train.iters:
+    print(f"Already at iteration {start_iter} (target {config.train.iters}). Nothing to "
+          f"train. Pass a higher --iters to train further.")
     return None
   corpus, splits = _read_text(config, meta, source)
   tokenizer = corpus.tokenizer
   prompts = generate.check_prompts(config.sample.prompt, tokenizer)
-  model_config = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
-  config, placement, mesh, choices = _place(config, model_config, source)
-  tc, loc = config.train, config.location
-  replicated = devices.replicated(mesh)
+  config, plan = resolve(config, tokenizer.vocab_size, resumed=source is not None, place=place)
+  mc, tc, loc = config.model, config.train, config.location
   key = jax.random.key(tc.seed)
-  state = train.initial_state(jax.random.fold_in(key, train.INIT_STREAM), model_config, tc,
-                              source, replicated)
+  state = initial_state(jax.random.fold_in(key, train.INIT_STREAM), config, source,
+                        sharding.replicated(plan.mesh))
   best = None
   if meta and meta["best_iter"] is not None:
     best = (meta["best_val_loss"], meta["best_iter"])
@@ -140,20 +133,21 @@ def prepare(config: RunConfig) -> Setup | None:
     rundir.initialise(Path(loc.workdir), config, tokenizer, start_iter, discard,
                       data=corpus.fingerprint)
   devices.sync("workdir ready")
-  step_fn = train.jit_train_step(model_config, tc, mesh, tc.microbatches)
+  step_fn = train.jit_train_step(mc, tc, plan.mesh, tc.microbatches)
   sampler = data.WindowSampler(splits["train"], jax.random.fold_in(key, train.DATA_STREAM),
-                               tc.batch_size, model_config.block_size)
-  evaluator = evaluate.Evaluator(placement.eval_device, model_config, config.sample, splits,
-                                 jax.random.fold_in(key, train.EVAL_STREAM), tc)
-  placement = evaluator.probe(state["params"], placement)
-  setup = Setup(config, model_config, start_iter, source, best, tokenizer, prompts, placement,
-                mesh, choices, state, corpus, sampler, step_fn, evaluator)
+                               tc.batch_size, mc.block_size)
+  evaluator = fallback.GuardedEvaluator(
+      plan.placement.eval_device, mc, config.sample, splits,
+      jax.random.fold_in(key, train.EVAL_STREAM), tc, executor)
+  plan = dataclasses.replace(plan, placement=evaluator.probe(state["params"], plan.placement))
+  setup = Setup(config, start_iter, source, best, tokenizer, prompts, plan, state, corpus,
+                sampler, step_fn, evaluator)
   print_header(setup, splits)
   return setup
 
 
 def print_header(setup: Setup, splits: dict) -> None:
-  mc, tc, corpus = setup.model_config, setup.config.train, setup.corpus
+  mc, corpus = setup.config.model, setup.corpus
   print(f"data: {corpus.description} | {len(corpus.tokens):,} characters | vocab "
         f"{mc.vocab_size} | train {len(splits['train']):,} / val {len(splits['val']):,} tokens")
   how = f"built in {corpus.built_s:.1f}s" if corpus.built_s is not None else "reused"
@@ -161,14 +155,11 @@ def print_header(setup: Setup, splits: dict) -> None:
   print(f"token cache: {corpus.cache_path} ({size}, {corpus.tokens.dtype.name}, {how})")
   print(f"model: {mc.n_layer} layers, {mc.n_head} heads, n_embd {mc.n_embd}, block "
         f"{mc.block_size}, dropout {mc.dropout} | {model.n_params(mc):,} parameters")
-  mb, (why_devices, why_microbatches) = tc.microbatches, setup.choices
-  print(f"devices: {setup.mesh.size} x {setup.mesh.devices.flat[0].platform} (data-parallel; "
-        f"{why_devices}) | batch {tc.batch_size} x {mc.block_size} = "
-        f"{tc.batch_size * mc.block_size:,} tokens/step in {mb} "
-        f"microbatch{'es' if mb > 1 else ''} ({why_microbatches}) | workdir: {setup.workdir}")
-  for note in setup.placement.notes:
+  print(placement.devices_line(setup.config, setup.plan, setup.workdir))
+  for note in setup.plan.placement.notes:
     print(note)
   if setup.source:
+    tc = setup.config.train
     print(f"Resumed from {setup.source} at iteration {setup.start_iter} (target {tc.iters}, "
           f"learning rate horizon {tc.lr_decay_iters}).")
 
@@ -176,8 +167,10 @@ def print_header(setup: Setup, splits: dict) -> None:
 class Trainer:
   """The run's changing state, and what happens at each step."""
 
-  def __init__(self, setup: Setup, started: float, after_imports_mb: float | None):
+  def __init__(self, setup: Setup, started: float, after_imports_mb: float | None,
+               run_step: fallback.Executor = fallback.run_plainly):
     self.setup, self.tc = setup, setup.config.train
+    self.run_step = run_step  # Runs each step sent to a training accelerator.
     self.state, self.best = setup.state, setup.best
     self.started = started  # When the run began, its imports done.
     self.is_main = devices.is_main_process()  # Only process 0 writes the run's files.
@@ -188,7 +181,7 @@ class Trainer:
     key = jax.random.key(self.tc.seed)
     self.dropout_key = jax.random.fold_in(key, train.DROPOUT_STREAM)
     self.throughput = metrics.Throughput(
-        self.tc.batch_size * setup.model_config.block_size, setup.start_iter)
+        self.tc.batch_size * setup.config.model.block_size, setup.start_iter)
     self.last_record, self.save_ms, self.eval_seconds = None, [], 0.0
     self.state_iter, self.evaluating = setup.start_iter, False  # For a failed device.
     self.eval_fallback = None  # Where and why the CPU took over evaluation.
@@ -226,7 +219,7 @@ class Trainer:
 
   def batch(self, step: int):
     """The step's windows, placed on the training devices."""
-    return jax.device_put(self.setup.sampler(step), devices.batch_sharded(self.setup.mesh))
+    return jax.device_put(self.setup.sampler(step), sharding.batch_sharded(self.setup.mesh))
 
   def compile(self) -> None:
     print("Compiling train step...", end=" ", flush=True)
@@ -234,7 +227,7 @@ class Trainer:
     setup = self.setup
     self.step_fn = exported.compile_kept(
         setup.step_fn, self.state, self.batch(setup.start_iter + 1), self.dropout_key,
-        donate_argnums=(0,), config_key=repr((setup.model_config, self.tc)))
+        donate_argnums=(0,), config_key=repr((setup.config.model, self.tc)))
     print(f"done in {time.perf_counter() - start:.1f}s", flush=True)
     self.memory_mb["compile_peak"] = memory.peak_resident_mb()
     self.throughput.mark(self.setup.start_iter)
@@ -244,8 +237,8 @@ class Trainer:
     def work():
       return self.step_fn(self.state, self.batch(step), jax.random.fold_in(self.dropout_key,
                                                                            step))
-    if self.setup.placement.train_on_accelerator:
-      self.state, step_metrics = platforms.SEAM.hook("train-step", work)
+    if self.setup.plan.placement.train_on_accelerator:
+      self.state, step_metrics = self.run_step("train-step", work)
     else:
       self.state, step_metrics = work()
     self.state_iter = step
@@ -361,7 +354,7 @@ class Trainer:
         "latest_checkpoint": str(self.checkpoints.path("latest") or "") or None,
         "tokens_per_sec": last.get("tokens_per_sec"),
         "wall_s": time.perf_counter() - self.loop_start,
-        "n_params": model.n_params(self.setup.model_config),
+        "n_params": model.n_params(self.setup.config.model),
         "checkpoint_blocked_ms_max": max(self.save_ms, default=None),
         "startup_s": self.startup_s,
         "memory_mb": self.memory_mb | {"peak": memory.peak_resident_mb()},
@@ -381,7 +374,7 @@ def train_and_close(trainer: Trainer) -> dict:
     status = "diverged"
     raise
   except jax.errors.JaxRuntimeError as error:
-    if not trainer.setup.placement.train_on_accelerator or trainer.evaluating:
+    if not trainer.setup.plan.placement.train_on_accelerator or trainer.evaluating:
       raise
     raise trainer.device_failed(error) from error
   finally:
@@ -411,15 +404,17 @@ def finish(trainer: Trainer, summary: dict) -> dict:
   return summary
 
 
-def run(config: RunConfig) -> dict:
+def run(config: RunConfig, place=platforms.place,
+        executor: fallback.Executor = fallback.run_plainly) -> dict:
   """Trains as `config` says, writes the workdir, prints samples; returns the summary. The
-  workdir is locked meanwhile: a second run on it is refused."""
+  workdir is locked meanwhile: a second run on it is refused. `place` chooses the devices
+  from the flags; `executor` runs the work sent to an accelerator (runtime/fallback.py)."""
   started, after_imports_mb = time.perf_counter(), memory.resident_mb()
   workdir = Path(config.location.workdir)
   with rundir.claim(workdir, lock=devices.is_main_process()):
-    setup = prepare(config)
+    setup = prepare(config, place, executor)
     if setup is None:
       return {"status": "nothing to train"}
-    trainer = Trainer(setup, started, after_imports_mb)
-    with trainer.stop.installed(), jax.default_device(setup.placement.default_device):
+    trainer = Trainer(setup, started, after_imports_mb, executor)
+    with trainer.stop.installed(), jax.default_device(setup.plan.placement.default_device):
       return finish(trainer, train_and_close(trainer))

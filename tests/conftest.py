@@ -203,15 +203,16 @@ def parse_args(*args: str):
     return randygpt_flags.run_config()
 
 
-def sample_in_process(*args: str) -> None:
+def sample_in_process(*args: str, place=None, executor=None) -> None:
   """`python -m randygpt.sample args...` in this process (its samples go to stdout), on the
-  CPU unless an --eval_platform is given."""
+  CPU unless an --eval_platform is given; `place` and `executor` as sample_from_checkpoint's."""
   from randygpt import flags as randygpt_flags
   from randygpt import sample
   if not any(arg.startswith("--eval_platform=") for arg in args):
     args = (*args, "--eval_platform=cpu")  # As the runs it samples from (TINY).
   with parsed_flags(*args) as flag_values:
-    sample.sample_from_checkpoint(flag_values.checkpoint, randygpt_flags.run_config())
+    sample.sample_from_checkpoint(flag_values.checkpoint, randygpt_flags.run_config(), place,
+                                  executor)
 
 
 @contextlib.contextmanager
@@ -227,14 +228,14 @@ def raises_user_error(message: str):
 
 def restored_state(workdir: Path, kind: str = "latest") -> dict:
   """The train state {params, opt} of a workdir's latest or best checkpoint, on one device."""
-  from randygpt import checkpoint, train
+  from randygpt import checkpoint
   from randygpt.config import RunConfig
   path = checkpoint.Checkpoints(workdir).path(kind)
   meta = checkpoint.read_meta(path)
   saved = RunConfig.from_flags(meta["config"])
   model_config = dataclasses.replace(saved.model, vocab_size=len(meta["vocab"]))
-  return train.initial_state(jax.random.key(0), model_config, saved.train, path,
-                             jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
+  return checkpoint.restore_train_state(
+      path, model_config, saved.train, jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
 
 
 def read_metrics(workdir: Path) -> list[dict]:

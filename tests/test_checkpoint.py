@@ -30,7 +30,7 @@ def new_state():
 
 
 def restore(path):
-  return train.initial_state(jax.random.key(0), CONFIG, TRAIN, path, DEVICE)
+  return checkpoint.restore_train_state(path, CONFIG, TRAIN, DEVICE)
 
 
 def assert_trees_equal(a, b):

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from randygpt.runtime import devices
+from randygpt import sharding
+from randygpt.runtime import devices, placement
 from randygpt.errors import UserError
 
 from conftest import (as_args, raises_user_error, read_metrics, restored_state, run_training,
@@ -20,17 +21,17 @@ def test_a_resume_finds_the_device_count_in_flags_cfg(tmp_path):
   assert devices.saved_device_count(str(tmp_path)) == 0  # No flags.cfg.
   (tmp_path / "flags.cfg").write_text("--batch_size=8\n--num_cpu_devices=2\n")
   assert devices.saved_device_count(str(tmp_path)) == 2
-  assert devices.why_device_count(2, False, 1, "cpu") == "kept from the run's flags.cfg"
-  assert devices.why_device_count(0, False, 1, "cpu").startswith("automatic")
+  assert placement.why_device_count(2, False, 1, "cpu") == "kept from the run's flags.cfg"
+  assert placement.why_device_count(0, False, 1, "cpu").startswith("automatic")
 
 
 def test_batch_must_divide_across_devices():
-  devices.check_batch_divides(8, 4)
+  placement.check_batch_divides(8, 4)
   with pytest.raises(UserError, match="--batch_size=8 does not divide evenly across 3 devices"):
-    devices.check_batch_divides(8, 3)
-  mesh = devices.data_mesh(jax.devices("cpu"))
-  assert devices.batch_sharded(mesh).spec == jax.sharding.PartitionSpec("data")
-  assert devices.replicated(mesh).spec == jax.sharding.PartitionSpec()
+    placement.check_batch_divides(8, 3)
+  mesh = sharding.data_mesh(jax.devices("cpu"))
+  assert sharding.batch_sharded(mesh).spec == jax.sharding.PartitionSpec("data")
+  assert sharding.replicated(mesh).spec == jax.sharding.PartitionSpec()
 
 
 def assert_same_run(workdir, reference):
@@ -79,12 +80,12 @@ def test_uneven_batch_is_refused_naming_both_numbers(tmp_path):
 
 def test_auto_device_count_divides_the_batch(monkeypatch):
   monkeypatch.setattr("os.cpu_count", lambda: 2)
-  assert devices.cpu_device_count(0, 32) == 2
-  assert devices.cpu_device_count(0, 5) == 1
-  assert devices.cpu_device_count(3, 5) == 3  # Asked for: checked later, with an error.
-  assert devices.cpu_device_count(0, 32, num_processes=2) == 1
+  assert placement.cpu_device_count(0, 32) == 2
+  assert placement.cpu_device_count(0, 5) == 1
+  assert placement.cpu_device_count(3, 5) == 3  # Asked for: checked later, with an error.
+  assert placement.cpu_device_count(0, 32, num_processes=2) == 1
   monkeypatch.setattr("os.cpu_count", lambda: 1)
-  assert devices.cpu_device_count(0, 32) == 1
+  assert placement.cpu_device_count(0, 32) == 1
 
 
 def test_unreachable_coordinator_gives_up_with_a_message():

@@ -7,6 +7,7 @@ import pytest
 
 from randygpt import data, evaluate, model
 from randygpt.config import ModelConfig, SampleConfig, TrainConfig
+from randygpt.runtime import placement
 
 from conftest import make_corpus, unjitted
 
@@ -57,11 +58,11 @@ def test_eval_loss_in_chunks_jitted_matches_unjitted(setup, chunks):
 def test_the_run_s_estimate_matches_the_unjitted_one(setup):
   cfg, tokens, params = setup
   tc = TrainConfig(batch_size=4, eval_iters=64)  # 64 tokens a batch: 2 chunks on the CPU.
-  assert evaluate.eval_chunks(tc, cfg, "cpu") == 2  # The jitted side loops over chunks.
+  assert placement.eval_chunks(tc, cfg, "cpu") == 2  # The jitted side loops over chunks.
   splits = dict(zip(("train", "val"), data.split(tokens, cfg.block_size)))
   evaluator = evaluate.Evaluator(jax.devices("cpu")[0], cfg, SampleConfig(), splits,
-                                 jax.random.key(5), tc)
-  got = evaluator(params)
+                                 jax.random.key(5), tc, chunks=2)
+  got = evaluator.estimates(params)
   for index, name in enumerate(("train", "val")):  # Stream 0 draws train, 1 val windows.
     starts = data.window_starts(jax.random.fold_in(jax.random.key(5), index), 256,
                                 len(splits[name]), cfg.block_size)
@@ -69,16 +70,3 @@ def test_the_run_s_estimate_matches_the_unjitted_one(setup):
                                                            cfg.block_size))
     key = {"train": "eval_train_loss", "val": "val_loss"}[name]
     np.testing.assert_allclose(got[key], want, rtol=LOSS_RTOL)
-
-
-@pytest.mark.parametrize("vocab_size", [65, 5000])
-def test_accelerator_chunks_are_sized_in_bytes_of_logits(vocab_size):
-  cfg = ModelConfig(vocab_size=vocab_size, n_embd=64, n_head=4, n_layer=2, block_size=256)
-  tc = TrainConfig(batch_size=64, eval_iters=200)
-  tokens = evaluate.eval_chunk_tokens(tc, cfg, "gpu")
-  assert tokens * vocab_size * 4 <= evaluate.EVAL_CHUNK_BYTES  # float32 logits.
-  assert tokens * 2 * vocab_size * 4 > evaluate.EVAL_CHUNK_BYTES  # The fewest chunks.
-  # On the CPU, whole batches (as the loss estimates always ran) unless one batch's logits
-  # are over the limit; then whole windows, within the CPU's limit of tokens.
-  want_cpu = 64 * 256 if vocab_size == 65 else 8 * 256
-  assert evaluate.eval_chunk_tokens(tc, cfg, "cpu") == want_cpu

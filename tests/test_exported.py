@@ -11,7 +11,8 @@ import pytest
 
 from randygpt import data, optim, train
 from randygpt.config import ModelConfig, TrainConfig
-from randygpt.runtime import devices, exported
+from randygpt import sharding
+from randygpt.runtime import exported
 
 MODEL = ModelConfig(vocab_size=11, n_embd=16, n_head=2, n_layer=2, block_size=8, dropout=0.1)
 TRAIN = TrainConfig(batch_size=8, microbatches=2, learning_rate=1e-2, warmup_iters=0)
@@ -27,12 +28,12 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def run():
   """The jitted step on 2 devices, a state maker, a batch and a dropout key."""
-  mesh = devices.data_mesh(jax.devices("cpu")[:2])
+  mesh = sharding.data_mesh(jax.devices("cpu")[:2])
   init = jax.jit(functools.partial(train.init_train_state, model_config=MODEL,
                                    optimizer=optim.make_optimizer(TRAIN)),
-                 out_shardings=devices.replicated(mesh))
+                 out_shardings=sharding.replicated(mesh))
   batch = jax.device_put(data.get_batch(TOKENS, jax.random.key(1), TRAIN.batch_size,
-                                        MODEL.block_size), devices.batch_sharded(mesh))
+                                        MODEL.block_size), sharding.batch_sharded(mesh))
   return (train.jit_train_step(MODEL, TRAIN, mesh, TRAIN.microbatches),
           lambda: init(jax.random.key(0)), batch, jax.random.key(2))
 

@@ -1,18 +1,19 @@
-"""An accelerator that fails, without one: the second CPU device stands in for it, and a hook
-around each piece of work sent to it raises (or returns a wrong number), both through the
-seam the code offers (platforms.SEAM). The CPU, device 0, takes over; the runs must end as
-an all-CPU run does."""
+"""An accelerator that fails, without one: the second CPU device stands in for it (a `place`
+that chooses it), and an executor around each piece of work sent to it raises (or returns a
+wrong number), both passed to the run as arguments. The CPU, device 0, takes over; the runs
+must end as an all-CPU run does."""
 
+import dataclasses
 import json
 
 import jax
 import pytest
 
-from randygpt import evaluate
+from randygpt import trainer
 from randygpt.config import ModelConfig, SampleConfig, TrainConfig
-from randygpt.runtime import platforms
+from randygpt.runtime import fallback, platforms
 
-from conftest import (make_corpus, raises_user_error, read_metrics, run_training,
+from conftest import (make_corpus, raises_user_error, read_metrics, run_config, run_training,
                       sample_in_process, tiny, write_corpus)
 
 # Shares the all-CPU reference run (a module fixture) on one pytest-xdist worker.
@@ -27,7 +28,7 @@ SAME = ("iter", "train_loss", "eval_train_loss", "val_loss", "lr")
 
 
 class Hook:
-  """A seam hook that records what it runs; the `n`-th piece of work of kind `kind` raises
+  """An executor that records what it runs; the `n`-th piece of work of kind `kind` raises
   `error` instead (after running when `after`), or, with `add`, returns its result plus
   `add`."""
 
@@ -48,14 +49,26 @@ class Hook:
     raise self.error
 
 
-@pytest.fixture
-def seam(monkeypatch):
-  """Installs a hook, evaluation starting on the second CPU device; returns the hook."""
-  def install(hook: Hook, **fields) -> Hook:
-    monkeypatch.setattr(platforms, "SEAM", platforms.Seam(jax.devices("cpu")[1], hook=hook,
-                                                          **fields))
-    return hook
-  return install
+def stand_in(train_on_accelerator: bool = False):
+  """A `place` whose evaluation device is the second CPU device, chosen as an accelerator is
+  (and whose training devices count as an accelerator when `train_on_accelerator`)."""
+  def place(train_platform, eval_platform, num_cpu_devices=0):
+    device = jax.devices("cpu")[1]
+    return dataclasses.replace(
+        platforms.place(train_platform, eval_platform, num_cpu_devices), eval_device=device,
+        eval_notes=(platforms.enabled(device, "evaluation"),),
+        train_on_accelerator=train_on_accelerator)
+  return place
+
+
+def run_on_stand_in(workdir, hook: Hook, train_on_accelerator: bool = False, **values):
+  """run_training with evaluation on the stand-in, `hook` its executor."""
+  return trainer.run(run_config(workdir=workdir, **values), stand_in(train_on_accelerator),
+                     hook)
+
+
+def sample_on_stand_in(hook: Hook, *args: str) -> None:
+  sample_in_process(*args, place=stand_in(), executor=hook)
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +110,10 @@ def assert_like_the_cpu_run(workdir, reference, summary, stdout, stderr):
     ("estimate", 2, "evaluation", 4, ["estimate", "estimate"]),
     ("sample", 2, "sampling", 4, ["estimate", "estimate", "sample", "sample"]),
 ], ids=["first-evaluation", "second-evaluation", "second-prompt-of-the-samples"])
-def test_a_failure_after_start_up_falls_back_once(seam, reference, corpus, tmp_path, capsys,
-                                                  kind, n, during, at_iter, calls):
-  hook = seam(Hook(kind, n))
-  summary = run_training(tmp_path / "w", **RUN | {"data": corpus})
+def test_a_failure_after_start_up_falls_back_once(reference, corpus, tmp_path, capsys, kind, n,
+                                                  during, at_iter, calls):
+  hook = Hook(kind, n)
+  summary = run_on_stand_in(tmp_path / "w", hook, **RUN | {"data": corpus})
   out, err = capsys.readouterr()
   assert "✓ CPU enabled for evaluation: cpu:1" in out  # The stand-in was chosen.
   warning, recorded = assert_like_the_cpu_run(tmp_path / "w", reference, summary, out, err)
@@ -117,11 +130,9 @@ def test_a_failure_after_start_up_falls_back_once(seam, reference, corpus, tmp_p
     (Hook("probe-sample"), ERROR),
     (Hook("probe-estimate", add=0.5), "its loss estimate "),
 ], ids=["estimate-fails", "sampler-fails", "wrong-estimate"])
-def test_a_probe_that_fails_evaluates_on_the_cpu_from_the_start(seam, reference, corpus,
-                                                                 tmp_path, capsys, hook,
-                                                                 problem):
-  seam(hook)
-  summary = run_training(tmp_path / "w", **RUN | {"data": corpus})
+def test_a_probe_that_fails_evaluates_on_the_cpu_from_the_start(reference, corpus, tmp_path,
+                                                                 capsys, hook, problem):
+  summary = run_on_stand_in(tmp_path / "w", hook, **RUN | {"data": corpus})
   out, err = capsys.readouterr()
   warning, recorded = assert_like_the_cpu_run(tmp_path / "w", reference, summary, out, err)
   assert warning.startswith(f"⚠ CPU backend `cpu` failed ({problem}")
@@ -132,10 +143,10 @@ def test_a_probe_that_fails_evaluates_on_the_cpu_from_the_start(seam, reference,
   assert hook.calls[-1] == hook.kind and all(c.startswith("probe-") for c in hook.calls)
 
 
-def test_the_probe_s_estimate_is_the_cpu_s(seam, reference, corpus, tmp_path, capsys):
+def test_the_probe_s_estimate_is_the_cpu_s(reference, corpus, tmp_path, capsys):
   """Unharmed, the stand-in passes its probe and evaluates everything."""
-  hook = seam(Hook())
-  summary = run_training(tmp_path / "w", **RUN | {"data": corpus, "iters": 2})
+  hook = Hook()
+  summary = run_on_stand_in(tmp_path / "w", hook, **RUN | {"data": corpus, "iters": 2})
   assert summary["eval_fallback"] is None
   assert hook.calls == ["probe-estimate", "probe-sample", "estimate", "sample", "sample"]
   assert "⚠" not in capsys.readouterr().out
@@ -143,9 +154,9 @@ def test_the_probe_s_estimate_is_the_cpu_s(seam, reference, corpus, tmp_path, ca
   assert got["iter"] == 2 and {k: got[k] for k in SAME} == {k: want[k] for k in SAME}
 
 
-def test_sampling_from_a_checkpoint_falls_back_too(seam, trained, capsys):
-  hook = seam(Hook("sample", 2))
-  sample_in_process("--workdir=w", "--checkpoint=latest", "--prompt=ANNA:", "--prompt=né",
+def test_sampling_from_a_checkpoint_falls_back_too(trained, capsys):
+  hook = Hook("sample", 2)
+  sample_on_stand_in(hook, "--workdir=w", "--checkpoint=latest", "--prompt=ANNA:", "--prompt=né",
                     "--max_new_tokens=30", "--eval_platform=auto")
   out = capsys.readouterr().out
   assert [line for line in out.splitlines() if line.startswith("⚠")] == [
@@ -157,9 +168,9 @@ def test_sampling_from_a_checkpoint_falls_back_too(seam, trained, capsys):
   assert hook.calls == ["probe-sample", "sample", "sample"]
 
 
-def test_sampling_from_a_checkpoint_after_a_failed_probe(seam, trained, capsys):
-  hook = seam(Hook("probe-sample"))
-  sample_in_process("--workdir=w", "--checkpoint=latest", "--prompt=ANNA:",
+def test_sampling_from_a_checkpoint_after_a_failed_probe(trained, capsys):
+  hook = Hook("probe-sample")
+  sample_on_stand_in(hook, "--workdir=w", "--checkpoint=latest", "--prompt=ANNA:",
                     "--max_new_tokens=30", "--eval_platform=auto")
   out = capsys.readouterr().out
   assert [line for line in out.splitlines() if line.startswith("⚠")] == [
@@ -184,10 +195,10 @@ def parts():
   return config, {"train": tokens[:5000], "val": tokens[5000:]}, params
 
 
-def evaluator(parts, device, eval_iters=8):
+def evaluator(parts, device, eval_iters=8, executor=fallback.run_plainly):
   config, splits, _ = parts
-  return evaluate.Evaluator(device, config, SampleConfig(), splits, jax.random.key(1),
-                            TrainConfig(batch_size=4, eval_iters=eval_iters))
+  return fallback.GuardedEvaluator(device, config, SampleConfig(), splits, jax.random.key(1),
+                                   TrainConfig(batch_size=4, eval_iters=eval_iters), executor)
 
 
 def out_of_memory_while(condition):
@@ -201,22 +212,22 @@ def out_of_memory_while(condition):
   return hook
 
 
-def test_out_of_memory_retries_in_smaller_chunks_first(seam, parts, capsys):
+def test_out_of_memory_retries_in_smaller_chunks_first(parts, capsys):
   cpu = evaluator(parts, jax.devices("cpu")[0])(parts[2])
-  stand_in = evaluator(parts, jax.devices("cpu")[1])
-  assert stand_in.chunks == 1  # One chunk of 8 batches of 64 tokens on the CPU.
   chunks = []
-  seam(out_of_memory_while(lambda: chunks.append(stand_in.chunks) or stand_in.chunks < 4))
+  stand_in = evaluator(parts, jax.devices("cpu")[1], executor=out_of_memory_while(
+      lambda: chunks.append(stand_in.evaluator.chunks) or stand_in.evaluator.chunks < 4))
+  assert stand_in.evaluator.chunks == 1  # One chunk of 8 batches of 64 tokens on the CPU.
   assert stand_in(parts[2]) == pytest.approx(cpu, rel=1e-5)  # Chunks sum in another order.
   assert chunks == [1, 2, 4] and stand_in.on_accelerator and stand_in.fallback is None
   assert "⚠" not in capsys.readouterr().out
 
 
-def test_out_of_memory_in_one_window_chunks_falls_back(seam, parts, capsys):
+def test_out_of_memory_in_one_window_chunks_falls_back(parts, capsys):
   cpu = evaluator(parts, jax.devices("cpu")[0], eval_iters=6)(parts[2])
-  stand_in = evaluator(parts, jax.devices("cpu")[1], eval_iters=6)
   chunks = []
-  seam(out_of_memory_while(lambda: chunks.append(stand_in.chunks) or True))
+  stand_in = evaluator(parts, jax.devices("cpu")[1], eval_iters=6, executor=out_of_memory_while(
+      lambda: chunks.append(stand_in.evaluator.chunks) or True))
   assert stand_in(parts[2]) == cpu
   assert chunks == [1, 2, 4, 8, 24]  # Chunks of 24 windows halved (to a divisor), down to 1.
   assert not stand_in.on_accelerator and stand_in.fallback["during"] == "evaluation"
@@ -224,10 +235,9 @@ def test_out_of_memory_in_one_window_chunks_falls_back(seam, parts, capsys):
                                             "(RESOURCE_EXHAUSTED: Out of memory")
 
 
-def test_a_failure_on_the_cpu_too_raises_the_accelerator_s_error(seam, parts):
+def test_a_failure_on_the_cpu_too_raises_the_accelerator_s_error(parts):
   """The fallback hides no bug: broken parameters fail on both devices."""
-  seam(Hook("estimate"))
-  stand_in = evaluator(parts, jax.devices("cpu")[1])
+  stand_in = evaluator(parts, jax.devices("cpu")[1], executor=Hook("estimate"))
   broken = {k: v for k, v in parts[2].items() if k != "wte"}
   with pytest.raises(RuntimeError, match=ERROR) as info:
     stand_in(broken)
@@ -247,19 +257,17 @@ MESSAGE = (f"Training on CPU (cpu:0) failed at iteration 4 or before ({ERROR}). 
     # The failed step consumed the state (donated): the best checkpoint, at 2, is the last.
     (True, "Its last checkpoint is kept: w/checkpoints/best/2."),
 ], ids=["state-intact", "state-consumed"])
-def test_a_training_device_that_fails_saves_what_it_can(seam, reference, corpus, tmp_path,
+def test_a_training_device_that_fails_saves_what_it_can(reference, corpus, tmp_path,
                                                         monkeypatch, capsys, after, kept):
   monkeypatch.chdir(tmp_path)
-  seam(Hook("train-step", 4, jax.errors.JaxRuntimeError(ERROR), after=after),
-       train_on_accelerator=True)
+  hook = Hook("train-step", 4, jax.errors.JaxRuntimeError(ERROR), after=after)
   with raises_user_error(MESSAGE.format(kept=kept)):
-    run_training("w", **TRAIN | {"data": corpus})
+    run_on_stand_in("w", hook, train_on_accelerator=True, **TRAIN | {"data": corpus})
   summary = json.loads((tmp_path / "w" / "summary.json").read_text())
   assert summary["status"] == "failed" and summary["best_iter"] == 2
   if after:
     return
   # It continues on the CPU as if nothing had happened.
-  monkeypatch.setattr(platforms, "SEAM", platforms.Seam())
   assert run_training("w", resume=True, train_platform="cpu")["status"] == "completed"
   got, want = read_metrics(tmp_path / "w")[-1], read_metrics(reference)[-1]
   assert {k: got[k] for k in SAME} == {k: want[k] for k in SAME}

@@ -250,8 +250,8 @@ def test_muon_orthogonalises_each_layer_and_each_of_q_k_v():
 
 
 def test_muon_s_update_is_laid_out_by_layer_over_the_devices():
-  from randygpt.runtime import devices
-  mesh = devices.data_mesh(jax.devices("cpu")[:2])
+  from randygpt import sharding
+  mesh = sharding.data_mesh(jax.devices("cpu")[:2])
   tree = {"even": jnp.ones((4, 3, 3)), "odd": jnp.ones((3, 3, 3))}
   out = jax.jit(lambda t: optim._by_layer(t, mesh))(tree)
   assert out["even"].sharding.spec == jax.sharding.PartitionSpec("data")
@@ -261,12 +261,12 @@ def test_muon_s_update_is_laid_out_by_layer_over_the_devices():
 
 @needs_muon
 def test_muon_spread_over_two_devices_takes_the_same_step():
-  from randygpt.runtime import devices
-  mesh = devices.data_mesh(jax.devices("cpu")[:2])
+  from randygpt import sharding
+  mesh = sharding.data_mesh(jax.devices("cpu")[:2])
   params = init(config_of("rope"))
   grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape), params)
   tc = TrainConfig(optimizer="muon", warmup_iters=0)
-  replicated = devices.replicated(mesh)
+  replicated = sharding.replicated(mesh)
   params, grads = jax.device_put((params, grads), replicated)
   results = []
   for opt in (optim.make_optimizer(tc), optim.make_optimizer(tc, mesh)):

@@ -6,7 +6,8 @@ import pytest
 
 from randygpt import evaluate
 from randygpt.config import ModelConfig, SampleConfig, TrainConfig
-from randygpt.runtime import devices, platforms
+from randygpt import sharding
+from randygpt.runtime import platforms
 
 import conftest
 from conftest import (as_args, needs_gpu, read_metrics, run_training, tiny, without_accelerator,
@@ -54,8 +55,8 @@ def test_training_takes_the_first_cpu_devices_asked_for():
 def test_eval_copies_replicated_params_to_the_eval_device():
   placement = platforms.place("cpu", "cpu")
   assert placement.notes == ()
-  mesh = devices.data_mesh(placement.train_devices)
-  tree = {"w": jax.device_put(np.arange(4.0), devices.replicated(mesh))}
+  mesh = sharding.data_mesh(placement.train_devices)
+  tree = {"w": jax.device_put(np.arange(4.0), sharding.replicated(mesh))}
   evaluator = evaluate.Evaluator(placement.eval_device, ModelConfig(vocab_size=5),
                                  SampleConfig())
   copied = evaluator.place(tree)

@@ -6,9 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from randygpt import data, evaluate, optim, train
+from randygpt import data, evaluate, optim, sharding, train
 from randygpt.config import ModelConfig, TrainConfig
-from randygpt.runtime import devices, footprint
 
 from conftest import make_corpus, unjitted
 
@@ -107,18 +106,18 @@ def test_data_parallel_step_on_two_devices_matches_the_unjitted_single_device_st
     unjitted_tiny_run):
   batches, metrics_ref, state_ref = unjitted_tiny_run
   cfg, tc = TINY_MODEL, TINY_TRAIN
-  mesh = devices.data_mesh(jax.devices("cpu")[:2])
+  mesh = sharding.data_mesh(jax.devices("cpu")[:2])
   step = train.jit_train_step(cfg, tc, mesh, tc.microbatches)
-  state = jax.jit(TINY_INIT, out_shardings=devices.replicated(mesh))(jax.random.key(0))
+  state = jax.jit(TINY_INIT, out_shardings=sharding.replicated(mesh))(jax.random.key(0))
   for i in range(2):
     batch = jax.device_put(data.get_batch(TINY_TOKENS, jax.random.key(i), tc.batch_size,
-                                          cfg.block_size), devices.batch_sharded(mesh))
+                                          cfg.block_size), sharding.batch_sharded(mesh))
     half = tc.batch_size // 2  # Each device holds half the rows.
     assert [[s.data.shape[0] for s in x.addressable_shards] for x in batch] == [[half] * 2] * 2
     np.testing.assert_array_equal(np.asarray(batch), np.asarray(batches[i]))
     state, step_metrics = step(state, batch, jax.random.key(100 + i))
     assert_metrics_close(step_metrics, metrics_ref[i])
-  assert state["params"]["wte"].sharding.is_equivalent_to(devices.replicated(mesh), 2)
+  assert state["params"]["wte"].sharding.is_equivalent_to(sharding.replicated(mesh), 2)
   assert state_ref["params"]["wte"].devices() == {jax.devices("cpu")[0]}
   assert_states_close(state, state_ref)
 
@@ -147,17 +146,17 @@ def test_dropout_runs_do_not_depend_on_the_microbatch_or_device_count():
   cfg, tc = dataclasses.replace(TINY_MODEL, vocab_size=tok.vocab_size), TINY_TRAIN
   runs = {}
   for n_devices in (1, 2):
-    mesh = devices.data_mesh(jax.devices()[:n_devices])
+    mesh = sharding.data_mesh(jax.devices()[:n_devices])
     tokens = tok.encode(text)
     init = jax.jit(functools.partial(train.init_train_state, model_config=cfg,
                                      optimizer=optim.make_optimizer(tc)),
-                   out_shardings=devices.replicated(mesh))
+                   out_shardings=sharding.replicated(mesh))
     for microbatches in (1, 2, 4, 8):
       step = train.jit_train_step(cfg, tc, mesh, microbatches)
       state, losses = init(jax.random.key(0)), []
       for i in range(20):
         batch = jax.device_put(data.get_batch(tokens, jax.random.key(i), tc.batch_size,
-                                              cfg.block_size), devices.batch_sharded(mesh))
+                                              cfg.block_size), sharding.batch_sharded(mesh))
         state, step_metrics = step(state, batch, jax.random.key(100 + i))
         losses.append(step_metrics["loss"])
       runs[n_devices, microbatches] = np.asarray(losses)
@@ -165,65 +164,6 @@ def test_dropout_runs_do_not_depend_on_the_microbatch_or_device_count():
   assert reference[-1] < reference[0] - 0.1  # It trains.
   for key, losses in runs.items():
     np.testing.assert_allclose(losses, reference, rtol=0, atol=1e-4, err_msg=str(key))
-
-
-@pytest.mark.parametrize("spec, devices, expected", [
-    ("6/8/128/64/32", 2, 4),  # 1024 tokens a device: 4 slices of 256 (19 MB each).
-    ("6/8/128/64/32", 1, 8),
-    ("4/4/128/64/12", 2, 1),  # 384 tokens a device already fit (16 MB): no slicing.
-    ("2/4/64/64/32", 2, 1),  # A small model: 1024 tokens take 13 MB.
-    ("6/8/256/128/32", 2, 8),  # 256 tokens take 38 MB, but smaller slices starve the matmuls.
-    ("6/8/128/64/12", 2, 1),  # Slices must divide each device's 6 rows: 2 x 192 is too few.
-    ("6/8/128/1024/3", 1, 3),  # Even one sequence is over: one sequence a slice.
-    ("1/1/32/8/2", 2, 1),
-])
-def test_cpu_slices_fit_the_caches_and_keep_the_matmuls_busy(spec, devices, expected):
-  n_layer, n_head, n_embd, block_size, batch_size = map(int, spec.split("/"))
-  mc = ModelConfig(vocab_size=65, n_embd=n_embd, n_head=n_head, n_layer=n_layer,
-                   block_size=block_size)
-  got = train.train_microbatches(TrainConfig(batch_size=batch_size), mc, "cpu", devices)
-  assert got == expected
-  rows = batch_size // devices
-  tokens = rows // got * block_size
-  assert rows % got == 0
-  fits = footprint.activations(mc, tokens) <= train.CPU_SLICE_ACTIVATION_BYTES
-  # Either the slices fit and one fewer (the next divisor down) would not, or none fit and
-  # the slices are the smallest that keep CPU_MIN_SLICE_TOKENS (or one sequence).
-  fewer = max([n for n in train.divisors(rows) if n < got], default=None)
-  if fits and fewer:
-    assert footprint.activations(mc, rows // fewer * block_size) > train.CPU_SLICE_ACTIVATION_BYTES
-  if not fits:
-    smaller = [n for n in train.divisors(rows) if n > got]
-    assert not smaller or rows // smaller[0] * block_size < train.CPU_MIN_SLICE_TOKENS
-
-
-@pytest.mark.parametrize("platform, requested, expected", [("gpu", 0, 1), ("cpu", 2, 2)])
-def test_microbatches_elsewhere_and_requested(platform, requested, expected):
-  tc = TrainConfig(batch_size=32, microbatches=requested)
-  assert train.train_microbatches(tc, ModelConfig(block_size=64), platform, 2) == expected
-
-
-@pytest.mark.parametrize("n", [1, 12, 97, 360, 10**9 + 7])
-def test_divisors(n):
-  assert train.divisors(n) == [d for d in range(1, min(n, 400) + 1) if n % d == 0] + (
-      [n] if n > 400 else [])
-
-
-AUTO = "automatic: slices of 256 tokens on each device, 19.1 MB of activations"
-
-
-@pytest.mark.parametrize("requested, explicit, resumed, batch_size, expected", [
-    (0, False, False, 32, (4, AUTO)),
-    (2, True, False, 32, (2, "--microbatches")),
-    (8, False, True, 32, (8, "kept from the checkpoint")),
-    (8, False, True, 12, (1, "automatic: slices of 384 tokens on each device, 28.6 MB of "
-                             "activations")),  # A new batch size that 8 does not divide.
-])
-def test_the_microbatch_choice_says_why(requested, explicit, resumed, batch_size, expected):
-  tc = TrainConfig(batch_size=batch_size, microbatches=requested)
-  mc = ModelConfig(vocab_size=65, block_size=64)
-  assert train.choose_microbatches(tc, mc, "cpu", devices=2, explicit=explicit,
-                                   resumed=resumed) == expected
 
 
 def test_train_step_advances_the_schedule_count(setup):
@@ -251,13 +191,6 @@ def test_training_lowers_the_loss(setup):
     state, _ = step(state, batch, jax.random.key(1000 + i))
   after = float(estimate(state["params"], windows))
   assert after < before - 1.0
-
-
-@pytest.mark.parametrize("count, tokens_each, max_tokens, expected", [
-    (200, 2048, 2048, 1), (200, 2048, 20000, 8), (200, 256, 2048, 8), (7, 256, 2048, 7),
-    (7, 512, 2048, 1), (20, 4096, 2048, 1), (10**9, 64, 512, 8), (10**9 + 7, 64, 512, 1)])
-def test_largest_fitting_divisor(count, tokens_each, max_tokens, expected):
-  assert train.largest_fitting_divisor(count, tokens_each, max_tokens) == expected
 
 
 # The pinned regression: one jitted train step at the tiny shape (dropout, two microbatches)

@@ -1,13 +1,8 @@
-"""Where the work runs: CPU devices for training, a 1-D `data` mesh and its shardings.
-
-The global batch is split over the `data` axis; parameters and optimizer state are
-replicated, and each device's gradient is averaged with the others' once a step
-(`on_each_device`; the loss is a mean over the global batch). Random numbers are drawn for
-the global shape (`jax_threefry_partitionable`) or per global row, so data windows and
-dropout masks do not depend on the device count.
+"""The process side of the devices: how many CPU devices XLA makes, joining a multi-process
+run, and the processes agreeing with each other. (How arrays are laid out over the devices:
+randygpt/sharding.py; how many devices a run takes: runtime/placement.py.)
 """
 
-import os
 import socket
 import time
 from pathlib import Path
@@ -15,34 +10,8 @@ from pathlib import Path
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from randygpt.errors import UserError
-
-
-AUTO_MAX_DEVICES = 2  # Measured best on 2 cores (docs/measurements.md, "Data parallelism").
-
-
-def cpu_device_count(requested: int, batch_size: int, num_processes: int = 1) -> int:
-  """`requested`, or for 0 (auto) the largest count up to min(cores, 2) dividing the batch;
-  one per process in a multi-process run."""
-  if requested or num_processes > 1:
-    return requested or 1
-  top = min(os.cpu_count() or 1, AUTO_MAX_DEVICES)
-  return max(n for n in range(1, top + 1) if batch_size % n == 0)
-
-
-def why_device_count(requested: int, explicit: bool, num_processes: int, platform: str) -> str:
-  """The header's reason for the training device count."""
-  if platform != "cpu":
-    return f"training on {platform}"
-  if num_processes > 1:
-    return "one per process"
-  if explicit:
-    return "--num_cpu_devices"
-  if requested:
-    return "kept from the run's flags.cfg"
-  return f"automatic: up to min(cores, {AUTO_MAX_DEVICES}) dividing the batch"
 
 
 def saved_device_count(workdir: str) -> int:
@@ -117,44 +86,3 @@ def any_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   return bool(multihost_utils.process_allgather(np.int32(flag)).any())
-
-
-def local_copy(tree):
-  """Each array's replica on one of this process's devices (for work outside the mesh)."""
-  return jax.tree.map(lambda x: x.addressable_data(0), tree)
-
-
-def data_mesh(devices) -> Mesh:
-  return Mesh(np.array(devices), ("data",))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec())
-
-
-def batch_sharded(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec("data"))
-
-
-def on_each_device(fn, mesh: Mesh):
-  """`fn(params, batch, rng, first_row)` run on each device's rows of the batch (the first of
-  them is row `first_row` of the whole batch), its results averaged over the devices in one
-  all-reduce. XLA's own partitioning of a step that sums microbatches all-reduced every
-  microbatch's gradient: 9-11% slower (docs/measurements.md, "One all-reduce a step")."""
-  def local(params, batch, rng):
-    first_row = jax.lax.axis_index("data") * jax.tree.leaves(batch)[0].shape[0]
-    return jax.lax.pmean(fn(params, batch, rng, first_row), "data")
-  specs = dict(mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec("data"), PartitionSpec()),
-               out_specs=PartitionSpec())
-  # The gradient is reduced by hand above, so JAX's replication checks stay off (they would
-  # reduce it inside each microbatch's backward pass).
-  if hasattr(jax, "shard_map"):
-    return jax.shard_map(local, check_vma=False, **specs)
-  from jax.experimental.shard_map import shard_map  # jax 0.5, the Metal stack.
-  return shard_map(local, check_rep=False, **specs)
-
-
-def check_batch_divides(batch_size: int, n_devices: int) -> None:
-  if batch_size % n_devices:
-    raise UserError(f"--batch_size={batch_size} does not divide evenly across {n_devices} "
-                    f"devices; use a multiple of {n_devices} or another --num_cpu_devices.")

@@ -11,7 +11,6 @@ the Evaluator's to handle: randygpt/evaluate.py.)
 import dataclasses
 import functools
 import re
-from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -37,27 +36,6 @@ def short(reason: str) -> str:
 
 def error_line(error: BaseException) -> str:
   return short(str(error) or type(error).__name__)
-
-
-def run_plainly(what: str, work: Callable[[], Any]) -> Any:
-  return work()
-
-
-@dataclasses.dataclass
-class Seam:
-  """Where tests stand in for an accelerator that fails, without one (tests/test_fallback.py).
-
-  `eval_device`: evaluation and sampling start there, as on a chosen accelerator (a second
-  CPU device). `train_on_accelerator`: the training devices count as an accelerator.
-  `hook(what, work)` runs each piece of work sent to an accelerator, `what` being
-  "probe-estimate", "probe-sample", "estimate", "sample" or "train-step": it returns
-  `work()`, or raises instead, or changes the result."""
-  eval_device: jax.Device | None = None
-  train_on_accelerator: bool = False
-  hook: Callable[[str, Callable[[], Any]], Any] = run_plainly
-
-
-SEAM = Seam()
 
 
 @functools.cache
@@ -99,7 +77,7 @@ def _on_cpu(role: str) -> str:
   return {"training": "training on CPU", "evaluation": "evaluating on CPU"}[role]
 
 
-def _enabled(device: jax.Device, role: str) -> str:
+def enabled(device: jax.Device, role: str) -> str:
   return f"✓ {LABELS.get(device.platform, device.platform)} enabled for {role}: " \
          f"{device.platform}:{device.id}"
 
@@ -126,7 +104,7 @@ def _choose(flag: str, value: str, auto_order, role: str, failed: dict, notes: l
       return "cpu"
     installed, problem = _problem(platform, failed)
     if problem is None:
-      notes.append(_enabled(jax.local_devices(backend=platform)[0], role))
+      notes.append(enabled(jax.local_devices(backend=platform)[0], role))
       return platform
     if requested != "auto" or installed:
       notes.append(_unusable(flag, value, platform, role, problem))
@@ -143,14 +121,12 @@ class Placement:
   train_notes: tuple[str, ...] = ()  # The header's lines about each choice.
   eval_notes: tuple[str, ...] = ()
   eval_flag: str = "auto"  # --eval_platform's value.
+  # Whether training has a CPU to fall back to (a test may say so of CPU devices).
+  train_on_accelerator: bool = False
 
   @property
   def notes(self) -> tuple[str, ...]:
     return self.train_notes + self.eval_notes
-
-  @property
-  def train_on_accelerator(self) -> bool:
-    return self.train_devices[0].platform != "cpu" or SEAM.train_on_accelerator
 
   def eval_on_cpu(self, problem: str) -> "Placement":
     """This placement with evaluation on the CPU: its accelerator failed the start-up probe,
@@ -181,10 +157,8 @@ def place(train_platform: str = "cpu", eval_platform: str = "auto",
   if train == "cpu" and num_cpu_devices and jax.process_count() == 1:
     train_devices = train_devices[:num_cpu_devices]
   eval_device = jax.local_devices(backend=evaluation)[0]
-  if SEAM.eval_device is not None:  # A test's stand-in for a chosen accelerator.
-    eval_device, eval_notes = SEAM.eval_device, [_enabled(SEAM.eval_device, "evaluation")]
   return Placement(tuple(train_devices), eval_device, tuple(train_notes), tuple(eval_notes),
-                   eval_platform)
+                   eval_platform, train_devices[0].platform != "cpu")
 
 
 def cpu_device() -> jax.Device:

@@ -1,0 +1,185 @@
+"""How a run uses the machine: how many devices train, in how many microbatches, in how many
+chunks a loss estimate runs, and whether the machine's memory holds it all. Decided once,
+before anything big is allocated; the header says what was chosen and why.
+
+Flags override every automatic choice; a resumed run keeps the counts its checkpoint and
+flags.cfg record.
+"""
+
+import dataclasses
+import math
+import os
+
+import jax
+
+from randygpt import evaluate, sharding
+from randygpt.config import ModelConfig, RunConfig, TrainConfig
+from randygpt.errors import UserError
+from randygpt.runtime import footprint, platforms
+
+AUTO_MAX_DEVICES = 2  # Measured best on 2 cores (docs/measurements.md, "Data parallelism").
+# A train step on the CPU runs its batch in slices (microbatches), each device's share of a
+# slice small enough for its activations to stay in the CPU's caches, but not so small that
+# its matmuls (the weight gradients are D x tokens x D) stop filling the cores. Both bounds
+# measured over devices x microbatches at seven shapes (docs/measurements.md, "The
+# automatic choices across shapes").
+CPU_SLICE_ACTIVATION_BYTES = 20 << 20
+CPU_MIN_SLICE_TOKENS = 256
+# Tokens per loss-estimate chunk on the CPU: chunks past ~2K tokens fall out of cache and
+# run 2.5x slower (docs/measurements.md, "Evaluation and generation"). Elsewhere a chunk's
+# logits may take EVAL_CHUNK_BYTES: accelerators gain from large batches, and the bytes
+# (tokens x vocabulary), not the tokens, are what must fit.
+EVAL_CHUNK_TOKENS = {"cpu": 2048}
+EVAL_CHUNK_BYTES = 64 << 20
+
+
+def cpu_device_count(requested: int, batch_size: int, num_processes: int = 1) -> int:
+  """`requested`, or for 0 (auto) the largest count up to min(cores, 2) dividing the batch;
+  one per process in a multi-process run."""
+  if requested or num_processes > 1:
+    return requested or 1
+  top = min(os.cpu_count() or 1, AUTO_MAX_DEVICES)
+  return max(n for n in range(1, top + 1) if batch_size % n == 0)
+
+
+def why_device_count(requested: int, explicit: bool, num_processes: int, platform: str) -> str:
+  """The header's reason for the training device count."""
+  if platform != "cpu":
+    return f"training on {platform}"
+  if num_processes > 1:
+    return "one per process"
+  if explicit:
+    return "--num_cpu_devices"
+  if requested:
+    return "kept from the run's flags.cfg"
+  return f"automatic: up to min(cores, {AUTO_MAX_DEVICES}) dividing the batch"
+
+
+def check_batch_divides(batch_size: int, n_devices: int) -> None:
+  if batch_size % n_devices:
+    raise UserError(f"--batch_size={batch_size} does not divide evenly across {n_devices} "
+                    f"devices; use a multiple of {n_devices} or another --num_cpu_devices.")
+
+
+def divisors(n: int) -> list[int]:
+  """The divisors of n, ascending (sqrt(n) steps: --batch_size may be 10**9)."""
+  small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+  return sorted({*small, *(n // d for d in small)})
+
+
+def largest_fitting_divisor(count: int, tokens_each: int, max_tokens: int) -> int:
+  """The largest divisor n of `count` (at least 1) whose n items of `tokens_each` tokens
+  hold at most `max_tokens`: how many batches an estimate runs at once, or how many
+  sequences a microbatch holds."""
+  return max([n for n in divisors(count) if n * tokens_each <= max_tokens], default=1)
+
+
+def train_microbatches(tc: TrainConfig, model_config: ModelConfig, platform: str,
+                       devices: int = 1) -> int:
+  """--microbatches, or for 0: on the CPU the fewest slices whose share on each of `devices`
+  holds at most CPU_SLICE_ACTIVATION_BYTES of activations, but no fewer than
+  CPU_MIN_SLICE_TOKENS tokens (the count dividing each device's rows, so that slices stay on
+  their devices); elsewhere 1."""
+  if tc.microbatches or platform != "cpu":
+    return tc.microbatches or 1
+  rows, t = tc.batch_size // devices, model_config.block_size
+  counts = [n for n in divisors(rows) if rows // n * t >= CPU_MIN_SLICE_TOKENS] or [1]
+  fitting = [n for n in counts if footprint.activations(model_config, rows // n * t)
+             <= CPU_SLICE_ACTIVATION_BYTES]
+  return min(fitting) if fitting else max(counts)
+
+
+def choose_microbatches(tc: TrainConfig, model_config: ModelConfig, platform: str, *,
+                        devices: int, explicit: bool, resumed: bool) -> tuple[int, str]:
+  """The step's microbatch count and the header's reason: --microbatches when `explicit`,
+  else the checkpoint's on a resume (unless a new --batch_size no longer divides by it),
+  else automatic. The count goes into the run's config: flags.cfg and the checkpoints keep
+  it, so a resume or a repeat from flags.cfg takes the same step."""
+  if tc.microbatches and explicit:
+    return tc.microbatches, "--microbatches"
+  if tc.microbatches and resumed and tc.batch_size % tc.microbatches == 0:
+    return tc.microbatches, "kept from the checkpoint"
+  auto = train_microbatches(dataclasses.replace(tc, microbatches=0), model_config, platform,
+                            devices)
+  if platform != "cpu":
+    return auto, f"automatic on {platform}"
+  tokens = tc.batch_size // (devices * auto) * model_config.block_size
+  size = footprint.human_bytes(footprint.activations(model_config, tokens))
+  return auto, f"automatic: slices of {tokens} tokens on each device, {size} of activations"
+
+
+def eval_chunks(tc: TrainConfig, model_config: ModelConfig, platform: str) -> int:
+  """How many chunks an estimate runs in on `platform`: the fewest whose size fits the
+  platform's limit, in whole batches of windows unless one batch's logits exceed
+  EVAL_CHUNK_BYTES (a vocabulary of thousands), then in windows."""
+  max_tokens_by_bytes = EVAL_CHUNK_BYTES // (4 * model_config.vocab_size)  # float32 logits.
+  max_tokens = min(EVAL_CHUNK_TOKENS.get(platform, max_tokens_by_bytes), max_tokens_by_bytes)
+  block, windows = model_config.block_size, evaluate.eval_windows(tc)
+  unit = tc.batch_size if tc.batch_size * block <= max_tokens_by_bytes else 1
+  per_chunk = unit * largest_fitting_divisor(windows // unit, unit * block, max_tokens)
+  return windows // per_chunk
+
+
+def eval_chunk_tokens(tc: TrainConfig, model_config: ModelConfig, platform: str) -> int:
+  """Tokens in one chunk of an estimate on `platform`."""
+  return (evaluate.eval_windows(tc) * model_config.block_size
+          // eval_chunks(tc, model_config, platform))
+
+
+def smaller_eval_chunks(tc: TrainConfig, chunks: int) -> int | None:
+  """The chunk count of chunks at most half as large as `chunks` chunks (a divisor of the
+  windows), after an estimate ran out of memory; None when a chunk is one window."""
+  windows = evaluate.eval_windows(tc)
+  per_chunk = windows // chunks
+  if per_chunk == 1:
+    return None
+  return windows // largest_fitting_divisor(windows, 1, per_chunk // 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Where a run trains and evaluates, and the header's reasons for its counts."""
+  placement: platforms.Placement
+  mesh: jax.sharding.Mesh
+  why_devices: str
+  why_microbatches: str
+
+  @property
+  def platform(self) -> str:
+    return self.mesh.devices.flat[0].platform
+
+
+def plan(config: RunConfig, *, resumed: bool, place=platforms.place) -> tuple[RunConfig, Plan]:
+  """The config with the chosen microbatch and device counts (so that flags.cfg and the
+  checkpoints keep them) and the plan: the devices that train and evaluate (`place` chooses
+  them from the flags), the training mesh, the header's reasons. A run the machine's memory
+  cannot hold is refused here, before anything big is allocated."""
+  mc, tc, loc = config.model, config.train, config.location
+  placement = place(loc.train_platform, loc.eval_platform, cpu_device_count(
+      loc.num_cpu_devices, tc.batch_size, loc.num_processes))
+  mesh = sharding.data_mesh(placement.train_devices)
+  check_batch_divides(tc.batch_size, mesh.size)
+  platform = mesh.devices.flat[0].platform
+  microbatches, why_microbatches = choose_microbatches(
+      tc, mc, platform, devices=mesh.size, explicit="microbatches" in config.explicit,
+      resumed=resumed)
+  why_devices = why_device_count(loc.num_cpu_devices, "num_cpu_devices" in config.explicit,
+                                 loc.num_processes, platform)
+  config = config.replace(microbatches=microbatches)
+  if platform == "cpu" and loc.num_processes == 1:
+    config = config.replace(num_cpu_devices=mesh.size)
+  eval_platform = placement.eval_device.platform
+  footprint.check(mc, config.sample, tc, train_devices=mesh.local_devices,
+                  eval_platform=eval_platform, microbatches=microbatches,
+                  eval_chunk_tokens=eval_chunk_tokens(tc, mc, eval_platform))
+  return config, Plan(placement, mesh, why_devices, why_microbatches)
+
+
+def devices_line(config: RunConfig, plan: Plan, workdir) -> str:
+  """The header's line about the devices and the step's slices."""
+  mc, tc = config.model, config.train
+  mb = tc.microbatches
+  return (f"devices: {plan.mesh.size} x {plan.platform} (data-parallel; {plan.why_devices}) "
+          f"| batch {tc.batch_size} x {mc.block_size} = {tc.batch_size * mc.block_size:,} "
+          f"tokens/step in {mb} microbatch{'es' if mb > 1 else ''} ({plan.why_microbatches}) "
+          f"| workdir: {workdir}")

@@ -1,0 +1,85 @@
+"""The placement's choices: device counts, microbatches, evaluation chunks, and their reasons."""
+
+import pytest
+
+from randygpt.config import ModelConfig, TrainConfig
+from randygpt.runtime import footprint, placement
+
+
+@pytest.mark.parametrize("spec, devices, expected", [
+    ("6/8/128/64/32", 2, 4),  # 1024 tokens a device: 4 slices of 256 (19 MB each).
+    ("6/8/128/64/32", 1, 8),
+    ("4/4/128/64/12", 2, 1),  # 384 tokens a device already fit (16 MB): no slicing.
+    ("2/4/64/64/32", 2, 1),  # A small model: 1024 tokens take 13 MB.
+    ("6/8/256/128/32", 2, 8),  # 256 tokens take 38 MB, but smaller slices starve the matmuls.
+    ("6/8/128/64/12", 2, 1),  # Slices must divide each device's 6 rows: 2 x 192 is too few.
+    ("6/8/128/1024/3", 1, 3),  # Even one sequence is over: one sequence a slice.
+    ("1/1/32/8/2", 2, 1),
+])
+def test_cpu_slices_fit_the_caches_and_keep_the_matmuls_busy(spec, devices, expected):
+  n_layer, n_head, n_embd, block_size, batch_size = map(int, spec.split("/"))
+  mc = ModelConfig(vocab_size=65, n_embd=n_embd, n_head=n_head, n_layer=n_layer,
+                   block_size=block_size)
+  got = placement.train_microbatches(TrainConfig(batch_size=batch_size), mc, "cpu", devices)
+  assert got == expected
+  rows = batch_size // devices
+  tokens = rows // got * block_size
+  assert rows % got == 0
+  fits = footprint.activations(mc, tokens) <= placement.CPU_SLICE_ACTIVATION_BYTES
+  # Either the slices fit and one fewer (the next divisor down) would not, or none fit and
+  # the slices are the smallest that keep CPU_MIN_SLICE_TOKENS (or one sequence).
+  fewer = max([n for n in placement.divisors(rows) if n < got], default=None)
+  if fits and fewer:
+    assert footprint.activations(mc, rows // fewer * block_size) > placement.CPU_SLICE_ACTIVATION_BYTES
+  if not fits:
+    smaller = [n for n in placement.divisors(rows) if n > got]
+    assert not smaller or rows // smaller[0] * block_size < placement.CPU_MIN_SLICE_TOKENS
+
+
+@pytest.mark.parametrize("platform, requested, expected", [("gpu", 0, 1), ("cpu", 2, 2)])
+def test_microbatches_elsewhere_and_requested(platform, requested, expected):
+  tc = TrainConfig(batch_size=32, microbatches=requested)
+  assert placement.train_microbatches(tc, ModelConfig(block_size=64), platform, 2) == expected
+
+
+@pytest.mark.parametrize("n", [1, 12, 97, 360, 10**9 + 7])
+def test_divisors(n):
+  assert placement.divisors(n) == [d for d in range(1, min(n, 400) + 1) if n % d == 0] + (
+      [n] if n > 400 else [])
+
+
+AUTO = "automatic: slices of 256 tokens on each device, 19.1 MB of activations"
+
+
+@pytest.mark.parametrize("requested, explicit, resumed, batch_size, expected", [
+    (0, False, False, 32, (4, AUTO)),
+    (2, True, False, 32, (2, "--microbatches")),
+    (8, False, True, 32, (8, "kept from the checkpoint")),
+    (8, False, True, 12, (1, "automatic: slices of 384 tokens on each device, 28.6 MB of "
+                             "activations")),  # A new batch size that 8 does not divide.
+])
+def test_the_microbatch_choice_says_why(requested, explicit, resumed, batch_size, expected):
+  tc = TrainConfig(batch_size=batch_size, microbatches=requested)
+  mc = ModelConfig(vocab_size=65, block_size=64)
+  assert placement.choose_microbatches(tc, mc, "cpu", devices=2, explicit=explicit,
+                                   resumed=resumed) == expected
+
+
+@pytest.mark.parametrize("count, tokens_each, max_tokens, expected", [
+    (200, 2048, 2048, 1), (200, 2048, 20000, 8), (200, 256, 2048, 8), (7, 256, 2048, 7),
+    (7, 512, 2048, 1), (20, 4096, 2048, 1), (10**9, 64, 512, 8), (10**9 + 7, 64, 512, 1)])
+def test_largest_fitting_divisor(count, tokens_each, max_tokens, expected):
+  assert placement.largest_fitting_divisor(count, tokens_each, max_tokens) == expected
+
+
+@pytest.mark.parametrize("vocab_size", [65, 5000])
+def test_accelerator_chunks_are_sized_in_bytes_of_logits(vocab_size):
+  cfg = ModelConfig(vocab_size=vocab_size, n_embd=64, n_head=4, n_layer=2, block_size=256)
+  tc = TrainConfig(batch_size=64, eval_iters=200)
+  tokens = placement.eval_chunk_tokens(tc, cfg, "gpu")
+  assert tokens * vocab_size * 4 <= placement.EVAL_CHUNK_BYTES  # float32 logits.
+  assert tokens * 2 * vocab_size * 4 > placement.EVAL_CHUNK_BYTES  # The fewest chunks.
+  # On the CPU, whole batches (as the loss estimates always ran) unless one batch's logits
+  # are over the limit; then whole windows, within the CPU's limit of tokens.
+  want_cpu = 64 * 256 if vocab_size == 65 else 8 * 256
+  assert placement.eval_chunk_tokens(tc, cfg, "cpu") == want_cpu
