@@ -142,7 +142,8 @@ def prepare(config: RunConfig) -> Setup | None:
   devices.sync("workdir ready")
   step_fn = train.jit_train_step(model_config, tc, mesh, tc.microbatches)
   sampler = data.WindowSampler(splits["train"], jax.random.fold_in(key, train.DATA_STREAM),
-                               tc.batch_size, model_config.block_size)
+                               tc.batch_size, model_config.block_size,
+                               compile=exported.compile_kept)
   evaluator = evaluate.Evaluator(placement.eval_device, model_config, config.sample, splits,
                                  jax.random.fold_in(key, train.EVAL_STREAM), tc)
   placement = evaluator.probe(state["params"], placement)
