@@ -135,7 +135,7 @@ def prepare(config: RunConfig, place=platforms.place,
   devices.sync("workdir ready")
   step_fn = train.jit_train_step(mc, tc, plan.mesh, tc.microbatches)
   sampler = data.WindowSampler(splits["train"], jax.random.fold_in(key, train.DATA_STREAM),
-                               tc.batch_size, mc.block_size)
+                               tc.batch_size, mc.block_size, compile=exported.compile_kept)
   evaluator = fallback.GuardedEvaluator(
       plan.placement.eval_device, mc, config.sample, splits,
       jax.random.fold_in(key, train.EVAL_STREAM), tc, executor)

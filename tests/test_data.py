@@ -67,7 +67,7 @@ def test_the_cache_stores_the_vocabularys_dtype(tmp_path, extra, dtype):
     "中文字符" * 300 + "\r\n" + "ü",
 ])
 def test_chunked_encoding_equals_encoding_the_whole_text(tmp_path, monkeypatch, text):
-  monkeypatch.setattr(data, "CHUNK_BYTES", 7)  # Multi-byte characters across chunk edges.
+  monkeypatch.setattr(data.sources, "CHUNK_BYTES", 7)  # Multi-byte characters across chunk edges.
   (tmp_path / "t.txt").write_text(text, encoding="utf-8")
   corpus = load(tmp_path / "t.txt", tmp_path)
   want = data.CharTokenizer.from_text(text)
@@ -95,7 +95,7 @@ def test_randygpt_line_reading_in_pieces_matches_the_whole(seed):
 
 
 def test_randygpt_tokenizer_across_chunks_and_files(tmp_path, monkeypatch):
-  monkeypatch.setattr(data, "CHUNK_BYTES", 4)
+  monkeypatch.setattr(data.sources, "CHUNK_BYTES", 4)
   (tmp_path / "a.txt").write_bytes(b"ab\r\ncd\r")
   (tmp_path / "b.txt").write_bytes(b"\nef\r\n\r\ngh")
   corpus = load(tmp_path, tmp_path, tokenizer="randygpt")
