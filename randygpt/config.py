@@ -200,6 +200,18 @@ class RunConfig:
       sections[name] = section(**{k: v for k, v in values.items() if k in names})
     return cls(**sections, explicit=frozenset(explicit))
 
+  def replace(self, **values) -> "RunConfig":
+    """This config with fields replaced by their names, in whichever section holds them:
+    `config.replace(vocab_size=65, microbatches=4)`."""
+    unknown = set(values) - {f.name for s in _SECTIONS.values() for f in dataclasses.fields(s)}
+    if unknown:
+      raise TypeError(f"RunConfig has no fields {sorted(unknown)}")
+    sections = {}
+    for name, section in _SECTIONS.items():
+      mine = {k: v for k, v in values.items() if k in section.__dataclass_fields__}
+      sections[name] = dataclasses.replace(getattr(self, name), **mine)
+    return dataclasses.replace(self, **sections)
+
   def recorded_flags(self) -> dict:
     """What flags.cfg and a checkpoint record: the run's flags, and the CPU device count when
     set (a location flag, but the one that changes a step's float32 sums)."""
