@@ -1,6 +1,8 @@
 """Frozen configuration dataclasses: hashable, so jit can treat them as static.
 
-Field names are the flag names, so a run's configuration is also a flat {flag: value}
+Each setting is written here once: its default, and as field metadata its --help text and
+the checks its flag makes (bounds, choices). flags.py defines one absl flag per field from
+them. Field names are the flag names, so a run's configuration is also a flat {flag: value}
 dict (`to_flags` / `from_flags`): what flags.cfg holds and what a checkpoint stores.
 """
 
@@ -8,19 +10,34 @@ import dataclasses
 
 from randygpt.errors import UserError
 
+# --train_platform / --eval_platform values; runtime/platforms.py maps each to a JAX platform.
+PLATFORMS = ("auto", "cpu", "gpu", "cuda", "rocm", "tpu", "metal", "mps")
+
+
+def flag(default, help_text: str, **checks):
+  """A field that is also a flag. `checks` are absl's: lower_bound, upper_bound, choices (an
+  enum flag) and case_sensitive. A tuple field is a flag given once per value."""
+  return dataclasses.field(default=default, metadata={"help": help_text, **checks})
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int = 0  # Set from the data's vocabulary, not a flag.
-  n_embd: int = 128
-  n_head: int = 8
-  n_layer: int = 6
-  block_size: int = 64
-  dropout: float = 0.1
+  n_embd: int = flag(128, "Embedding width.", lower_bound=1)
+  n_head: int = flag(8, "Attention heads; must divide --n_embd.", lower_bound=1)
+  n_layer: int = flag(6, "Transformer blocks.", lower_bound=1)
+  block_size: int = flag(64, "Context length in characters.", lower_bound=1)
+  dropout: float = flag(0.1, "Dropout rate on the attention and MLP outputs during training.",
+                        lower_bound=0.0)
   # The levers (docs/levers.md); off by default, which is randyGPT's architecture.
-  position: str = "learned"  # "rope": rotary q and k, no learned position embedding.
-  qk_norm: bool = False  # Gain-free RMSNorm of each head's query and key.
-  final_norm: bool = False  # Gain-free RMSNorm before the lm_head.
+  position: str = flag(
+      "learned", "How the model knows positions: `learned` embeddings added to the input "
+      "(randyGPT), or `rope`: rotary embeddings of each head's query and key, relative "
+      "positions with no learned parameters (docs/levers.md).", choices=("learned", "rope"))
+  qk_norm: bool = flag(False, "Normalise each head's query and key (gain-free RMSNorm) before "
+                       "their dot product (docs/levers.md).")
+  final_norm: bool = flag(False, "A gain-free RMSNorm of the last residual stream before the "
+                          "lm_head (randyGPT has none; docs/levers.md).")
 
   @property
   def head_dim(self) -> int:
@@ -29,59 +46,123 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  iters: int = 1000
-  optimizer: str = "adamw"  # "muon": Muon for the blocks' matrices, AdamW for the rest.
-  muon_rms: float = 0.2  # Muon's update RMS relative to the learning rate (AdamW's is ~0.2).
-  batch_size: int = 32
-  microbatches: int = 0  # 0: decided from the shape and the platform.
-  learning_rate: float = 3e-3
-  min_lr: float = 3e-4
-  warmup_iters: int = 100
-  lr_decay_iters: int = 0  # 0: the decay horizon is `iters` of the run's first start.
-  weight_decay: float = 0.1
-  beta1: float = 0.9
-  beta2: float = 0.99
-  grad_clip: float = 1.0
-  eval_interval: int = 100
-  eval_iters: int = 20
-  log_interval: int = 10
-  checkpoint_interval: int = 100
-  seed: int = 1337
+  iters: int = flag(1000, "Target iteration: training stops when this many steps are done "
+                    "(not an additional count).", lower_bound=1)
+  optimizer: str = flag(
+      "adamw", "`adamw` for every weight, or `muon`: Muon (optax.contrib, optax 0.2.7 or "
+      "newer) for each block's matrices (q, k and v as three), AdamW for the embeddings and "
+      "the lm_head, one learning-rate schedule (docs/levers.md).", choices=("adamw", "muon"))
+  muon_rms: float = flag(0.2, "--optimizer=muon: the RMS of Muon's orthogonalised update per "
+                         "unit of learning rate, so that --learning_rate suits both optimizers "
+                         "(AdamW's update RMS is about 0.2).")
+  batch_size: int = flag(32, "Sequences per training step.", lower_bound=1)
+  microbatches: int = flag(
+      0, "Slices of the batch that a training step runs one after another, summing their "
+      "gradients: the same step in less memory, and on the CPU faster. Must divide "
+      "--batch_size; 0 picks, on the CPU, slices whose share on each device fits the caches "
+      "(the header says which), and 1 elsewhere.", lower_bound=0)
+  learning_rate: float = flag(3e-3, "Peak learning rate, reached after the warmup.")
+  min_lr: float = flag(3e-4, "Learning rate at the end of the cosine decay and after it.",
+                       lower_bound=0.0)
+  warmup_iters: int = flag(100, "Linear warmup length.", lower_bound=0)
+  lr_decay_iters: int = flag(
+      0, "Iteration at which the cosine decay reaches --min_lr; 0 means the --iters of the "
+      "run's first start. Kept in checkpoints: a resumed run follows the same schedule unless "
+      "this is given.", lower_bound=0)
+  weight_decay: float = flag(0.1, "AdamW weight decay, applied to the weight matrices, not to "
+                             "the embeddings.", lower_bound=0.0)
+  beta1: float = flag(0.9, "AdamW beta1.", lower_bound=0.0, upper_bound=1.0)
+  beta2: float = flag(0.99, "AdamW beta2.", lower_bound=0.0, upper_bound=1.0)
+  grad_clip: float = flag(1.0, "Clip gradients to this global norm; 0 is off.", lower_bound=0.0)
+  eval_interval: int = flag(100, "Estimate train and val loss every this many iterations (and "
+                            "at the end).", lower_bound=1)
+  eval_iters: int = flag(20, "Batches per loss estimate.", lower_bound=1)
+  log_interval: int = flag(10, "Log a line every this many iterations.", lower_bound=1)
+  checkpoint_interval: int = flag(100, "Save the latest checkpoint every this many iterations "
+                                  "(and at the end, and on Ctrl-C).", lower_bound=1)
+  seed: int = flag(1337, "Seed for initialisation, data windows, dropout and sampling.",
+                   lower_bound=-2**63, upper_bound=2**63 - 1)  # JAX's int64.
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-  prompt: tuple[str, ...] = ("ROMEO:",)
-  max_new_tokens: int = 200
-  num_samples: int = 1
-  temperature: float = 0.8  # 0: greedy.
-  top_p: float = 0.9
-  top_k: int = 0  # 0: off.
-  rolling_cache: bool = False  # --position=rope: past the window, a rolling key/value cache.
+  prompt: tuple[str, ...] = flag(("ROMEO:",), "Text to continue; repeat the flag for several "
+                                 "samples.")
+  max_new_tokens: int = flag(200, "Characters to generate per prompt (may exceed "
+                             "--block_size).", lower_bound=0)
+  num_samples: int = flag(1, "Samples per prompt, drawn as one batch.", lower_bound=1)
+  temperature: float = flag(0.8, "Sampling temperature; 0 always takes the most likely "
+                            "character (greedy).", lower_bound=0.0)
+  top_p: float = flag(0.9, "Nucleus sampling: keep the smallest set of characters whose "
+                      "probability reaches this, in (0, 1].")
+  top_k: int = flag(0, "Keep only the k most likely characters; 0 is off.", lower_bound=0)
+  rolling_cache: bool = flag(
+      False, "With --position=rope, sample past --block_size with a rolling key/value cache "
+      "(one position per character) instead of re-running the window for each one; each "
+      "character then keeps the context it had when it was computed (docs/levers.md).")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  data: str = "train.txt"
-  data_url: str = ""
-  data_encoding: str = "utf-8"
-  tokenizer: str = "chars"  # "randygpt": randyGPT's vocabulary and line reading (import_bin).
+  data: str = flag(
+      "train.txt", "Training text (any UTF-8 text, one token per character). When the default "
+      "train.txt is absent, a small built-in sample is used. A missing file named like a known "
+      "dataset (tinyshakespeare.txt) is downloaded and checked.")
+  data_url: str = flag("", "Where to download a known dataset from when --data is missing "
+                       "(default: its usual address). The SHA-256 is checked either way.")
+  data_encoding: str = flag("utf-8", "Text encoding of --data, e.g. latin-1.")
+  tokenizer: str = flag(
+      "chars", "`chars`: one token per distinct character, sorted. `randygpt`: randyGPT's "
+      "vocabulary (`<` and `>` as BOS and EOS, ids 0 and 1, then the sorted characters of the "
+      "text read line by line, each line ending in a newline), as python -m "
+      "randygpt.import_bin sets it for imported checkpoints.", choices=("chars", "randygpt"))
 
 
 @dataclasses.dataclass(frozen=True)
 class LocationConfig:
   """Where a run lives, how it starts and on what it runs: not part of what the run is."""
-  workdir: str = "runs/default"
-  resume: bool = False
-  resume_from: str = ""
-  overwrite: bool = False
-  train_platform: str = "cpu"
-  eval_platform: str = "auto"
-  num_cpu_devices: int = 0  # 0: decided from the cores and the batch size.
-  coordinator_address: str = ""
-  num_processes: int = 1
-  process_id: int = 0
-  distributed_timeout: int = 60
+  workdir: str = flag("runs/default", "Directory for everything this run writes: flags.cfg, "
+                      "vocab.json, metrics.jsonl, summary.json, samples.txt, checkpoints/.")
+  resume: bool = flag(False, "Continue from the latest checkpoint in --workdir (start fresh, "
+                      "saying so, when there is none).")
+  resume_from: str = flag("", "Continue from this checkpoint: a step directory, a checkpoints "
+                          "directory, a workdir, or `latest` / `best` in --workdir.")
+  overwrite: bool = flag(False, "Allow starting over in a --workdir that holds checkpoints, or "
+                         "resuming it from an older one (newer checkpoints are deleted).")
+  train_platform: str = flag(
+      "cpu", "Where training runs: the CPU devices (as in randyGPT); `auto` picks a CUDA/ROCm "
+      "GPU or TPU when present (never Metal unless named). An unusable platform falls back to "
+      "the CPU with a warning.", choices=PLATFORMS, case_sensitive=False)
+  eval_platform: str = flag(
+      "auto", "Where loss estimates and sampling run: `auto` picks the first working "
+      "accelerator (gpu, tpu, metal, mps), else the CPU. An unusable platform falls back to "
+      "the CPU with a warning.", choices=PLATFORMS, case_sensitive=False)
+  num_cpu_devices: int = flag(
+      0, "Split the CPU into this many XLA devices and train data-parallel across them (the "
+      "batch must divide evenly); 0 picks the largest count up to min(cores, 2) that divides "
+      "--batch_size. Same results on any count, up to float32 rounding. At most 256: XLA's "
+      "CPU collectives stalled with 2048 devices in one process.", lower_bound=0,
+      upper_bound=256)
+  coordinator_address: str = flag(
+      "", "host:port of process 0 for a multi-process run (with --num_processes and "
+      "--process_id); `auto` lets jax.distributed.initialize() discover the cluster itself "
+      "(SLURM, TPU pods). launch.sh --processes=N sets all three.")
+  num_processes: int = flag(1, "Processes in a multi-process run.", lower_bound=1)
+  process_id: int = flag(0, "This process's rank, 0 to --num_processes - 1.", lower_bound=0)
+  distributed_timeout: int = flag(60, "Seconds to wait for the other processes at start-up, "
+                                  "and for a missing one before giving up.", lower_bound=1)
+
+
+_SECTIONS = {"model": ModelConfig, "train": TrainConfig, "sample": SampleConfig,
+             "data": DataConfig, "location": LocationConfig}
+NOT_FLAGS = frozenset(f.name for section in _SECTIONS.values()
+                      for f in dataclasses.fields(section) if "help" not in f.metadata)
+
+
+def flag_fields() -> list[dataclasses.Field]:
+  """Every field that is a flag, section by section (flags.py defines them in this order)."""
+  return [f for section in _SECTIONS.values() for f in dataclasses.fields(section)
+          if f.name not in NOT_FLAGS]
 
 
 # What a resumed run takes from its checkpoint whatever the flags say: the parameter tree's
@@ -91,10 +172,6 @@ FIXED_ON_RESUME = ("n_embd", "n_head", "n_layer", "block_size", "position", "qk_
 # What a checkpoint written before a flag existed ran with: the flag's default.
 _DEFAULTS = {f.name: f.default for section in (ModelConfig, TrainConfig)
              for f in dataclasses.fields(section)}
-
-_SECTIONS = {"model": ModelConfig, "train": TrainConfig, "sample": SampleConfig,
-             "data": DataConfig, "location": LocationConfig}
-NOT_FLAGS = frozenset({"vocab_size"})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -95,7 +95,7 @@ def generate(params, prompt_BxP: jax.Array, key: jax.Array, model_config: ModelC
   return buffer_BxM[:, n_prompt:n_prompt + n_new]
 
 
-def check_prompts(prompts, tokenizer: data.CharTokenizer, default_prompts=("ROMEO:",)):
+def check_prompts(prompts, tokenizer: data.CharTokenizer, default_prompts=SampleConfig.prompt):
   """Prompts the vocabulary can encode: a user's prompt that cannot is an error; a
   default that cannot falls back to a newline (or the vocabulary's first character)."""
   start = "\n" if "\n" in tokenizer.chars else tokenizer.chars[0]

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from randygpt.config import ModelConfig, RunConfig, TrainConfig
+from randygpt.config import PLATFORMS, ModelConfig, RunConfig, TrainConfig
 from randygpt.errors import UserError
 
 SAVED = RunConfig(model=ModelConfig(n_embd=64, n_head=4), train=TrainConfig(
@@ -67,3 +67,26 @@ def test_a_checkpoint_from_before_the_levers_has_them_off():
   on = RunConfig.from_flags({"final_norm": True}, explicit={"final_norm"})
   with pytest.raises(UserError, match=r"final_norm=False \(flag: True\)"):
     on.resumed(older, "ckpt")
+
+
+def test_replace_changes_fields_by_their_flat_names():
+  config = RunConfig(explicit=frozenset({"iters"}))
+  changed = config.replace(vocab_size=65, lr_decay_iters=1000, microbatches=4, workdir="w")
+  assert (changed.model.vocab_size, changed.train.lr_decay_iters, changed.train.microbatches,
+          changed.location.workdir) == (65, 1000, 4, "w")
+  assert changed.sample == config.sample and changed.explicit == config.explicit
+  assert changed.replace(vocab_size=0, lr_decay_iters=0, microbatches=0,
+                         workdir="runs/default") == config
+  with pytest.raises(TypeError, match="n_embed"):
+    config.replace(n_embed=64)
+
+
+def test_field_names_are_unique_across_sections():
+  names = [f.name for section in dataclasses.fields(RunConfig) if section.name != "explicit"
+           for f in dataclasses.fields(section.type)]
+  assert len(names) == len(set(names))  # A flat name says which section's field it is.
+
+
+def test_platform_choices_are_the_platforms_runtime_knows():
+  from randygpt.runtime import platforms
+  assert PLATFORMS == tuple(platforms.CHOICES)

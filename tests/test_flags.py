@@ -1,8 +1,11 @@
+import dataclasses
+
 import pytest
 from absl import flags
 from absl.testing import flagsaver
 
 from randygpt import flags as randygpt_flags
+from randygpt.config import RunConfig
 
 FLAGS = flags.FLAGS
 
@@ -72,6 +75,27 @@ def test_every_project_flag_is_a_config_field():
   config = parse()
   names = {f.name for f in FLAGS.get_flags_for_module(randygpt_flags.__name__)}
   assert names == set(config.to_flags(include_location=True))
+
+
+def test_flags_and_config_fields_agree_on_names_defaults_and_types():
+  # The flags are generated from the fields: this checks the generation.
+  fields = {f.name: f for section in dataclasses.fields(RunConfig) if section.name != "explicit"
+            for f in dataclasses.fields(section.type)}
+  project = {f.name: f for f in FLAGS.get_flags_for_module(randygpt_flags.__name__)}
+  assert set(fields) - set(project) == {"vocab_size"} and set(project) <= set(fields)
+  for name, flag in project.items():
+    default = tuple(flag.default) if isinstance(flag.default, list) else flag.default
+    assert (default, type(default)) == (fields[name].default, type(fields[name].default)), name
+    checks = fields[name].metadata
+    assert checks["help"] in flag.help, name
+    for key in ("lower_bound", "upper_bound"):
+      assert getattr(flag.parser, key, None) == checks.get(key), (name, key)
+    choices = getattr(flag.parser, "enum_values", None)
+    assert (tuple(choices) if choices else None) == checks.get("choices"), name
+
+
+def test_no_flags_give_the_default_config():
+  assert parse() == RunConfig()
 
 
 def test_explicit_flags_are_remembered(tmp_path):
