@@ -80,7 +80,7 @@ def resolve(config: RunConfig, vocab_size: int, *, resumed: bool,
   return placement.plan(config, resumed=resumed, place=place)
 
 
-def _read_text(config: RunConfig, meta: dict | None, source: Path | None):
+def read_text(config: RunConfig, meta: dict | None = None, source: Path | None = None):
   """The text's tokens, and its {"train", "val"} splits."""
   dc = config.data
   corpus = data.load_corpus(dc.data, cli.cache_dir("tokens"), url=dc.data_url,
@@ -107,6 +107,35 @@ def initial_state(key: jax.Array, config: RunConfig, source: Path | None,
   return exported.compile_kept(init, key)(key)
 
 
+def stream_key(config: RunConfig, stream: int) -> jax.Array:
+  """The key of one of the run's random streams (train.INIT_STREAM...)."""
+  return jax.random.fold_in(jax.random.key(config.train.seed), stream)
+
+
+def build_step(config: RunConfig, plan: placement.Plan, splits: dict,
+               source: Path | None = None):
+  """The run's initial state, its window sampler (step -> the step's windows on the host) and
+  its jitted train step, for a resolved config: what the loop runs and the benchmark
+  times."""
+  mc, tc = config.model, config.train
+  state = initial_state(stream_key(config, train.INIT_STREAM), config, source,
+                        sharding.replicated(plan.mesh))
+  sampler = data.WindowSampler(splits["train"], stream_key(config, train.DATA_STREAM),
+                               tc.batch_size, mc.block_size, compile=exported.compile_kept)
+  return state, sampler, train.jit_train_step(mc, tc, plan.mesh, tc.microbatches)
+
+
+def compile_step(step_fn, config: RunConfig, state: dict, batch, rng: jax.Array):
+  """`step_fn` compiled for arguments like these, its lowering kept between runs."""
+  return exported.compile_kept(step_fn, state, batch, rng, donate_argnums=(0,),
+                               config_key=repr((config.model, config.train)))
+
+
+def place_batch(windows, mesh: jax.sharding.Mesh):
+  """A step's windows, split over the training devices."""
+  return jax.device_put(windows, sharding.batch_sharded(mesh))
+
+
 def prepare(config: RunConfig, place=platforms.place,
             executor: fallback.Executor = fallback.run_plainly) -> Setup | None:
   """Everything before the first step, the workdir readied and the header printed; None
@@ -118,27 +147,21 @@ def prepare(config: RunConfig, place=platforms.place,
     print(f"Already at iteration {start_iter} (target {config.train.iters}). Nothing to "
           f"train. Pass a higher --iters to train further.")
     return None
-  corpus, splits = _read_text(config, meta, source)
+  corpus, splits = read_text(config, meta, source)
   tokenizer = corpus.tokenizer
   prompts = generate.check_prompts(config.sample.prompt, tokenizer)
   config, plan = resolve(config, tokenizer.vocab_size, resumed=source is not None, place=place)
-  mc, tc, loc = config.model, config.train, config.location
-  key = jax.random.key(tc.seed)
-  state = initial_state(jax.random.fold_in(key, train.INIT_STREAM), config, source,
-                        sharding.replicated(plan.mesh))
+  state, sampler, step_fn = build_step(config, plan, splits, source)
   best = None
   if meta and meta["best_iter"] is not None:
     best = (meta["best_val_loss"], meta["best_iter"])
   if devices.is_main_process():
-    rundir.initialise(Path(loc.workdir), config, tokenizer, start_iter, discard,
+    rundir.initialise(Path(config.location.workdir), config, tokenizer, start_iter, discard,
                       data=corpus.fingerprint)
   devices.sync("workdir ready")
-  step_fn = train.jit_train_step(mc, tc, plan.mesh, tc.microbatches)
-  sampler = data.WindowSampler(splits["train"], jax.random.fold_in(key, train.DATA_STREAM),
-                               tc.batch_size, mc.block_size, compile=exported.compile_kept)
   evaluator = fallback.GuardedEvaluator(
-      plan.placement.eval_device, mc, config.sample, splits,
-      jax.random.fold_in(key, train.EVAL_STREAM), tc, executor)
+      plan.placement.eval_device, config.model, config.sample, splits,
+      stream_key(config, train.EVAL_STREAM), config.train, executor)
   plan = dataclasses.replace(plan, placement=evaluator.probe(state["params"], plan.placement))
   setup = Setup(config, start_iter, source, best, tokenizer, prompts, plan, state, corpus,
                 sampler, step_fn, evaluator)
@@ -178,8 +201,7 @@ class Trainer:
     self.metrics_file = metrics.MetricsFile(
         setup.workdir / "metrics.jsonl" if self.is_main else None, setup.start_iter)
     self.stop = cli.StopRequest()
-    key = jax.random.key(self.tc.seed)
-    self.dropout_key = jax.random.fold_in(key, train.DROPOUT_STREAM)
+    self.dropout_key = stream_key(setup.config, train.DROPOUT_STREAM)
     self.throughput = metrics.Throughput(
         self.tc.batch_size * setup.config.model.block_size, setup.start_iter)
     self.last_record, self.save_ms, self.eval_seconds = None, [], 0.0
@@ -219,15 +241,14 @@ class Trainer:
 
   def batch(self, step: int):
     """The step's windows, placed on the training devices."""
-    return jax.device_put(self.setup.sampler(step), sharding.batch_sharded(self.setup.mesh))
+    return place_batch(self.setup.sampler(step), self.setup.mesh)
 
   def compile(self) -> None:
     print("Compiling train step...", end=" ", flush=True)
     start = time.perf_counter()
     setup = self.setup
-    self.step_fn = exported.compile_kept(
-        setup.step_fn, self.state, self.batch(setup.start_iter + 1), self.dropout_key,
-        donate_argnums=(0,), config_key=repr((setup.config.model, self.tc)))
+    self.step_fn = compile_step(setup.step_fn, setup.config, self.state,
+                                self.batch(setup.start_iter + 1), self.dropout_key)
     print(f"done in {time.perf_counter() - start:.1f}s", flush=True)
     self.memory_mb["compile_peak"] = memory.peak_resident_mb()
     self.throughput.mark(self.setup.start_iter)

@@ -54,8 +54,9 @@ def measure_shapes(config, specs, *, steps: int, warmup_steps: int, repeats: int
   with tempfile.TemporaryDirectory() as cache:
     for spec in specs:
       cfg = shape_config(config, spec)
-      model_config, _, mesh, microbatches, state, step, tokens, batch = prepare_step(cfg)
-      step = step.lower(state, batch, jax.random.key(2)).compile()
+      prepared = prepare_step(cfg)
+      model_config, state, batch = prepared.config.model, prepared.state, prepared.batch
+      step, tokens = prepared.compile(), prepared.tokens
       rounds = {"randygpt": [], "torch_reference": [], "nanogpt": [], "randygpt_loop": []}
       if loop_iters:
         loop_ms(cfg, 2, Path(cache))  # Compiles into the cache.
@@ -68,7 +69,8 @@ def measure_shapes(config, specs, *, steps: int, warmup_steps: int, repeats: int
           rounds["nanogpt"].append(nanogpt_ms(script, cfg, nanogpt_iters))
         if loop_iters:
           rounds["randygpt_loop"].append(loop_ms(cfg, loop_iters, Path(cache)))
-      row = {"shape": spec, "devices": mesh.size, "microbatches": microbatches,
+      row = {"shape": spec, "devices": prepared.plan.mesh.size,
+             "microbatches": prepared.config.train.microbatches,
              "rounds": rounds, "load": os.getloadavg()[0]}
       row |= {name: percentile(values, 50) if values else None
               for name, values in rounds.items()}

@@ -14,29 +14,32 @@ GENERATION_STREAMS = 8  # Parallel samples in the batched generation timing.
 LONG_GENERATION = 500  # New tokens in the generation timing that runs past the window.
 
 
-def prepare_step(config):
-  """The bench's data, devices, initial state, jitted train step and one batch."""
-  import jax
+@dataclasses.dataclass
+class Prepared:
+  """What the bench times, made by the run's own code (trainer.py)."""
+  config: object  # The resolved RunConfig: vocabulary and placement filled in.
+  plan: object  # runtime.placement.Plan
+  state: dict
+  step_fn: object  # The jitted train step, before compiling.
+  batch: object  # The run's first batch, on the training devices.
+  rng: object  # The run's dropout key.
+  tokens: object
 
-  from randygpt import data, train
-  from randygpt.runtime import cli, devices, platforms
-  dc = config.data
-  corpus = data.load_corpus(dc.data, cli.cache_dir("tokens"), url=dc.data_url,
-                            encoding=dc.data_encoding, tokenizer=dc.tokenizer)
-  model_config = dataclasses.replace(config.model, vocab_size=corpus.tokenizer.vocab_size)
-  tc, loc = config.train, config.location
-  placement = platforms.place(loc.train_platform, loc.eval_platform, devices.cpu_device_count(
-      loc.num_cpu_devices, tc.batch_size))
-  mesh = devices.data_mesh(placement.train_devices)
-  devices.check_batch_divides(tc.batch_size, mesh.size)
-  state = train.initial_state(jax.random.key(0), model_config, tc, None,
-                              devices.replicated(mesh))
-  microbatches = train.train_microbatches(tc, model_config, mesh.devices.flat[0].platform,
-                                          mesh.size)
-  step = train.jit_train_step(model_config, tc, mesh, microbatches)
-  batch = jax.device_put(data.get_batch(corpus.tokens, jax.random.key(1), tc.batch_size,
-                                        model_config.block_size), devices.batch_sharded(mesh))
-  return model_config, placement, mesh, microbatches, state, step, corpus.tokens, batch
+  def compile(self):
+    """The step compiled as a run compiles it (its lowering kept between runs)."""
+    from randygpt import trainer
+    return trainer.compile_step(self.step_fn, self.config, self.state, self.batch, self.rng)
+
+
+def prepare_step(config) -> Prepared:
+  """The bench's data, devices, initial state, train step and the run's first batch: the step
+  a run of `config` executes."""
+  from randygpt import train, trainer
+  corpus, splits = trainer.read_text(config)
+  config, plan = trainer.resolve(config, corpus.tokenizer.vocab_size, resumed=False)
+  state, sampler, step_fn = trainer.build_step(config, plan, splits)
+  return Prepared(config, plan, state, step_fn, trainer.place_batch(sampler(1), plan.mesh),
+                  trainer.stream_key(config, train.DROPOUT_STREAM), corpus.tokens)
 
 
 def measure_steps(step, state, batch, steps: int, warmup_steps: int):
@@ -58,9 +61,9 @@ def measure_peak_gflops(mesh, n: int = 2048) -> float:
   import jax
   import jax.numpy as jnp
 
-  from randygpt.runtime import devices
-  a = jax.device_put(jnp.ones((n, n)), devices.batch_sharded(mesh))
-  b = jax.device_put(jnp.ones((n, n)), devices.replicated(mesh))
+  from randygpt import sharding
+  a = jax.device_put(jnp.ones((n, n)), sharding.batch_sharded(mesh))
+  b = jax.device_put(jnp.ones((n, n)), sharding.replicated(mesh))
   matmul = jax.jit(jnp.matmul)
   timed(matmul, a, b)
   return 2 * n**3 / min(timed(matmul, a, b)[1] for _ in range(5)) / 1e9
@@ -94,14 +97,14 @@ def measure_eval_and_generation(params, tokens, placement, tc, model_config, sam
   """Loss-estimate throughput and generation speed on the evaluation device."""
   import jax
 
-  from randygpt import evaluate
-  evaluator = evaluate.Evaluator(placement.eval_device, model_config, sample,
-                                 {"train": tokens, "val": tokens}, jax.random.key(3), tc)
+  from randygpt.runtime import fallback
+  evaluator = fallback.GuardedEvaluator(placement.eval_device, model_config, sample,
+                                        {"train": tokens, "val": tokens}, jax.random.key(3), tc)
   evaluator(params)  # Compiles.
   _, eval_s = timed(evaluator, params)
   tokens_per_step = tc.batch_size * model_config.block_size
   return {"eval_tokens_per_sec": 2 * tc.eval_iters * tokens_per_step / eval_s,
-          **measure_generation(evaluator.place(params), model_config, sample)}
+          **measure_generation(evaluator.evaluator.place(params), model_config, sample)}
 
 
 def measure(config, *, steps: int, warmup_steps: int, saves: int, with_torch: bool,
@@ -112,11 +115,14 @@ def measure(config, *, steps: int, warmup_steps: int, saves: int, with_torch: bo
   from randygpt import model
   if with_torch:
     check_torch_comparable(config)
-  model_config, placement, mesh, microbatches, state, step, tokens, batch = prepare_step(config)
-  tc = config.train
+  prepared = prepare_step(config)
+  model_config, tc = prepared.config.model, prepared.config.train
+  placement, mesh, state, batch = (prepared.plan.placement, prepared.plan.mesh, prepared.state,
+                                   prepared.batch)
   start = time.perf_counter()
-  step = step.lower(state, batch, jax.random.key(2)).compile()
+  step = prepared.compile()
   compile_s = time.perf_counter() - start
+  tokens = prepared.tokens
   state, step_seconds = measure_steps(step, state, batch, steps, warmup_steps)
   ms_per_step = 1e3 * percentile(step_seconds, 50)
   tokens_per_sec = tc.batch_size * model_config.block_size / (ms_per_step / 1e3)
@@ -137,7 +143,7 @@ def measure(config, *, steps: int, warmup_steps: int, saves: int, with_torch: bo
       "n_params": model.n_params(model_config),
       "devices": f"{mesh.size} x {mesh.devices.flat[0].platform} (data-parallel)",
       "eval_device": f"{placement.eval_device.platform}:{placement.eval_device.id}",
-      "microbatches": microbatches, "compile_s": compile_s, "ms_per_step": ms_per_step,
+      "microbatches": tc.microbatches, "compile_s": compile_s, "ms_per_step": ms_per_step,
       "ms_per_step_p10": 1e3 * percentile(step_seconds, 10),
       "ms_per_step_p90": 1e3 * percentile(step_seconds, 90),
       "tokens_per_sec": tokens_per_sec, "flops_per_token": flops_per_token,
