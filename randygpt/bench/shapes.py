@@ -45,7 +45,6 @@ def measure_shapes(config, specs, *, steps: int, warmup_steps: int, repeats: int
                    loop_iters: int, nanogpt_iters: int, script: str) -> list[dict]:
   """Per shape, `repeats` rounds of: randygpt's jitted step, torch_reference's step,
   nanoGPT's train.py (its own loop) and randygpt's real loop; the medians of the rounds."""
-  import jax
   import numpy as np
 
   from randygpt import torch_reference

@@ -110,8 +110,6 @@ def measure_eval_and_generation(params, tokens, placement, tc, model_config, sam
 def measure(config, *, steps: int, warmup_steps: int, saves: int, with_torch: bool,
             peak_gflops: float) -> dict:
   """The one-shape report's numbers, keyed as --json prints them."""
-  import jax
-
   from randygpt import model
   if with_torch:
     check_torch_comparable(config)

@@ -1,53 +1,19 @@
-"""A training run in named stages: `prepare(config) -> Setup`, `Trainer(setup).loop()`,
-`finish(trainer, status)`.
-
-`prepare` resolves everything fixed before the first step: where the run starts (fresh or
-from a checkpoint), the text and its tokens, the devices, the initial state and the jitted
-functions. The `Trainer` holds what changes as the run goes (the state, the best evaluation,
-the records); its methods are what a researcher changes: `step`, `record`, `evaluate`,
-`save`. `finish` prints where the checkpoints are and draws the samples.
+"""A run's second and last stages: the `Trainer` (the state as the run goes, and what happens
+at each step: `step`, `record`, `evaluate`, `save`), then `finish`: where the checkpoints
+are, the samples, how to go on.
 """
 
 import contextlib
-import dataclasses
 import signal
 import time
-from pathlib import Path
-from typing import Callable
 
 import jax
 import numpy as np
 
-from randygpt import checkpoint, data, generate, metrics, model, optim, sharding, train
-from randygpt.config import RunConfig
+from randygpt import checkpoint, metrics, model, train
 from randygpt.errors import UserError
-from randygpt.runtime import (cli, devices, exported, fallback, footprint, memory, placement,
-                              platforms, rundir)
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """What a run fixes before its first step."""
-  config: RunConfig  # Resolved: vocabulary, schedule horizon and placement filled in.
-  start_iter: int
-  source: Path | None  # The checkpoint the run resumes from.
-  best: tuple[float, int] | None  # (val loss, iteration) of the best evaluation so far.
-  tokenizer: data.CharTokenizer
-  prompts: tuple[str, ...]
-  plan: placement.Plan  # The devices that train and evaluate, and why.
-  state: dict  # The initial train state, replicated over the mesh.
-  corpus: data.Corpus
-  sampler: data.WindowSampler  # step -> the step's windows (inputs, targets) on the host.
-  step_fn: Callable  # (state, batch, rng) -> (state, metrics), jitted, the state donated.
-  evaluator: fallback.GuardedEvaluator
-
-  @property
-  def workdir(self) -> Path:
-    return Path(self.config.location.workdir)
-
-  @property
-  def mesh(self) -> jax.sharding.Mesh:
-    return self.plan.mesh
+from randygpt.runtime import cli, devices, fallback, memory, platforms, rundir
+from randygpt.trainer.setup import Setup, compile_step, place_batch, stream_key
 
 
 class Diverged(UserError):
@@ -56,135 +22,6 @@ class Diverged(UserError):
 
 class TrainingDeviceFailed(UserError):
   """The accelerator that trains failed; the run ends with the state it could save."""
-
-
-def _start(config: RunConfig):
-  """The run's config (the checkpoint's flags on a resume), the checkpoint it starts from,
-  its metadata, and the checkpoints a fresh start or a fork discards."""
-  loc = config.location
-  source, discard = checkpoint.plan_start(Path(loc.workdir), loc.resume, loc.resume_from,
-                                          loc.overwrite)
-  meta = checkpoint.read_meta(source) if source else None
-  if meta:
-    config = config.resumed(meta["config"], str(source))
-  return config, source, meta, discard
-
-
-def resolve(config: RunConfig, vocab_size: int, *, resumed: bool,
-            place=platforms.place) -> tuple[RunConfig, placement.Plan]:
-  """The run's final config, used everywhere after it: the vocabulary's size, the schedule's
-  horizon (fixed at the first start, then kept in checkpoints) and the placement's counts
-  filled in; and the placement's plan."""
-  config = config.replace(vocab_size=vocab_size,
-                          lr_decay_iters=optim.decay_horizon(config.train))
-  return placement.plan(config, resumed=resumed, place=place)
-
-
-def read_text(config: RunConfig, meta: dict | None = None, source: Path | None = None):
-  """The text's tokens, and its {"train", "val"} splits."""
-  dc = config.data
-  corpus = data.load_corpus(dc.data, cli.cache_dir("tokens"), url=dc.data_url,
-                            encoding=dc.data_encoding, tokenizer=dc.tokenizer)
-  if meta:
-    checkpoint.check_vocab(meta["vocab"], corpus.tokenizer, source, dc.data)
-    if meta.get("data", {}).get("files") not in (None, corpus.fingerprint["files"]):
-      print(f"⚠ --data={dc.data} is not the text {source} was trained on (same vocabulary, "
-            "other content): training continues on this text.")
-  train_np, val_np = data.split(corpus.tokens, config.model.block_size)
-  return corpus, {"train": train_np, "val": val_np}
-
-
-def initial_state(key: jax.Array, config: RunConfig, source: Path | None,
-                  state_sharding: jax.sharding.Sharding) -> dict:
-  """A fresh train state, or the one saved at `source`, placed with `state_sharding`."""
-  if source is not None:
-    return checkpoint.restore_train_state(source, config.model, config.train, state_sharding)
-  # One jitted init: eager ops would each compile and stay cached.
-  init = jax.jit(train.state_initializer(config.model, config.train),
-                 out_shardings=state_sharding)
-  if state_sharding.is_fully_addressable:  # Placed for its kept lowering (one process only).
-    key = jax.device_put(key, state_sharding)
-  return exported.compile_kept(init, key)(key)
-
-
-def stream_key(config: RunConfig, stream: int) -> jax.Array:
-  """The key of one of the run's random streams (train.INIT_STREAM...)."""
-  return jax.random.fold_in(jax.random.key(config.train.seed), stream)
-
-
-def build_step(config: RunConfig, plan: placement.Plan, splits: dict,
-               source: Path | None = None):
-  """The run's initial state, its window sampler (step -> the step's windows on the host) and
-  its jitted train step, for a resolved config: what the loop runs and the benchmark
-  times."""
-  mc, tc = config.model, config.train
-  state = initial_state(stream_key(config, train.INIT_STREAM), config, source,
-                        sharding.replicated(plan.mesh))
-  sampler = data.WindowSampler(splits["train"], stream_key(config, train.DATA_STREAM),
-                               tc.batch_size, mc.block_size, compile=exported.compile_kept)
-  return state, sampler, train.jit_train_step(mc, tc, plan.mesh, tc.microbatches)
-
-
-def compile_step(step_fn, config: RunConfig, state: dict, batch, rng: jax.Array):
-  """`step_fn` compiled for arguments like these, its lowering kept between runs."""
-  return exported.compile_kept(step_fn, state, batch, rng, donate_argnums=(0,),
-                               config_key=repr((config.model, config.train)))
-
-
-def place_batch(windows, mesh: jax.sharding.Mesh):
-  """A step's windows, split over the training devices."""
-  return jax.device_put(windows, sharding.batch_sharded(mesh))
-
-
-def prepare(config: RunConfig, place=platforms.place,
-            executor: fallback.Executor = fallback.run_plainly) -> Setup | None:
-  """Everything before the first step, the workdir readied and the header printed; None
-  when the checkpoint is already at the target iteration. `place` chooses the devices from
-  the flags; `executor` runs the work sent to an accelerator (runtime/fallback.py)."""
-  config, source, meta, discard = _start(config)
-  start_iter = meta["iter"] if meta else 0
-  if start_iter >= config.train.iters:
-    print(f"Already at iteration {start_iter} (target {config.train.iters}). Nothing to "
-          f"train. Pass a higher --iters to train further.")
-    return None
-  corpus, splits = read_text(config, meta, source)
-  tokenizer = corpus.tokenizer
-  prompts = generate.check_prompts(config.sample.prompt, tokenizer)
-  config, plan = resolve(config, tokenizer.vocab_size, resumed=source is not None, place=place)
-  state, sampler, step_fn = build_step(config, plan, splits, source)
-  best = None
-  if meta and meta["best_iter"] is not None:
-    best = (meta["best_val_loss"], meta["best_iter"])
-  if devices.is_main_process():
-    rundir.initialise(Path(config.location.workdir), config, tokenizer, start_iter, discard,
-                      data=corpus.fingerprint)
-  devices.sync("workdir ready")
-  evaluator = fallback.GuardedEvaluator(
-      plan.placement.eval_device, config.model, config.sample, splits,
-      stream_key(config, train.EVAL_STREAM), config.train, executor)
-  plan = dataclasses.replace(plan, placement=evaluator.probe(state["params"], plan.placement))
-  setup = Setup(config, start_iter, source, best, tokenizer, prompts, plan, state, corpus,
-                sampler, step_fn, evaluator)
-  print_header(setup, splits)
-  return setup
-
-
-def print_header(setup: Setup, splits: dict) -> None:
-  mc, corpus = setup.config.model, setup.corpus
-  print(f"data: {corpus.description} | {len(corpus.tokens):,} characters | vocab "
-        f"{mc.vocab_size} | train {len(splits['train']):,} / val {len(splits['val']):,} tokens")
-  how = f"built in {corpus.built_s:.1f}s" if corpus.built_s is not None else "reused"
-  size = footprint.human_bytes(corpus.cache_path.stat().st_size)
-  print(f"token cache: {corpus.cache_path} ({size}, {corpus.tokens.dtype.name}, {how})")
-  print(f"model: {mc.n_layer} layers, {mc.n_head} heads, n_embd {mc.n_embd}, block "
-        f"{mc.block_size}, dropout {mc.dropout} | {model.n_params(mc):,} parameters")
-  print(placement.devices_line(setup.config, setup.plan, setup.workdir))
-  for note in setup.plan.placement.notes:
-    print(note)
-  if setup.source:
-    tc = setup.config.train
-    print(f"Resumed from {setup.source} at iteration {setup.start_iter} (target {tc.iters}, "
-          f"learning rate horizon {tc.lr_decay_iters}).")
 
 
 class Trainer:
@@ -423,19 +260,3 @@ def finish(trainer: Trainer, summary: dict) -> dict:
   if status == "interrupted" or trainer.stop.signum:
     return summary | {"signal": trainer.stop.signum or signal.SIGINT}
   return summary
-
-
-def run(config: RunConfig, place=platforms.place,
-        executor: fallback.Executor = fallback.run_plainly) -> dict:
-  """Trains as `config` says, writes the workdir, prints samples; returns the summary. The
-  workdir is locked meanwhile: a second run on it is refused. `place` chooses the devices
-  from the flags; `executor` runs the work sent to an accelerator (runtime/fallback.py)."""
-  started, after_imports_mb = time.perf_counter(), memory.resident_mb()
-  workdir = Path(config.location.workdir)
-  with rundir.claim(workdir, lock=devices.is_main_process()):
-    setup = prepare(config, place, executor)
-    if setup is None:
-      return {"status": "nothing to train"}
-    trainer = Trainer(setup, started, after_imports_mb, executor)
-    with trainer.stop.installed(), jax.default_device(setup.plan.placement.default_device):
-      return finish(trainer, train_and_close(trainer))
