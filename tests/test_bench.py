@@ -94,3 +94,19 @@ def test_the_pytorch_reference_is_refused_with_levers(tmp_path):
                          "--optimizer: drop those flags or --torch."):
     bench.measure(config(tmp_path, position="rope", optimizer="muon"), steps=1,
                   warmup_steps=0, saves=1, with_torch=True, peak_gflops=0.0)
+
+
+def test_the_benchmark_times_the_run_s_step(tmp_path):
+  """bench.prepare_step makes the step through the run's code: its first step, on the run's
+  first batch with the run's dropout key, gives the loss the run logs at iteration 1."""
+  import jax
+
+  from conftest import read_metrics, run_training
+  values = tiny(data=write_corpus(tmp_path / "c.txt"), dropout=0.1, iters=1, log_interval=1)
+  run_training(tmp_path / "w", **values)
+  prepared = bench.prepare_step(run_config(**values))
+  _, step_metrics = prepared.compile()(prepared.state, prepared.batch,
+                                       jax.random.fold_in(prepared.rng, 1))
+  assert float(step_metrics["loss"]) == read_metrics(tmp_path / "w")[0]["train_loss"]
+  recorded = (tmp_path / "w" / "flags.cfg").read_text()
+  assert f"--microbatches={prepared.config.train.microbatches}\n" in recorded
