@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from randygpt import sharding
-from randygpt.runtime import devices, placement
-from randygpt.errors import UserError
+from randygpt.runtime import devices
 
 from conftest import (as_args, raises_user_error, read_metrics, restored_state, run_training,
                       tiny, write_corpus)
@@ -21,14 +20,9 @@ def test_a_resume_finds_the_device_count_in_flags_cfg(tmp_path):
   assert devices.saved_device_count(str(tmp_path)) == 0  # No flags.cfg.
   (tmp_path / "flags.cfg").write_text("--batch_size=8\n--num_cpu_devices=2\n")
   assert devices.saved_device_count(str(tmp_path)) == 2
-  assert placement.why_device_count(2, False, 1, "cpu") == "kept from the run's flags.cfg"
-  assert placement.why_device_count(0, False, 1, "cpu").startswith("automatic")
 
 
-def test_batch_must_divide_across_devices():
-  placement.check_batch_divides(8, 4)
-  with pytest.raises(UserError, match="--batch_size=8 does not divide evenly across 3 devices"):
-    placement.check_batch_divides(8, 3)
+def test_the_batch_is_split_over_the_mesh():
   mesh = sharding.data_mesh(jax.devices("cpu"))
   assert sharding.batch_sharded(mesh).spec == jax.sharding.PartitionSpec("data")
   assert sharding.replicated(mesh).spec == jax.sharding.PartitionSpec()
@@ -76,16 +70,6 @@ def test_uneven_batch_is_refused_naming_both_numbers(tmp_path):
   with raises_user_error("--batch_size=5 does not divide evenly across 2 devices"):
     run_training(tmp_path / "w", **tiny(data=write_corpus(tmp_path / "c.txt"), batch_size=5,
                                         num_cpu_devices=2, iters=2))
-
-
-def test_auto_device_count_divides_the_batch(monkeypatch):
-  monkeypatch.setattr("os.cpu_count", lambda: 2)
-  assert placement.cpu_device_count(0, 32) == 2
-  assert placement.cpu_device_count(0, 5) == 1
-  assert placement.cpu_device_count(3, 5) == 3  # Asked for: checked later, with an error.
-  assert placement.cpu_device_count(0, 32, num_processes=2) == 1
-  monkeypatch.setattr("os.cpu_count", lambda: 1)
-  assert placement.cpu_device_count(0, 32) == 1
 
 
 def test_unreachable_coordinator_gives_up_with_a_message():

@@ -2,6 +2,8 @@
 
 import pytest
 
+from randygpt.errors import UserError
+
 from randygpt.config import ModelConfig, TrainConfig
 from randygpt.runtime import footprint, placement
 
@@ -83,3 +85,24 @@ def test_accelerator_chunks_are_sized_in_bytes_of_logits(vocab_size):
   # are over the limit; then whole windows, within the CPU's limit of tokens.
   want_cpu = 64 * 256 if vocab_size == 65 else 8 * 256
   assert placement.eval_chunk_tokens(tc, cfg, "cpu") == want_cpu
+
+
+def test_the_device_count_s_reason():
+  assert placement.why_device_count(2, False, 1, "cpu") == "kept from the run's flags.cfg"
+  assert placement.why_device_count(0, False, 1, "cpu").startswith("automatic")
+
+
+def test_batch_must_divide_across_devices():
+  placement.check_batch_divides(8, 4)
+  with pytest.raises(UserError, match="--batch_size=8 does not divide evenly across 3 devices"):
+    placement.check_batch_divides(8, 3)
+
+
+def test_auto_device_count_divides_the_batch(monkeypatch):
+  monkeypatch.setattr("os.cpu_count", lambda: 2)
+  assert placement.cpu_device_count(0, 32) == 2
+  assert placement.cpu_device_count(0, 5) == 1
+  assert placement.cpu_device_count(3, 5) == 3  # Asked for: checked later, with an error.
+  assert placement.cpu_device_count(0, 32, num_processes=2) == 1
+  monkeypatch.setattr("os.cpu_count", lambda: 1)
+  assert placement.cpu_device_count(0, 32) == 1
