@@ -1,4 +1,4 @@
-"""Shared fixtures and helpers: small corpora, the unjitted reference, the tiny run's flags,
+"""Shared fixtures and helpers: small corpora, unjitted runs, the tiny run's flags,
 training and sampling in this process, a trained run to copy, and the subprocess runner for
 what only a process boundary shows (signals, exit statuses, stderr, locks, the launcher)."""
 
@@ -134,9 +134,10 @@ def corpus_file(tmp_path) -> Path:
 
 def unjitted(fn):
   """`fn` run under `jax.disable_jit()`: its jits run eagerly and every `lax.scan`, `lax.map`
-  and `fori_loop` as a Python loop, op by op. The reference that jitted paths are compared
-  with: calling a function without `jax.jit` is not it, as its scans still compile as one
-  XLA computation."""
+  and `fori_loop` as a Python loop, op by op (calling a function without `jax.jit` is not
+  that: its scans still compile as one XLA computation). Slow to run: a few smoke tests
+  compare it with jitted runs, for tracing differences; the numbers themselves are checked
+  against the float64 reference (tests/reference.py)."""
   @functools.wraps(fn)
   def run(*args, **kwargs):
     with jax.disable_jit():

@@ -1,6 +1,7 @@
 """The levers (docs/levers.md): rotary positions, qk_norm, final_norm and Muon; the rolling
-key/value cache. Each lever's forward is checked against a NumPy reference written here from
-the definitions (it does not use randygpt.model)."""
+key/value cache. Each lever's forward is checked against the float64 NumPy reference
+(tests/reference.py, written from the definitions); its gradients and Muon's updates are in
+tests/test_reference.py."""
 
 import dataclasses
 
@@ -13,7 +14,7 @@ import pytest
 from randygpt import bench_rolling, generate, model, optim
 from randygpt.config import ModelConfig, SampleConfig, TrainConfig
 
-from conftest import unjitted
+import reference
 
 BASE = ModelConfig(vocab_size=11, n_embd=16, n_head=2, n_layer=2, block_size=8, dropout=0.1)
 LEVERS = {"base": {}, "rope": {"position": "rope"}, "qk_norm": {"qk_norm": True},
@@ -42,49 +43,8 @@ def tokens(batch=2, t=8, seed=1, vocab=BASE.vocab_size):
   return jax.random.randint(jax.random.key(seed), (batch, t), 0, vocab)
 
 
-# The NumPy reference: float64, one layer after another, from the definitions.
-
-def np_rms(x):
-  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-5)
-
-
-def np_rotary(x_BxTxHxK, positions_T):
-  """Rotary embedding as complex multiplication: feature pairs (i, i + K/2) are the real and
-  imaginary parts of z_i, turned by positions * 10000^(-2i/K)."""
-  half = x_BxTxHxK.shape[-1] // 2
-  z = x_BxTxHxK[..., :half] + 1j * x_BxTxHxK[..., half:]
-  theta_TxI = positions_T[:, None] * 10000.0 ** (-2.0 * np.arange(half) / (2 * half))
-  z = z * np.exp(1j * theta_TxI)[None, :, None, :]
-  return np.concatenate([z.real, z.imag], axis=-1)
-
-
 def np_forward(params, tokens_BxT, config: ModelConfig):
-  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-  tokens_BxT = np.asarray(tokens_BxT)
-  b, t = tokens_BxT.shape
-  h, k = config.n_head, config.n_embd // config.n_head
-  x = p["wte"][tokens_BxT]
-  if config.position == "learned":
-    x = x + p["wpe"][:t]
-  for layer in range(config.n_layer):
-    attn = {name: w[layer] for name, w in p["blocks"]["attn"].items()}
-    mlp = {name: w[layer] for name, w in p["blocks"]["mlp"].items()}
-    qkv = np_rms(x) @ attn["wqkv"]
-    q, kk, v = (qkv[..., i * config.n_embd:(i + 1) * config.n_embd].reshape(b, t, h, k)
-                for i in range(3))
-    if config.qk_norm:
-      q, kk = np_rms(q), np_rms(kk)
-    if config.position == "rope":
-      q, kk = np_rotary(q, np.arange(t)), np_rotary(kk, np.arange(t))
-    scores = np.einsum("bthk,bshk->bhts", q, kk) / np.sqrt(k)
-    scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    x = x + np.einsum("bhts,bshk->bthk", probs, v).reshape(b, t, -1) @ attn["wo"]
-    x = x + np.maximum(np_rms(x) @ mlp["w1"], 0.0) ** 2 @ mlp["w2"]
-  if config.final_norm:
-    x = np_rms(x)
-  return x @ p["lm_head"]
+  return reference.forward(params, tokens_BxT, config)[0]
 
 
 @pytest.mark.parametrize("lever", LEVERS)
@@ -106,16 +66,6 @@ def test_the_reference_tells_the_levers_apart():
   rope_params = init_large(config_of("rope"))
   assert np.abs(np_forward(rope_params, x, config_of("rope"))
                 - np_forward(dict(rope_params, wpe=np.zeros((8, 16))), x, BASE)).max() > 0.1
-
-
-@pytest.mark.parametrize("lever", ["rope", "qk_norm", "final_norm", "all"])
-def test_forward_with_dropout_jitted_matches_unjitted(lever):
-  config = config_of(lever)
-  params, x, rng = init_large(config), tokens(), jax.random.key(2)
-  jitted = jax.jit(model.forward, static_argnames=("config", "train"))
-  np.testing.assert_allclose(jitted(params, x, config, train=True, rng=rng),
-                             unjitted(model.forward)(params, x, config, train=True, rng=rng),
-                             rtol=1e-5, atol=1e-6)
 
 
 def test_rope_drops_the_position_embedding_and_nothing_else():
