@@ -169,3 +169,15 @@ def test_the_plan_takes_the_cores_it_is_given():
                                 machine=one)
   assert plan.mesh.size == 1 and config.location.num_cpu_devices == 1
   assert plan.why_devices.startswith("automatic: 1 usable core (affinity: 1 of 2 CPUs)")
+
+
+def test_automatic_devices_are_as_many_as_the_memory_holds():
+  """Each device holds the whole train state: a machine of many cores and little memory
+  takes fewer devices rather than refusing the run."""
+  config = run_config(**tiny(n_embd=256, n_layer=4, batch_size=32)).replace(vocab_size=65)
+  need = {n: placement.cpu_bytes_needed(config, n) for n in (1, 2, 4, 8)}
+  assert need[1] < need[2] < need[4] < need[8]
+  assert placement.devices_memory_holds(config, 8, need[8]) == 8
+  assert placement.devices_memory_holds(config, 8, need[8] - 1) == 4
+  assert placement.devices_memory_holds(config, 8, need[2]) == 2
+  assert placement.devices_memory_holds(config, 8, need[1] - 1) == 1  # The check refuses it.

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -135,7 +136,7 @@ def usable() -> Cores:
   """The cores this process may use, as this system says."""
   online = os.cpu_count() or 1
   if not hasattr(os, "sched_getaffinity"):  # macOS, Windows: every CPU.
-    physical = _macos_physical_cores() if os.uname().sysname == "Darwin" else None
+    physical = _macos_physical_cores() if sys.platform == "darwin" else None
     core_of = ({cpu: f"core{cpu % physical}" for cpu in range(online)}
                if physical and physical < online else None)
     return usable_cores(online, core_of=core_of)

@@ -14,7 +14,7 @@ import jax
 from randygpt import evaluate, sharding
 from randygpt.config import ModelConfig, RunConfig, TrainConfig
 from randygpt.errors import UserError
-from randygpt.runtime import cores, footprint, platforms
+from randygpt.runtime import cores, footprint, memory, platforms
 
 # A train step on the CPU runs its batch in slices (microbatches), each device's share of a
 # slice small enough for its activations to stay in the CPU's caches, but not so small that
@@ -161,6 +161,40 @@ def smaller_eval_chunks(tc: TrainConfig, chunks: int) -> int | None:
   return windows // largest_fitting_divisor(windows, 1, per_chunk // 2)
 
 
+def cpu_bytes_needed(config: RunConfig, devices: int, baseline: int = 0) -> int:
+  """The memory check's estimate for training on `devices` CPU devices (each with its copy of
+  the train state and its slice's activations), `baseline` bytes already resident."""
+  mc, tc = config.model, config.train
+  microbatches = tc.microbatches or train_microbatches(tc, mc, "cpu", devices)
+  return sum(footprint.estimate(mc, config.sample, tc, devices=devices,
+                                microbatches=microbatches,
+                                eval_chunk_tokens=eval_chunk_tokens(tc, mc, "cpu"),
+                                baseline_bytes=baseline).values())
+
+
+def devices_memory_holds(config: RunConfig, devices: int, available: int,
+                         baseline: int = 0) -> int:
+  """The largest count up to `devices` dividing the batch that `cpu_bytes_needed` fits in
+  `available` bytes; 1 when none does (the memory check then refuses the run)."""
+  fitting = [n for n in divisors(config.train.batch_size)
+             if n <= devices and cpu_bytes_needed(config, n, baseline) <= available]
+  return max(fitting, default=1)
+
+
+def _fewer_for_memory(config: RunConfig, placement: platforms.Placement):
+  """The placement with as many of its automatic CPU devices as this machine's memory holds
+  (each holds the whole train state), and the header's note when that is fewer."""
+  loc, devices = config.location, placement.train_devices
+  if loc.num_cpu_devices or loc.num_processes > 1 or devices[0].platform != "cpu":
+    return placement, ""
+  held = devices_memory_holds(config, len(devices), footprint.physical_memory(),
+                              memory.resident_bytes())
+  if held == len(devices):
+    return placement, ""
+  return (dataclasses.replace(placement, train_devices=devices[:held]),
+          f"; {held}: this machine's memory holds {held} copies of the train state")
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Where a run trains and evaluates, and the header's reasons for its counts."""
@@ -186,6 +220,7 @@ def plan(config: RunConfig, *, resumed: bool, place=platforms.place,
   placement = place(loc.train_platform, loc.eval_platform, cpu_device_count(
       loc.num_cpu_devices, tc.batch_size, loc.num_processes, block_size=mc.block_size,
       n_cores=machine.cores))
+  placement, memory_note = _fewer_for_memory(config, placement)
   mesh = sharding.data_mesh(placement.train_devices)
   check_batch_divides(tc.batch_size, mesh.size)
   platform = mesh.devices.flat[0].platform
@@ -193,7 +228,7 @@ def plan(config: RunConfig, *, resumed: bool, place=platforms.place,
       tc, mc, platform, devices=mesh.size, explicit="microbatches" in config.explicit,
       resumed=resumed)
   why_devices = why_device_count(loc.num_cpu_devices, "num_cpu_devices" in config.explicit,
-                                 loc.num_processes, platform, machine, mesh.size)
+                                 loc.num_processes, platform, machine, mesh.size) + memory_note
   config = config.replace(microbatches=microbatches)
   if platform == "cpu" and loc.num_processes == 1:
     config = config.replace(num_cpu_devices=mesh.size)
