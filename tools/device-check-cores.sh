@@ -46,7 +46,8 @@ nanogpt=(--nanogpt_iters=0)
 if [ -x .device/nanogpt-bench.sh ] && [ -f .device/nanogpt/train.py ]; then
   tmp=$(mktemp -d)  # The script's layout: $TMPDIR/nanogpt and a venv whose python has torch.
   cp -r .device/nanogpt "$tmp/nanogpt" && mkdir -p "$tmp/nanogpt-venv/bin"
-  ln -s "$(command -v "$python")" "$tmp/nanogpt-venv/bin/python"
+  printf '#!/bin/sh\nexec "%s" "$@"\n' "$(command -v "$python")" > "$tmp/nanogpt-venv/bin/python"
+  chmod +x "$tmp/nanogpt-venv/bin/python"
   export TMPDIR=$tmp
   nanogpt=(--nanogpt_iters=20 --nanogpt_script="$root/.device/nanogpt-bench.sh")
   say "nanoGPT: included (.device/nanogpt)"
