@@ -21,7 +21,7 @@ from pathlib import Path
 from absl import app
 from absl import flags
 
-from randygpt.runtime import cli
+from randygpt.runtime import cli, cores
 from randygpt import flags as randygpt_flags
 from randygpt import sample  # Its --checkpoint (a flag is defined once per process).
 from randygpt.errors import UserError
@@ -128,7 +128,8 @@ def bench_rolling():
     raise UserError(f"{path} was trained with --position={saved.model.position}: the rolling "
                     "cache needs a --position=rope run.")
   corpus = data.load_corpus(saved.data.data, cli.cache_dir("tokens"),
-                            encoding=saved.data.data_encoding, tokenizer=saved.data.tokenizer)
+                            encoding=saved.data.data_encoding, tokenizer=saved.data.tokenizer,
+                            hash_threads=cores.usable().cpus)
   checkpoint.check_vocab(meta["vocab"], corpus.tokenizer, path, saved.data.data)
   _, val_tokens = data.split(corpus.tokens, saved.model.block_size)
   val_tokens = np.asarray(val_tokens)

@@ -19,7 +19,7 @@ from absl import app
 from absl import flags
 
 from randygpt import data, metrics, model, optim
-from randygpt.runtime import cli, rundir
+from randygpt.runtime import cli, cores, rundir
 from randygpt import flags as randygpt_flags
 from randygpt.config import ModelConfig
 from randygpt.errors import UserError
@@ -167,7 +167,7 @@ def read_vocabulary(config, path: Path, model_config: ModelConfig) -> data.Corpu
   checkpoint's size)."""
   corpus = data.load_corpus(config.data.data, cli.cache_dir("tokens"),
                             encoding=config.data.data_encoding, tokenizer="randygpt",
-                            sample_fallback=False)
+                            sample_fallback=False, hash_threads=cores.usable().cpus)
   tokenizer = corpus.tokenizer
   if tokenizer.vocab_size != model_config.vocab_size:
     raise UserError(

@@ -8,7 +8,6 @@ implementations. torch is an optional, benchmark-only dependency:
 `pip install torch==2.13.0`.
 """
 
-import os
 import time
 
 import numpy as np
@@ -17,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from randygpt import model
+from randygpt.runtime import cores
 from randygpt.config import ModelConfig, TrainConfig
 
 
@@ -109,8 +109,9 @@ def train_step(gpt: GPT, optimizer: torch.optim.Optimizer, inputs_BxT: torch.Ten
 def measure(model_config: ModelConfig, train_config: TrainConfig, tokens: np.ndarray,
             steps: int, warmup_steps: int) -> dict:
   """ms per training step (median and p10-p90) of the faster AdamW implementation,
-  on random windows of `tokens`, one thread per core."""
-  torch.set_num_threads(os.cpu_count())
+  on random windows of `tokens`, one thread per CPU this process may use (runtime/cores.py:
+its affinity and cgroup quota, so a pinned peer does not oversubscribe its cores)."""
+  torch.set_num_threads(cores.usable().cpus)
   torch.manual_seed(0)
   generator = np.random.default_rng(0)
   block, batch = model_config.block_size, train_config.batch_size

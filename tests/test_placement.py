@@ -5,7 +5,11 @@ import pytest
 from randygpt.errors import UserError
 
 from randygpt.config import ModelConfig, TrainConfig
+from randygpt.bench.shapes import SHAPES
 from randygpt.runtime import footprint, placement
+from randygpt.runtime.cores import Cores, usable_cores
+
+from conftest import run_config, tiny
 
 
 @pytest.mark.parametrize("spec, devices, expected", [
@@ -88,8 +92,16 @@ def test_accelerator_chunks_are_sized_in_bytes_of_logits(vocab_size):
 
 
 def test_the_device_count_s_reason():
-  assert placement.why_device_count(2, False, 1, "cpu") == "kept from the run's flags.cfg"
-  assert placement.why_device_count(0, False, 1, "cpu").startswith("automatic")
+  two, one = Cores(2, 2), Cores(1, 1, "affinity: 1 of 2 CPUs")
+  assert placement.why_device_count(2, False, 1, "cpu", two, 2) == "kept from the run's flags.cfg"
+  assert placement.why_device_count(0, False, 1, "cpu", one, 1) == (
+      "automatic: 1 usable core (affinity: 1 of 2 CPUs), each device at least 256 tokens of "
+      "the batch, dividing it")
+  assert placement.why_device_count(4, True, 1, "cpu", two, 4) == "--num_cpu_devices"
+  # A resume on fewer cores than its first start keeps its count, and says so.
+  assert placement.why_device_count(8, False, 1, "cpu", two, 8) == (
+      "kept from the run's flags.cfg, more than 2 usable cores: the same losses, more slowly; "
+      "--num_cpu_devices changes it")
 
 
 def test_batch_must_divide_across_devices():
@@ -98,11 +110,74 @@ def test_batch_must_divide_across_devices():
     placement.check_batch_divides(8, 3)
 
 
-def test_auto_device_count_divides_the_batch(monkeypatch):
-  monkeypatch.setattr("os.cpu_count", lambda: 2)
-  assert placement.cpu_device_count(0, 32) == 2
-  assert placement.cpu_device_count(0, 5) == 1
-  assert placement.cpu_device_count(3, 5) == 3  # Asked for: checked later, with an error.
-  assert placement.cpu_device_count(0, 32, num_processes=2) == 1
-  monkeypatch.setattr("os.cpu_count", lambda: 1)
-  assert placement.cpu_device_count(0, 32) == 1
+def test_requested_and_multi_process_device_counts():
+  assert placement.cpu_device_count(3, 5, block_size=64, n_cores=2) == 3  # Checked later.
+  assert placement.cpu_device_count(0, 32, num_processes=2, block_size=64, n_cores=16) == 1
+  assert placement.cpu_device_count(0, 32, block_size=64, n_cores=16) == 8
+
+
+def choices(spec: str, n_cores: int) -> tuple[int, int]:
+  """(devices, microbatches) the rule picks at a shape (L/H/D/T/B/dropout or a preset)."""
+  n_layer, n_head, n_embd, block, batch, _ = SHAPES.get(spec) or tuple(
+      map(float, spec.split("/")))
+  mc = ModelConfig(vocab_size=65, n_embd=int(n_embd), n_head=int(n_head),
+                   n_layer=int(n_layer), block_size=int(block))
+  devices = placement.auto_device_count(n_cores, int(batch), int(block))
+  return devices, placement.train_microbatches(TrainConfig(batch_size=int(batch)), mc, "cpu",
+                                               devices)
+
+
+# What 2 cores took before the rule knew other counts (docs/measurements.md): the same.
+@pytest.mark.parametrize("spec, expected", [
+    ("tiny", (2, 1)), ("nanogpt", (2, 1)), ("default", (2, 4)), ("default-d0", (2, 4)),
+    ("medium", (2, 8)), ("3/6/192/96/16/0.1", (2, 2)), ("2/2/64/32/128/0", (2, 1)),
+    ("1/4/32/16/4/0", (2, 1)),  # The tests' tiny run: 64 tokens, still 2 devices.
+    ("1/1/32/8/5/0", (1, 1)),  # An odd batch: one device.
+])
+def test_two_cores_choose_as_before(spec, expected):
+  assert choices(spec, 2) == expected
+
+
+@pytest.mark.parametrize("n_cores, spec, expected", [
+    (1, "default", (1, 8)), (1, "tiny", (1, 2)), (1, "medium", (1, 16)),
+    (3, "default", (2, 4)),  # 3 does not divide 32: two devices, the third core in XLA's pool.
+    (3, "nanogpt", (3, 1)),  # 12 rows of 64: three devices of 256 tokens.
+    (4, "default", (4, 2)), (4, "medium", (4, 4)), (4, "nanogpt", (3, 1)),
+    (16, "default", (8, 1)),  # 8 devices of 256 tokens; 16 would have 128 each.
+    (16, "tiny", (8, 1)), (16, "medium", (16, 1)), (16, "nanogpt", (3, 1)),
+    (64, "default", (8, 1)), (64, "medium", (16, 1)), (64, "2/2/64/32/128/0", (16, 1)),
+    (128, "4/4/128/256/128/0", (128, 1)),
+])
+def test_the_rule_at_other_core_counts(n_cores, spec, expected):
+  assert choices(spec, n_cores) == expected
+
+
+@pytest.mark.parametrize("affinity, quota, expected", [
+    (frozenset({0}), None, 1),  # taskset -c 0.
+    (frozenset(range(64)), 4.0, 4),  # A container's --cpus=4 on a 64-core host.
+    (frozenset(range(64)), 2.5, 2),  # 3 CPUs of time, but 3 does not divide 32.
+    (frozenset(range(16)), None, 8),
+])
+def test_the_rule_from_what_the_system_says(affinity, quota, expected):
+  machine = usable_cores(64, affinity, quota)
+  assert placement.cpu_device_count(0, 32, block_size=64, n_cores=machine.cores) == expected
+
+
+def test_the_plan_takes_the_cores_it_is_given():
+  one = Cores(1, 1, "affinity: 1 of 2 CPUs")
+  config, plan = placement.plan(run_config(**tiny()).replace(vocab_size=65), resumed=False,
+                                machine=one)
+  assert plan.mesh.size == 1 and config.location.num_cpu_devices == 1
+  assert plan.why_devices.startswith("automatic: 1 usable core (affinity: 1 of 2 CPUs)")
+
+
+def test_automatic_devices_are_as_many_as_the_memory_holds():
+  """Each device holds the whole train state: a machine of many cores and little memory
+  takes fewer devices rather than refusing the run."""
+  config = run_config(**tiny(n_embd=256, n_layer=4, batch_size=32)).replace(vocab_size=65)
+  need = {n: placement.cpu_bytes_needed(config, n) for n in (1, 2, 4, 8)}
+  assert need[1] < need[2] < need[4] < need[8]
+  assert placement.devices_memory_holds(config, 8, need[8]) == 8
+  assert placement.devices_memory_holds(config, 8, need[8] - 1) == 4
+  assert placement.devices_memory_holds(config, 8, need[2]) == 2
+  assert placement.devices_memory_holds(config, 8, need[1] - 1) == 1  # The check refuses it.

@@ -11,6 +11,7 @@ Prints a table, or one JSON line.
 """
 
 import json
+import sys
 from pathlib import Path
 
 from absl import app
@@ -18,6 +19,7 @@ from absl import flags
 
 from randygpt.runtime import cli
 from randygpt import flags as randygpt_flags
+from randygpt.bench.cores import measure_cores, time_runner
 from randygpt.bench.runs import measure_text_sizes, measure_training_runs
 from randygpt.bench.shapes import measure_shapes
 from randygpt.bench.steps import measure
@@ -57,7 +59,45 @@ flags.DEFINE_string("nanogpt_script", str(Path(__file__).resolve().parents[3] / 
                     "With --shapes: the script that times nanoGPT's train.py at a shape "
                     "(N_LAYER N_HEAD N_EMBD BLOCK BATCH DROPOUT ITERS; needs NANOGPT_GIT on "
                     "first use).")
+flags.DEFINE_list("cores", [], "With --shapes: time them on the first k cores of this "
+                  "machine for each k given, e.g. 4,8,16: randygpt's automatic placement, half "
+                  "and double its devices, torch_reference and nanoGPT, each a process pinned "
+                  "to those cores with that many threads, --shape_repeats interleaved rounds.")
+flags.DEFINE_bool("core_brackets", True, "With --cores: also time half and double randygpt's "
+                  "automatic device count.")
+flags.DEFINE_enum("core_runner", "", ["", "randygpt", "torch_reference"], "What one process "
+                  "of --cores times once at its one --shapes, printed as JSON (--cores starts "
+                  "these).")
 flags.adopt_module_key_flags(randygpt_flags)
+
+# The parent's own flags, which --cores does not pass on to its pinned processes.
+CORES_OWN_FLAGS = ("cores", "core_brackets", "core_runner", "shapes", "json", "shape_repeats",
+                   "num_cpu_devices", "nanogpt_iters", "nanogpt_script", "loop_iters")
+
+
+def child_argv(argv: list[str]) -> list[str]:
+  """The command line's flags less those --cores sets itself in each pinned process."""
+  def own(arg):
+    name = arg.lstrip("-").split("=")[0]
+    return any(name in (flag, f"no{flag}") for flag in CORES_OWN_FLAGS)
+  return [arg for arg in argv if not own(arg)]
+
+
+def bench_cores(config):
+  try:
+    counts = sorted({int(k) for k in flags.FLAGS.cores})
+    if counts[0] < 1:
+      raise ValueError
+  except ValueError:
+    raise UserError(f"--cores={','.join(flags.FLAGS.cores)}: give core counts, e.g. 4,8,16."
+                    ) from None
+  rows = measure_cores(config, flags.FLAGS.shapes, counts, argv=child_argv(sys.argv[1:]),
+                       repeats=flags.FLAGS.shape_repeats,
+                       nanogpt_iters=flags.FLAGS.nanogpt_iters,
+                       script=flags.FLAGS.nanogpt_script,
+                       with_brackets=flags.FLAGS.core_brackets)
+  if flags.FLAGS.json:
+    print(json.dumps(rows))
 
 
 def bench():
@@ -73,11 +113,21 @@ def bench():
     rows = measure_text_sizes(config, sizes)
     print(json.dumps(rows) if flags.FLAGS.json else text_size_table(rows))
     return
+  if flags.FLAGS.core_runner:
+    if len(flags.FLAGS.shapes) != 1:
+      raise UserError("--core_runner times one shape: give one --shapes.")
+    print(json.dumps(time_runner(config, flags.FLAGS.shapes[0], flags.FLAGS.core_runner,
+                                 steps=flags.FLAGS.steps,
+                                 warmup_steps=flags.FLAGS.warmup_steps)))
+    return
   if flags.FLAGS.shapes:
     try:
       import torch  # noqa: F401
     except ImportError:
       raise UserError("--shapes needs PyTorch: pip install torch==2.13.0") from None
+    if flags.FLAGS.cores:
+      bench_cores(config)
+      return
     rows = measure_shapes(config, flags.FLAGS.shapes, steps=flags.FLAGS.steps,
                           warmup_steps=flags.FLAGS.warmup_steps,
                           repeats=flags.FLAGS.shape_repeats,

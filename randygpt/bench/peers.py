@@ -32,12 +32,14 @@ def torch_reference_timing(model_config, tc, tokens, steps: int, warmup_steps: i
   return reference
 
 
-def nanogpt_ms(script: str, config, iters: int) -> float:
-  """nanoGPT's train.py median ms/iteration at this shape, from the shared script."""
+def nanogpt_ms(script: str, config, iters: int, wrap=list, env: dict | None = None) -> float:
+  """nanoGPT's train.py median ms/iteration at this shape, from the shared script (its
+  command line through `wrap`, e.g. pinned to some cores; its environment `env`)."""
   mc, tc = config.model, config.train
-  done = subprocess.run([script, *map(str, (mc.n_layer, mc.n_head, mc.n_embd, mc.block_size,
-                                            tc.batch_size, mc.dropout, iters))],
-                        capture_output=True, text=True)
+  done = subprocess.run(wrap([script, *map(str, (mc.n_layer, mc.n_head, mc.n_embd,
+                                                 mc.block_size, tc.batch_size, mc.dropout,
+                                                 iters))]),
+                        capture_output=True, text=True, env=env)
   words = done.stdout.split()
   if done.returncode or "median" not in words:
     raise UserError(f"The nanoGPT timing failed ({script}): "

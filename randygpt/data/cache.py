@@ -38,9 +38,10 @@ class Corpus:
     return {"files": list(self.files), "tokens": len(self.tokens)}
 
 
-def content_hash(path: Path, piece_bytes: int = 64 << 20) -> str:
-  """SHA-256 of the SHA-256s of the file's 64 MB pieces, hashed on every core (hashlib
-  works outside the GIL): a hash of the content that takes half the time on two cores."""
+def content_hash(path: Path, piece_bytes: int = 64 << 20, threads: int = 1) -> str:
+  """SHA-256 of the SHA-256s of the file's 64 MB pieces, hashed on `threads` threads
+  (hashlib works outside the GIL; the caller gives the CPUs this process may use,
+  runtime/cores.py): a hash of the content that takes half the time on two cores."""
   try:
     size = path.stat().st_size
 
@@ -54,7 +55,7 @@ def content_hash(path: Path, piece_bytes: int = 64 << 20) -> str:
           left -= len(chunk)
       return digest.digest()
 
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
       pieces = list(pool.map(piece, range(0, max(size, 1), piece_bytes)))
   except OSError as e:
     raise UserError(f"Cannot read --data={path}: {e.strerror}.") from None
@@ -159,12 +160,13 @@ def build_cache(path: Path, files: list[Path], encoding: str, tokenizer_name: st
 
 
 def load_corpus(data: str, cache_dir: Path, *, url: str = "", encoding: str = "utf-8",
-                tokenizer: str = "chars", sample_fallback: bool = True) -> Corpus:
+                tokenizer: str = "chars", sample_fallback: bool = True,
+                hash_threads: int = 1) -> Corpus:
   """The tokens of the text --data names, from the token cache in `cache_dir` (built on
-  first use)."""
+  first use; its files' contents hashed on `hash_threads` threads)."""
   paths, description = sources.resolve_sources(data, url, sample_fallback)
-  files = tuple({"path": str(p), "bytes": p.stat().st_size, "hash": content_hash(p)}
-                for p in paths)
+  files = tuple({"path": str(p), "bytes": p.stat().st_size,
+                 "hash": content_hash(p, threads=hash_threads)} for p in paths)
   path = cache_dir / f"{_cache_key(files, encoding, tokenizer)[:32]}.tokens"
   built_s = None
   if (opened := open_cache(path)) is None:

@@ -108,7 +108,7 @@ def entry_point(work):
     _quiet_background_failures()
     memory.configure_malloc()  # Before JAX starts its threads.
     import jax  # After flag parsing: --help and flag errors stay fast.
-    from randygpt.runtime import devices, exported, placement, platforms
+    from randygpt.runtime import cores, devices, exported, placement, platforms
     jax.config.update("jax_compilation_cache_dir", str(cache_dir("jax")))
     exported.configure(cache_dir("lowered"))
     # Every compilation, not only those over 1 s: a run's ~25 small ones cost ~1.5 s of
@@ -117,7 +117,8 @@ def entry_point(work):
     if flags.FLAGS.resume and not flags.FLAGS.num_cpu_devices:  # The run's own device count.
       flags.FLAGS.num_cpu_devices = devices.saved_device_count(flags.FLAGS.workdir)
     devices.set_cpu_device_count(placement.cpu_device_count(
-        flags.FLAGS.num_cpu_devices, flags.FLAGS.batch_size, flags.FLAGS.num_processes))
+        flags.FLAGS.num_cpu_devices, flags.FLAGS.batch_size, flags.FLAGS.num_processes,
+        block_size=flags.FLAGS.block_size, n_cores=cores.usable().cores))
     try:
       devices.join_cluster(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
                            flags.FLAGS.process_id, flags.FLAGS.distributed_timeout)

@@ -8,16 +8,14 @@ flags.cfg record.
 
 import dataclasses
 import math
-import os
 
 import jax
 
 from randygpt import evaluate, sharding
 from randygpt.config import ModelConfig, RunConfig, TrainConfig
 from randygpt.errors import UserError
-from randygpt.runtime import footprint, platforms
+from randygpt.runtime import cores, footprint, memory, platforms
 
-AUTO_MAX_DEVICES = 2  # Measured best on 2 cores (docs/measurements.md, "Data parallelism").
 # A train step on the CPU runs its batch in slices (microbatches), each device's share of a
 # slice small enough for its activations to stay in the CPU's caches, but not so small that
 # its matmuls (the weight gradients are D x tokens x D) stop filling the cores. Both bounds
@@ -33,26 +31,53 @@ EVAL_CHUNK_TOKENS = {"cpu": 2048}
 EVAL_CHUNK_BYTES = 64 << 20
 
 
-def cpu_device_count(requested: int, batch_size: int, num_processes: int = 1) -> int:
-  """`requested`, or for 0 (auto) the largest count up to min(cores, 2) dividing the batch;
-  one per process in a multi-process run."""
+# Training devices on the CPU: one per physical core this process may use
+# (runtime/cores.py), as long as each keeps at least CPU_MIN_SLICE_TOKENS tokens of the batch
+# (its matmuls would no longer fill a core: the bound the microbatches keep), and up to
+# AUTO_FLOOR_DEVICES whatever the batch (on 2 cores two devices were never more than 5% slower
+# than one, at any shape measured). XLA's CPU devices share one pool of threads, one per
+# usable CPU: a device is not a thread, but its own stream of work for the pool. Measured in
+# docs/measurements.md, "Data parallelism" and "Across core counts".
+AUTO_FLOOR_DEVICES = 2
+MAX_CPU_DEVICES = 256  # XLA's CPU collectives stall past this (docs/measurements.md).
+
+
+def auto_device_count(n_cores: int, batch_size: int, block_size: int) -> int:
+  """The automatic training device count on the CPU for `n_cores` usable physical cores: the
+  largest divisor of the batch up to the cores, each device at least CPU_MIN_SLICE_TOKENS
+  tokens of the batch (or up to AUTO_FLOOR_DEVICES)."""
+  by_tokens = max(AUTO_FLOOR_DEVICES, batch_size * block_size // CPU_MIN_SLICE_TOKENS)
+  top = min(max(n_cores, 1), by_tokens, MAX_CPU_DEVICES)
+  return max(n for n in divisors(batch_size) if n <= top)
+
+
+def cpu_device_count(requested: int, batch_size: int, num_processes: int = 1, *,
+                     block_size: int, n_cores: int) -> int:
+  """`requested`, or for 0 (auto) `auto_device_count`; one per process in a multi-process
+  run."""
   if requested or num_processes > 1:
     return requested or 1
-  top = min(os.cpu_count() or 1, AUTO_MAX_DEVICES)
-  return max(n for n in range(1, top + 1) if batch_size % n == 0)
+  return auto_device_count(n_cores, batch_size, block_size)
 
 
-def why_device_count(requested: int, explicit: bool, num_processes: int, platform: str) -> str:
-  """The header's reason for the training device count."""
+def why_device_count(requested: int, explicit: bool, num_processes: int, platform: str,
+                     machine: cores.Cores, devices: int) -> str:
+  """The header's reason for the training device count (`devices` of them)."""
   if platform != "cpu":
     return f"training on {platform}"
   if num_processes > 1:
     return "one per process"
+  usable = (f"{machine.cores} usable core{'s' if machine.cores > 1 else ''}"
+            + (f" ({machine.why})" if machine.why else ""))
+  if not requested:
+    return (f"automatic: {usable}, each device at least {CPU_MIN_SLICE_TOKENS} tokens of the "
+            "batch, dividing it")
   if explicit:
     return "--num_cpu_devices"
-  if requested:
-    return "kept from the run's flags.cfg"
-  return f"automatic: up to min(cores, {AUTO_MAX_DEVICES}) dividing the batch"
+  if devices > machine.cores:  # A resume on a machine with fewer cores than the run's first.
+    return (f"kept from the run's flags.cfg, more than {usable}: the same losses, more "
+            "slowly; --num_cpu_devices changes it")
+  return "kept from the run's flags.cfg"
 
 
 def check_batch_divides(batch_size: int, n_devices: int) -> None:
@@ -136,6 +161,40 @@ def smaller_eval_chunks(tc: TrainConfig, chunks: int) -> int | None:
   return windows // largest_fitting_divisor(windows, 1, per_chunk // 2)
 
 
+def cpu_bytes_needed(config: RunConfig, devices: int, baseline: int = 0) -> int:
+  """The memory check's estimate for training on `devices` CPU devices (each with its copy of
+  the train state and its slice's activations), `baseline` bytes already resident."""
+  mc, tc = config.model, config.train
+  microbatches = tc.microbatches or train_microbatches(tc, mc, "cpu", devices)
+  return sum(footprint.estimate(mc, config.sample, tc, devices=devices,
+                                microbatches=microbatches,
+                                eval_chunk_tokens=eval_chunk_tokens(tc, mc, "cpu"),
+                                baseline_bytes=baseline).values())
+
+
+def devices_memory_holds(config: RunConfig, devices: int, available: int,
+                         baseline: int = 0) -> int:
+  """The largest count up to `devices` dividing the batch that `cpu_bytes_needed` fits in
+  `available` bytes; 1 when none does (the memory check then refuses the run)."""
+  fitting = [n for n in divisors(config.train.batch_size)
+             if n <= devices and cpu_bytes_needed(config, n, baseline) <= available]
+  return max(fitting, default=1)
+
+
+def _fewer_for_memory(config: RunConfig, placement: platforms.Placement):
+  """The placement with as many of its automatic CPU devices as this machine's memory holds
+  (each holds the whole train state), and the header's note when that is fewer."""
+  loc, devices = config.location, placement.train_devices
+  if loc.num_cpu_devices or loc.num_processes > 1 or devices[0].platform != "cpu":
+    return placement, ""
+  held = devices_memory_holds(config, len(devices), footprint.physical_memory(),
+                              memory.resident_bytes())
+  if held == len(devices):
+    return placement, ""
+  return (dataclasses.replace(placement, train_devices=devices[:held]),
+          f"; {held}: this machine's memory holds {held} copies of the train state")
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Where a run trains and evaluates, and the header's reasons for its counts."""
@@ -149,14 +208,19 @@ class Plan:
     return self.mesh.devices.flat[0].platform
 
 
-def plan(config: RunConfig, *, resumed: bool, place=platforms.place) -> tuple[RunConfig, Plan]:
+def plan(config: RunConfig, *, resumed: bool, place=platforms.place,
+         machine: cores.Cores | None = None) -> tuple[RunConfig, Plan]:
   """The config with the chosen microbatch and device counts (so that flags.cfg and the
   checkpoints keep them) and the plan: the devices that train and evaluate (`place` chooses
-  them from the flags), the training mesh, the header's reasons. A run the machine's memory
-  cannot hold is refused here, before anything big is allocated."""
+  them from the flags), the training mesh, the header's reasons. `machine`: the cores this
+  process may use (None: as the system says). A run the machine's memory cannot hold is
+  refused here, before anything big is allocated."""
   mc, tc, loc = config.model, config.train, config.location
+  machine = machine or cores.usable()
   placement = place(loc.train_platform, loc.eval_platform, cpu_device_count(
-      loc.num_cpu_devices, tc.batch_size, loc.num_processes))
+      loc.num_cpu_devices, tc.batch_size, loc.num_processes, block_size=mc.block_size,
+      n_cores=machine.cores))
+  placement, memory_note = _fewer_for_memory(config, placement)
   mesh = sharding.data_mesh(placement.train_devices)
   check_batch_divides(tc.batch_size, mesh.size)
   platform = mesh.devices.flat[0].platform
@@ -164,7 +228,7 @@ def plan(config: RunConfig, *, resumed: bool, place=platforms.place) -> tuple[Ru
       tc, mc, platform, devices=mesh.size, explicit="microbatches" in config.explicit,
       resumed=resumed)
   why_devices = why_device_count(loc.num_cpu_devices, "num_cpu_devices" in config.explicit,
-                                 loc.num_processes, platform)
+                                 loc.num_processes, platform, machine, mesh.size) + memory_note
   config = config.replace(microbatches=microbatches)
   if platform == "cpu" and loc.num_processes == 1:
     config = config.replace(num_cpu_devices=mesh.size)

@@ -13,7 +13,7 @@ import jax
 
 from randygpt import checkpoint, data, generate, model, optim, sharding, train
 from randygpt.config import RunConfig
-from randygpt.runtime import (cli, devices, exported, fallback, footprint, placement,
+from randygpt.runtime import (cli, cores, devices, exported, fallback, footprint, placement,
                               platforms, rundir)
 
 
@@ -68,7 +68,8 @@ def read_text(config: RunConfig, meta: dict | None = None, source: Path | None =
   """The text's tokens, and its {"train", "val"} splits."""
   dc = config.data
   corpus = data.load_corpus(dc.data, cli.cache_dir("tokens"), url=dc.data_url,
-                            encoding=dc.data_encoding, tokenizer=dc.tokenizer)
+                            encoding=dc.data_encoding, tokenizer=dc.tokenizer,
+                            hash_threads=cores.usable().cpus)
   if meta:
     checkpoint.check_vocab(meta["vocab"], corpus.tokenizer, source, dc.data)
     if meta.get("data", {}).get("files") not in (None, corpus.fingerprint["files"]):
