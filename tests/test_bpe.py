@@ -107,3 +107,13 @@ def test_a_bpe_run_resumes_bit_exactly_samples_without_its_text_and_is_refused_c
   write_corpus(tmp_path / "c.txt")
   with raises_user_error("has tokenizer=bpe (flag: chars)"):
     run_training("two", iters=30, resume=True, tokenizer="chars")
+
+
+def test_a_long_training_split_is_learnt_from_pieces_spread_over_it():
+  pieces = [f"{i:09d}\n" for i in range(1000)]  # 10 characters each.
+  kept = list(data.bpe.spread(pieces, 10_000, budget=1000))
+  assert 100 <= len(kept) <= 101
+  numbers = [int(piece) for piece in kept]
+  assert numbers[0] < 10 and numbers[-1] >= 980  # From the start to the end.
+  assert max(b - a for a, b in zip(numbers, numbers[1:])) <= 11
+  assert list(data.bpe.spread(pieces, 10_000, budget=10_000)) == pieces

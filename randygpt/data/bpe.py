@@ -5,8 +5,9 @@ whole text, so that every character of the text (the validation split's too) is 
 Its tokens are substrings of the text: a text's tokens decode back to it exactly. The
 pre-tokenizer cuts the text into words (a leading space kept), runs of other whitespace and
 single newlines, and merges never cross those cuts: the trainer counts words, not the
-text, so its memory grows with the distinct words, and a text cut after any newline
-encodes exactly as the whole text does.
+text, so its memory grows with the distinct words (and the text it learns from is at most
+TRAIN_CHARS characters, spread over the split), and a text cut after any newline encodes
+exactly as the whole text does.
 """
 
 import dataclasses
@@ -24,6 +25,14 @@ from randygpt.errors import UserError
 # the word after it (as GPT-2's pattern does).
 PRE_TOKENIZER = r"\n| ?[^\s]+|[^\S\n]+(?![^\s])|[^\S\n]+"
 PIECE_CHARS = 1 << 16  # Text given to the library at a time, cut after a newline.
+# The most training text the tokenizer learns from: pieces spread evenly over a longer
+# training split. The trainer holds every distinct word with about 32 bytes a character, and
+# code has many distinct words: 190 MB of it went past 2.4 GB (docs/measurements.md,
+# "Tokenizers").
+TRAIN_CHARS = 32 << 20
+# Text encoded in one call: the library's encodings of it (offsets, strings: some 100 bytes
+# a token) are held until its ids are copied out.
+ENCODE_CHARS = 1 << 20
 # The cache key's name for the tokenizer: a change of the recipe here makes new caches.
 RECIPE = "bpe-1"
 
@@ -105,9 +114,22 @@ def line_pieces(texts: Iterable[str], size: int = PIECE_CHARS) -> Iterator[str]:
     yield carry
 
 
-def train(texts: Iterable[str], alphabet: str, vocab_size: int) -> BpeTokenizer:
-  """A tokenizer of `vocab_size` tokens trained on the text of `texts`: `alphabet` (every
-  character of the whole text), then the merges the text's words make most often."""
+def spread(pieces: Iterable[str], n_chars: int, budget: int = TRAIN_CHARS) -> Iterator[str]:
+  """About `budget` characters of the pieces of a text of `n_chars`, spread evenly over it
+  (a piece is kept while the kept text is behind an even pace); all of a shorter text."""
+  seen = kept = 0
+  for piece in pieces:
+    seen += len(piece)
+    if n_chars <= budget or kept * n_chars < budget * seen:
+      kept += len(piece)
+      yield piece
+
+
+def train(texts: Iterable[str], alphabet: str, vocab_size: int,
+          n_chars: int = 0) -> BpeTokenizer:
+  """A tokenizer of `vocab_size` tokens trained on the text of `texts` (`n_chars` long; about
+  TRAIN_CHARS of it, spread over it): `alphabet` (every character of the whole text), then
+  the merges its words make most often."""
   if vocab_size < len(alphabet):
     raise UserError(f"--bpe_vocab_size={vocab_size} is below the text's {len(alphabet)} "
                     f"distinct characters: every character is a token. Use "
@@ -115,5 +137,5 @@ def train(texts: Iterable[str], alphabet: str, vocab_size: int) -> BpeTokenizer:
   tokenizer = _empty()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=sorted(alphabet),
                                 show_progress=False)
-  tokenizer.train_from_iterator(line_pieces(texts), trainer)
+  tokenizer.train_from_iterator(spread(line_pieces(texts), n_chars), trainer)
   return BpeTokenizer.from_json(tokenizer.to_str())

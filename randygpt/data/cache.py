@@ -181,7 +181,7 @@ def _write_tokens(out, tokenizer: BpeTokenizer, texts: Iterator[str]) -> int:
     if piece is not None:
       batch.append(piece)
       size += len(piece)
-    if batch and (piece is None or size >= sources.CHUNK_BYTES):
+    if batch and (piece is None or size >= bpe.ENCODE_CHARS):
       ids = tokenizer.encode_pieces(batch)
       out.write(ids.tobytes())
       count, batch, size = count + len(ids), [], 0
@@ -194,9 +194,10 @@ def _write_bpe(out, files: list[Path], encoding: str, vocab_size: int) -> None:
   n_train = windowing.train_length(n_chars)
   start = time.perf_counter()
   tokenizer = bpe.train(_parts(files, encoding, n_train, 0), "".join(alphabet.chars),
-                        vocab_size)
-  print(f"BPE tokenizer: {tokenizer.vocab_size} tokens trained on {n_train:,} characters in "
-        f"{time.perf_counter() - start:.1f}s", flush=True)
+                        vocab_size, n_train)
+  print(f"BPE tokenizer: {tokenizer.vocab_size} tokens trained on "
+        f"{min(n_train, bpe.TRAIN_CHARS):,} of the training split's {n_train:,} characters "
+        f"in {time.perf_counter() - start:.1f}s", flush=True)
   # Tokens are never more than characters: the header written last fits in this one's room.
   room = len(_header(tokenizer, n_chars, train_tokens=n_chars, text_chars=[n_chars] * 2))
   out.write(b" " * room)
