@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from randygpt import train
+from randygpt import data, train
 from randygpt.errors import UserError
 
 KINDS = ("latest", "best")
@@ -173,8 +173,17 @@ def make_meta(step: int, best: tuple[float, int] | None, tokenizer, config, **ex
   """A checkpoint's metadata: the format, the iteration, the best evaluation so far, the
   vocabulary and the run's flags (with `extra` entries, e.g. where an import came from)."""
   best_val, best_iter = best or (None, None)
+  # A BPE tokenizer is kept whole, for sampling without the text; characters are "vocab".
+  kept = {"tokenizer": record} if (record := tokenizer.record()) else {}
   return {"format": FORMAT, "iter": step, "best_val_loss": best_val, "best_iter": best_iter,
-          "vocab": list(tokenizer.chars), "config": config.recorded_flags(), **extra}
+          "vocab": list(tokenizer.chars), **kept, "config": config.recorded_flags(), **extra}
+
+
+def saved_tokenizer(meta: dict):
+  """The tokenizer a checkpoint's metadata keeps: its BPE tokenizer, else its characters."""
+  if (record := meta.get("tokenizer")) and record.get("kind") == "bpe":
+    return data.BpeTokenizer.from_json(record["model"])
+  return data.CharTokenizer(tuple(meta["vocab"]))
 
 
 def check_vocab(saved_chars, tokenizer, path: Path, data_path: str) -> None:

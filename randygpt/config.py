@@ -115,7 +115,13 @@ class DataConfig:
       "chars", "`chars`: one token per distinct character, sorted. `randygpt`: randyGPT's "
       "vocabulary (`<` and `>` as BOS and EOS, ids 0 and 1, then the sorted characters of the "
       "text read line by line, each line ending in a newline), as python -m "
-      "randygpt.import_bin sets it for imported checkpoints.", choices=("chars", "randygpt"))
+      "randygpt.import_bin sets it for imported checkpoints. `bpe`: byte-pair tokens "
+      "(--bpe_vocab_size of them) learnt from the training split, for big texts; compare runs "
+      "of different tokenizers by bits per character (docs/data.md).",
+      choices=("chars", "randygpt", "bpe"))
+  bpe_vocab_size: int = flag(
+      512, "--tokenizer=bpe: the tokens of the byte-pair vocabulary, the text's characters "
+      "among them (at least as many as the text has distinct characters).", lower_bound=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +175,9 @@ def flag_fields() -> list[dataclasses.Field]:
 # What a resumed run takes from its checkpoint whatever the flags say: the parameter tree's
 # shape, the function it computes, the optimizer state's kind, and the seed.
 FIXED_ON_RESUME = ("n_embd", "n_head", "n_layer", "block_size", "position", "qk_norm",
-                   "final_norm", "optimizer", "seed")
+                   "final_norm", "optimizer", "seed", "tokenizer", "bpe_vocab_size")
 # What a checkpoint written before a flag existed ran with: the flag's default.
-_DEFAULTS = {f.name: f.default for section in (ModelConfig, TrainConfig)
+_DEFAULTS = {f.name: f.default for section in (ModelConfig, TrainConfig, DataConfig)
              for f in dataclasses.fields(section)}
 
 
@@ -238,7 +244,8 @@ class RunConfig:
                if name in self.explicit and saved[name] != current[name]]
     if clashes:
       raise UserError(f"Checkpoint {checkpoint} has {', '.join(clashes)}. A resumed run keeps "
-                      "the checkpoint's shape, levers, optimizer and seed: drop those flags, "
+                      "the checkpoint's shape, levers, optimizer, tokenizer and seed: drop "
+                      "those flags, "
                       "or start a new run in another --workdir.")
     merged = {**saved, **{k: v for k, v in current.items()
                           if k in self.explicit or k in LocationConfig.__dataclass_fields__}}

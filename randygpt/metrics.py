@@ -32,6 +32,8 @@ def log_line(record: dict, best: tuple[float, int] | None, eta_s: float | None) 
   if "val_loss" in record:
     val = record["val_loss"]
     parts.append(f"val {val:.4f} (ppl {math.exp(min(val, 50.0)):.1f})")
+    if "val_bpc" in record:
+      parts.append(f"{record['val_bpc']:.4f} bpc")
   parts.append(f"lr {record['lr']:.1e}")
   if best is not None:
     parts.append(f"best {best[0]:.4f} @{best[1]}")

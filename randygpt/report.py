@@ -27,7 +27,8 @@ flags.DEFINE_string("plot", "", "Also draw train and val loss against iteration 
                     "wall time into this image file, e.g. curves.png (needs matplotlib).")
 
 # `iter`: the last logged iteration (the --iters flag, when it differs, is the target).
-RESULTS = ("iter", "best_val", "best_iter", "final_val", "tokens_per_sec", "wall")
+# `best_bpc`: the best evaluation's validation bits per character, comparable across tokenizers.
+RESULTS = ("iter", "best_val", "best_bpc", "best_iter", "final_val", "tokens_per_sec", "wall")
 MARKERS = ("flags.cfg", rundir.LOCK_NAME)  # What every run's workdir holds.
 
 
@@ -120,7 +121,8 @@ def results(run: Run) -> dict:
   rates = [r["tokens_per_sec"] for r in run.records if "tokens_per_sec" in r]
   walls = wall_times(run)
   return {"iter": run.records[-1]["iter"] if run.records else None,
-          "best_val": best.get("val_loss"), "best_iter": best.get("iter"),
+          "best_val": best.get("val_loss"), "best_bpc": best.get("val_bpc"),
+          "best_iter": best.get("iter"),
           "final_val": evals[-1]["val_loss"] if evals else None,
           "tokens_per_sec": statistics.median(rates) if rates else None,
           "wall": walls[-1] if walls else None}
@@ -157,7 +159,7 @@ def rows(runs: list[Run], sort: str) -> tuple[list[str], list[dict]]:
 def _cell(column: str, value) -> str:
   if value is None:
     return "-"
-  if column in ("best_val", "final_val"):
+  if column in ("best_val", "best_bpc", "final_val"):
     return f"{value:.4f}"
   if column == "tokens_per_sec":
     return metrics.format_rate(value)

@@ -41,7 +41,7 @@ def sample_from_checkpoint(spec: str, config, place=None, executor=None) -> None
   from randygpt.runtime import fallback, footprint, platforms
 
   path, meta, saved = open_checkpoint(spec, Path(config.location.workdir))
-  tokenizer = data.CharTokenizer(tuple(meta["vocab"]))
+  tokenizer = checkpoint.saved_tokenizer(meta)
   prompts = generate.check_prompts(config.sample.prompt, tokenizer)
   model_config = saved.replace(vocab_size=tokenizer.vocab_size).model
   footprint.check(model_config, config.sample)

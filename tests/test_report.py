@@ -26,6 +26,7 @@ def make_run(workdir, lr="0.001", val=(2.5, 2.0), status="completed", starts=(0,
   records = [{"iter": i, "train_loss": 3.0 - i / 100, "tokens_per_sec": 1000.0 * i,
               "wall_s": w} for i, w in zip((10, 20, 30, 40), walls)]
   records[1]["val_loss"], records[3]["val_loss"] = val
+  records[1]["val_bpc"], records[3]["val_bpc"] = (v * 1.5 for v in val)
   (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   if status:
     (workdir / "summary.json").write_text(json.dumps({"status": status}))
@@ -46,15 +47,15 @@ def table_for(paths, sort="name"):
 
 def test_rows_show_the_differing_flags_and_the_results(sweep):
   columns, table = table_for([sweep])
-  assert columns == ["name", "status", "learning_rate", "iter", "best_val", "best_iter",
-                     "final_val", "tokens_per_sec", "wall"]
+  assert columns == ["name", "status", "learning_rate", "iter", "best_val", "best_bpc",
+                     "best_iter", "final_val", "tokens_per_sec", "wall"]
   assert table == [
       {"name": "lr1e-3", "status": "completed", "learning_rate": "0.001", "iter": 40,
-       "best_val": 2.0, "best_iter": 40, "final_val": 2.0, "tokens_per_sec": 25000.0,
-       "wall": 4.0},
+       "best_val": 2.0, "best_bpc": 3.0, "best_iter": 40, "final_val": 2.0,
+       "tokens_per_sec": 25000.0, "wall": 4.0},
       {"name": "lr3e-3", "status": "completed", "learning_rate": "0.003", "iter": 40,
-       "best_val": 2.2, "best_iter": 20, "final_val": 2.4, "tokens_per_sec": 25000.0,
-       "wall": 4.0}]
+       "best_val": 2.2, "best_bpc": 2.2 * 1.5, "best_iter": 20, "final_val": 2.4,
+       "tokens_per_sec": 25000.0, "wall": 4.0}]
 
 
 def test_rows_keep_the_iters_flag_apart_from_the_last_iteration(sweep):

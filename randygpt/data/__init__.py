@@ -7,12 +7,13 @@ read each step's windows from that file, so memory does not grow with the text
 (docs/data.md; docs/measurements.md, "Data").
 
 One idea a module: `sources` (what --data names: downloads, files, decoded text),
-`tokenizers` and `windowing` (the research core: tokens, the split, the windows),
+`tokenizers`, `bpe` and `windowing` (the research core: tokens, the split, the windows),
 `token_file` and `cache` (the token cache), `randygpt_text` (randyGPT's reading of a text).
 The names below are the package's interface; settings such as `sources.CHUNK_BYTES` are
 changed in their own module.
 """
 
+from randygpt.data.bpe import BpeTokenizer
 from randygpt.data.cache import (CACHE_FORMAT, Corpus, build_cache, content_hash, load_corpus,
                                  open_cache)
 from randygpt.data.randygpt_text import RANDYGPT_SLOTS, RandygptLines, as_randygpt_reads
@@ -21,5 +22,6 @@ from randygpt.data.sources import (BINARY_CONTROL_FRACTION, DEFAULT_DATA, KNOWN_
                                    resolve_sources, text_chunks)
 from randygpt.data.token_file import TokenFile
 from randygpt.data.tokenizers import CharTokenizer, code_points
-from randygpt.data.windowing import (VAL_FRACTION, WindowSampler, get_batch, min_text_length,
-                                     split, window_starts, windows)
+from randygpt.data.windowing import (VAL_FRACTION, WindowSampler, bits_per_character,
+                                     get_batch, min_text_length, split, train_length,
+                                     window_starts, windows)

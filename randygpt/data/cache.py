@@ -5,6 +5,7 @@ import codecs
 import concurrent.futures
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -14,7 +15,8 @@ from typing import Iterator
 
 import numpy as np
 
-from randygpt.data import sources
+from randygpt.data import bpe, sources, windowing
+from randygpt.data.bpe import BpeTokenizer
 from randygpt.data.token_file import TokenFile
 from randygpt.data.tokenizers import CharTokenizer, _latin1, code_points
 from randygpt.errors import UserError
@@ -25,12 +27,24 @@ CACHE_FORMAT = "randygpt-tokens-1"
 @dataclasses.dataclass(frozen=True)
 class Corpus:
   """A text's tokens in the token cache, and where they came from."""
-  tokenizer: CharTokenizer
+  tokenizer: CharTokenizer | BpeTokenizer
   tokens: TokenFile
   description: str  # For the header: the file, or the --data value and the file count.
   cache_path: Path
   built_s: float | None  # Seconds spent building the cache; None when it was reused.
   files: tuple[dict, ...]  # {"path", "bytes", "hash"} of each file, in order.
+  train_tokens: int  # The tokens of the training split: the text's first 90% of characters.
+  text_chars: tuple[int, int]  # The characters of the training and the validation split.
+
+  def split(self, block_size: int):
+    """The training and validation tokens: the text split by its characters, then
+    tokenized, so that every tokenizer's validation text is the same."""
+    return windowing.split(self.tokens, block_size, self.train_tokens)
+
+  def val_bpc(self, loss: float) -> float:
+    """A validation loss (nats per token) in bits per character of the validation text."""
+    return windowing.bits_per_character(loss, len(self.tokens) - self.train_tokens,
+                                        self.text_chars[1])
 
   @property
   def fingerprint(self) -> dict:
@@ -112,16 +126,22 @@ _MAGIC = b"RGTOKENS"
 _HEADER_ALIGN = 64
 
 
-def _header(tokenizer: CharTokenizer, n_tokens: int) -> bytes:
-  meta = json.dumps({"format": CACHE_FORMAT, "chars": list(tokenizer.chars),
-                     "dtype": tokenizer.dtype.name, "tokens": n_tokens}).encode()
-  size = -(-(len(_MAGIC) + 8 + len(meta)) // _HEADER_ALIGN) * _HEADER_ALIGN
+def _header(tokenizer: CharTokenizer | BpeTokenizer, n_tokens: int, size: int = 0,
+            **split) -> bytes:
+  """The header of a cache of `n_tokens` tokens, padded to `size` bytes (at least). A
+  character cache holds its characters; a BPE cache its tokenizer and its `split`
+  (train_tokens, text_chars)."""
+  vocab = ({"bpe": tokenizer.model, **split} if isinstance(tokenizer, BpeTokenizer)
+           else {"chars": list(tokenizer.chars)})
+  meta = json.dumps({"format": CACHE_FORMAT, **vocab, "dtype": tokenizer.dtype.name,
+                     "tokens": n_tokens}).encode()
+  size = max(size, -(-(len(_MAGIC) + 8 + len(meta)) // _HEADER_ALIGN) * _HEADER_ALIGN)
   return (_MAGIC + (size).to_bytes(8, "little") + meta).ljust(size, b" ")
 
 
-def open_cache(path: Path) -> tuple[CharTokenizer, TokenFile] | None:
-  """The vocabulary and the tokens of a complete cache file; None for a missing, foreign or
-  incomplete one."""
+def open_cache(path: Path) -> tuple[CharTokenizer | BpeTokenizer, TokenFile, dict] | None:
+  """The tokenizer, the tokens and the header of a complete cache file; None for a missing,
+  foreign or incomplete one."""
   try:
     with open(path, "rb") as f:
       head = f.read(len(_MAGIC) + 8)
@@ -134,23 +154,77 @@ def open_cache(path: Path) -> tuple[CharTokenizer, TokenFile] | None:
     if meta["format"] != CACHE_FORMAT or path.stat().st_size != expected_bytes:
       return None
     tokens = TokenFile(path, size, dtype, 0, meta["tokens"])
+    tokenizer = (BpeTokenizer.from_json(meta["bpe"]) if "bpe" in meta
+                 else CharTokenizer(tuple(meta["chars"])))
   except (OSError, ValueError, KeyError, TypeError):
     return None
-  return CharTokenizer(tuple(meta["chars"])), tokens
+  return tokenizer, tokens, meta
 
 
-def build_cache(path: Path, files: list[Path], encoding: str, tokenizer_name: str) -> None:
+def _parts(files: list[Path], encoding: str, n_train: int, part: int) -> Iterator[str]:
+  """The text of the training split (`part` 0: its first `n_train` characters) or of the
+  validation split (`part` 1: the rest), in pieces."""
+  def pieces():
+    seen = 0
+    for text in sources.text_chunks(files, encoding, "bpe"):
+      head = text[:max(n_train - seen, 0)]
+      seen += len(text)
+      yield from ((i, t) for i, t in ((0, head), (1, text[len(head):])) if t)
+  chosen = itertools.takewhile(lambda p: p[0] <= part, pieces())
+  return (text for index, text in chosen if index == part)
+
+
+def _write_tokens(out, tokenizer: BpeTokenizer, texts: Iterator[str]) -> int:
+  """Writes the tokens of the text of `texts`, encoded a few megabytes at a time; their
+  count."""
+  count, batch, size = 0, [], 0
+  for piece in itertools.chain(bpe.line_pieces(texts), [None]):
+    if piece is not None:
+      batch.append(piece)
+      size += len(piece)
+    if batch and (piece is None or size >= bpe.ENCODE_CHARS):
+      ids = tokenizer.encode_pieces(batch)
+      out.write(ids.tobytes())
+      count, batch, size = count + len(ids), [], 0
+  return count
+
+
+def _write_bpe(out, files: list[Path], encoding: str, vocab_size: int) -> None:
+  """A BPE cache: the tokenizer trained on the training split, then each split's tokens."""
+  alphabet, n_chars = _scan(files, encoding, "bpe")
+  n_train = windowing.train_length(n_chars)
+  start = time.perf_counter()
+  tokenizer = bpe.train(_parts(files, encoding, n_train, 0), "".join(alphabet.chars),
+                        vocab_size, n_train)
+  print(f"BPE tokenizer: {tokenizer.vocab_size} tokens trained on "
+        f"{min(n_train, bpe.TRAIN_CHARS):,} of the training split's {n_train:,} characters "
+        f"in {time.perf_counter() - start:.1f}s", flush=True)
+  # Tokens are never more than characters: the header written last fits in this one's room.
+  room = len(_header(tokenizer, n_chars, train_tokens=n_chars, text_chars=[n_chars] * 2))
+  out.write(b" " * room)
+  train_tokens = _write_tokens(out, tokenizer, _parts(files, encoding, n_train, 0))
+  n_tokens = train_tokens + _write_tokens(out, tokenizer, _parts(files, encoding, n_train, 1))
+  out.seek(0)
+  out.write(_header(tokenizer, n_tokens, room, train_tokens=train_tokens,
+                    text_chars=[n_train, n_chars - n_train]))
+
+
+def build_cache(path: Path, files: list[Path], encoding: str, tokenizer_name: str,
+                bpe_vocab_size: int = 0) -> None:
   """Encodes the text into the cache file `path`: written under a temporary name and renamed
   when complete, so that a reader never trusts half a file and two runs building the same
   cache at once both succeed."""
-  tokenizer, n_tokens = _scan(files, encoding, tokenizer_name)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
   try:
     with os.fdopen(fd, "wb") as out:
-      out.write(_header(tokenizer, n_tokens))
-      for chunk in _encoded_chunks(files, encoding, tokenizer, tokenizer_name):
-        out.write(chunk)
+      if tokenizer_name == "bpe":
+        _write_bpe(out, files, encoding, bpe_vocab_size)
+      else:
+        tokenizer, n_tokens = _scan(files, encoding, tokenizer_name)
+        out.write(_header(tokenizer, n_tokens))
+        for chunk in _encoded_chunks(files, encoding, tokenizer, tokenizer_name):
+          out.write(chunk)
     os.replace(tmp, path)
   except OSError as e:
     raise UserError(f"Could not write the token cache {path} ({e.strerror}). Free some disk "
@@ -160,19 +234,23 @@ def build_cache(path: Path, files: list[Path], encoding: str, tokenizer_name: st
 
 
 def load_corpus(data: str, cache_dir: Path, *, url: str = "", encoding: str = "utf-8",
-                tokenizer: str = "chars", sample_fallback: bool = True,
-                hash_threads: int = 1) -> Corpus:
+                tokenizer: str = "chars", bpe_vocab_size: int = 0,
+                sample_fallback: bool = True, hash_threads: int = 1) -> Corpus:
   """The tokens of the text --data names, from the token cache in `cache_dir` (built on
-  first use; its files' contents hashed on `hash_threads` threads)."""
+  first use; its files' contents hashed on `hash_threads` threads), and its split."""
   paths, description = sources.resolve_sources(data, url, sample_fallback)
   files = tuple({"path": str(p), "bytes": p.stat().st_size,
                  "hash": content_hash(p, threads=hash_threads)} for p in paths)
-  path = cache_dir / f"{_cache_key(files, encoding, tokenizer)[:32]}.tokens"
+  name = f"{bpe.RECIPE}-{bpe_vocab_size}" if tokenizer == "bpe" else tokenizer
+  path = cache_dir / f"{_cache_key(files, encoding, name)[:32]}.tokens"
   built_s = None
   if (opened := open_cache(path)) is None:
     start = time.perf_counter()
     print(f"Encoding {description} into the token cache...", flush=True)
-    build_cache(path, paths, encoding, tokenizer)
+    build_cache(path, paths, encoding, tokenizer, bpe_vocab_size)
     built_s = time.perf_counter() - start
     opened = open_cache(path)
-  return Corpus(opened[0], opened[1], description, path, built_s, files)
+  tok, tokens, meta = opened
+  train_tokens = meta.get("train_tokens", windowing.train_length(len(tokens)))
+  text_chars = tuple(meta.get("text_chars", (train_tokens, len(tokens) - train_tokens)))
+  return Corpus(tok, tokens, description, path, built_s, files, train_tokens, text_chars)

@@ -37,6 +37,10 @@ class CharTokenizer:
         return np.dtype(dtype)
     return np.dtype(np.uint32)
 
+  def record(self) -> None:
+    """A checkpoint keeps the characters alone (its "vocab"), nothing more."""
+    return None
+
   def missing(self, text: str) -> list[str]:
     """Characters of `text` the vocabulary cannot encode, in order of first appearance."""
     known = set(self.chars)

@@ -1,6 +1,8 @@
 """The 90/10 split and the windows of a (seed, step): their starts drawn with JAX, their
 tokens gathered on the host (the research core; it imports nothing from the runtime)."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,15 +19,34 @@ def min_text_length(block_size: int) -> int:
   return int(np.ceil((block_size + 1) / VAL_FRACTION))
 
 
-def split(tokens: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """The first 90% for training, the last 10% for validation (views, not copies)."""
-  if len(tokens) < min_text_length(block_size):
+def train_length(n: int) -> int:
+  """The first 90% of a text of `n` characters (or tokens): the training split."""
+  return int(n * (1 - VAL_FRACTION))
+
+
+def split(tokens: np.ndarray, block_size: int,
+          n_train: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """The training tokens and the validation tokens (views, not copies): the first 90% and the
+  last 10%, or the first `n_train` tokens and the rest (the tokens of a text split by its
+  characters, docs/data.md)."""
+  if n_train is None and len(tokens) < min_text_length(block_size):
     raise UserError(
         f"The text is too short: {len(tokens):,} characters, but block_size={block_size} needs "
         f"at least {min_text_length(block_size):,} so that the 90/10 split leaves a window of "
         f"{block_size + 1} characters for validation. Use more text or a smaller --block_size.")
-  n_train = int(len(tokens) * (1 - VAL_FRACTION))
+  n_train = train_length(len(tokens)) if n_train is None else n_train
+  if min(n_train, len(tokens) - n_train) <= block_size:
+    raise UserError(
+        f"The text is too short: its splits have {n_train:,} and {len(tokens) - n_train:,} "
+        f"tokens, but block_size={block_size} needs {block_size + 1} in each. Use more text, "
+        "a smaller --block_size or a smaller --bpe_vocab_size.")
   return tokens[:n_train], tokens[n_train:]
+
+
+def bits_per_character(loss: float, tokens: int, chars: int) -> float:
+  """A loss in nats per token as bits per character of the text those tokens encode: the
+  measure that compares runs with different tokenizers."""
+  return loss * (tokens / chars) / math.log(2)
 
 
 def _draw(key: jax.Array, n: int, high: int) -> jax.Array:

@@ -133,6 +133,7 @@ class Trainer:
     start = time.perf_counter()
     self.evaluating = True  # Left set by an error: it is not the training device's.
     estimates = self.setup.evaluator(self.state["params"])
+    estimates["val_bpc"] = self.setup.corpus.val_bpc(estimates["val_loss"])
     self.evaluating = False
     self.note_fallback(step)
     self.eval_seconds = time.perf_counter() - start
@@ -208,6 +209,7 @@ class Trainer:
         "final_val_loss": last.get("val_loss"),
         "best_val_loss": best[0],
         "best_iter": best[1],
+        "best_val_bpc": None if best[0] is None else self.setup.corpus.val_bpc(best[0]),
         "best_checkpoint": str(self.checkpoints.path("best") or "") or None,
         "latest_checkpoint": str(self.checkpoints.path("latest") or "") or None,
         "tokens_per_sec": last.get("tokens_per_sec"),

@@ -24,7 +24,7 @@ class Setup:
   start_iter: int
   source: Path | None  # The checkpoint the run resumes from.
   best: tuple[float, int] | None  # (val loss, iteration) of the best evaluation so far.
-  tokenizer: data.CharTokenizer
+  tokenizer: data.CharTokenizer | data.BpeTokenizer
   prompts: tuple[str, ...]
   plan: placement.Plan  # The devices that train and evaluate, and why.
   state: dict  # The initial train state, replicated over the mesh.
@@ -69,13 +69,14 @@ def read_text(config: RunConfig, meta: dict | None = None, source: Path | None =
   dc = config.data
   corpus = data.load_corpus(dc.data, cli.cache_dir("tokens"), url=dc.data_url,
                             encoding=dc.data_encoding, tokenizer=dc.tokenizer,
+                            bpe_vocab_size=dc.bpe_vocab_size,
                             hash_threads=cores.usable().cpus)
   if meta:
     checkpoint.check_vocab(meta["vocab"], corpus.tokenizer, source, dc.data)
     if meta.get("data", {}).get("files") not in (None, corpus.fingerprint["files"]):
       print(f"⚠ --data={dc.data} is not the text {source} was trained on (same vocabulary, "
             "other content): training continues on this text.")
-  train_np, val_np = data.split(corpus.tokens, config.model.block_size)
+  train_np, val_np = corpus.split(config.model.block_size)
   return corpus, {"train": train_np, "val": val_np}
 
 
@@ -156,7 +157,10 @@ def prepare(config: RunConfig, place=platforms.place,
 
 def print_header(setup: Setup, splits: dict) -> None:
   mc, corpus = setup.config.model, setup.corpus
-  print(f"data: {corpus.description} | {len(corpus.tokens):,} characters | vocab "
+  chars = sum(corpus.text_chars)
+  size = (f"{chars:,} characters" if chars == len(corpus.tokens)
+          else f"{len(corpus.tokens):,} tokens of {chars:,} characters")
+  print(f"data: {corpus.description} | {size} | vocab "
         f"{mc.vocab_size} | train {len(splits['train']):,} / val {len(splits['val']):,} tokens")
   how = f"built in {corpus.built_s:.1f}s" if corpus.built_s is not None else "reused"
   size = footprint.human_bytes(corpus.cache_path.stat().st_size)
