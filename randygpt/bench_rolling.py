@@ -129,11 +129,8 @@ def bench_rolling():
                     "cache needs a --position=rope run.")
   corpus = data.load_corpus(saved.data.data, cli.cache_dir("tokens"),
                             encoding=saved.data.data_encoding, tokenizer=saved.data.tokenizer,
-<<<<<<< HEAD
+                            bpe_vocab_size=saved.data.bpe_vocab_size,
                             hash_threads=cores.usable().cpus)
-=======
-                            bpe_vocab_size=saved.data.bpe_vocab_size)
->>>>>>> ibpe
   checkpoint.check_vocab(meta["vocab"], corpus.tokenizer, path, saved.data.data)
   _, val_tokens = corpus.split(saved.model.block_size)
   val_tokens = np.asarray(val_tokens)
