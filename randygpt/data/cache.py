@@ -141,21 +141,41 @@ def open_cache(path: Path) -> tuple[CharTokenizer, TokenFile] | None:
 def build_cache(path: Path, files: list[Path], encoding: str, tokenizer_name: str) -> None:
   """Encodes the text into the cache file `path`: written under a temporary name and renamed
   when complete, so that a reader never trusts half a file and two runs building the same
-  cache at once both succeed."""
+  cache at once both succeed. The text is read twice (its vocabulary, then its tokens): a
+  text that changes in between is refused."""
+  before = [_stamp(f) for f in files]
   tokenizer, n_tokens = _scan(files, encoding, tokenizer_name)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+  tmp = None
   try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    header = _header(tokenizer, n_tokens)
     with os.fdopen(fd, "wb") as out:
-      out.write(_header(tokenizer, n_tokens))
-      for chunk in _encoded_chunks(files, encoding, tokenizer, tokenizer_name):
-        out.write(chunk)
+      out.write(header)
+      try:
+        for chunk in _encoded_chunks(files, encoding, tokenizer, tokenizer_name):
+          out.write(chunk)
+      except IndexError:  # A character the first pass did not see.
+        n_tokens = -1
+      written = out.tell() - len(header)
+    if written != n_tokens * tokenizer.dtype.itemsize or [_stamp(f) for f in files] != before:
+      changed = next((f for f, s in zip(files, before) if _stamp(f) != s), files[0])
+      raise UserError(f"--data={changed} changed while its token cache was built; run again "
+                      "once it no longer changes.")
     os.replace(tmp, path)
   except OSError as e:
-    raise UserError(f"Could not write the token cache {path} ({e.strerror}). Free some disk "
-                    "space, or set RANDYGPT_CACHE to a directory on another disk.") from None
+    raise UserError(f"Could not write the token cache {path} ({e.strerror}). Set "
+                    "RANDYGPT_CACHE to a writable directory with free space (e.g. on another "
+                    "disk).") from None
   finally:
-    Path(tmp).unlink(missing_ok=True)
+    if tmp:
+      Path(tmp).unlink(missing_ok=True)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+  """A file's size and modification time: what a writer changes."""
+  stat = path.stat()
+  return stat.st_size, stat.st_mtime_ns
 
 
 def load_corpus(data: str, cache_dir: Path, *, url: str = "", encoding: str = "utf-8",
