@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from randygpt.errors import UserError, write_advice
+from randygpt.errors import DISK_FULL, UserError, write_advice
 
 
 class WriteFailed(UserError):
@@ -146,7 +146,25 @@ def write_text(path: Path, text: str) -> None:
   except OSError as e:
     with contextlib.suppress(OSError):
       tmp.unlink(missing_ok=True)
-    raise write_failed(path, e) from None
+    if not (e.errno in DISK_FULL and _overwrite(path, text)):
+      raise write_failed(path, e) from None
+
+
+def _overwrite(path: Path, text: str) -> bool:
+  """On a full disk, writes `text` over the file's own blocks (a summary is small): the
+  file then says how the run ended, if not atomically. Whether it did."""
+  data = text.encode("utf-8")
+  try:
+    if not path.is_file() or path.stat().st_blocks * 512 < len(data):  # Blocks it holds.
+      return False
+    with open(path, "r+b") as f:
+      f.write(data)
+      f.truncate()
+      f.flush()
+      os.fsync(f.fileno())
+  except OSError:
+    return False
+  return True
 
 
 def write_json(path: Path, obj: dict) -> None:
