@@ -6,9 +6,12 @@ moments and the schedule's step count) and JSON metadata: the iteration, the bes
 loss so far, the vocabulary and the run's flags, seed and learning-rate horizon
 included. The data windows and dropout masks are pure functions of (seed, iteration),
 so these are the whole random state. Orbax writes to a temporary directory and renames
-it when complete, so a killed save never leaves something that looks like a checkpoint.
+it when complete, so a killed save never leaves something that looks like a checkpoint;
+every file and directory of a save reaches the disk before the rename and before the
+previous step is removed (_Durable), so a power cut leaves one or the other whole.
 """
 
+import asyncio
 import contextlib
 import io
 import os
@@ -21,9 +24,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.path import atomicity
 
 from randygpt import data, train
-from randygpt.errors import UserError
+from randygpt.errors import UserError, write_advice
 
 KINDS = ("latest", "best")
 FORMAT_NAME = "randygpt-checkpoint"
@@ -31,12 +35,38 @@ FORMAT_NAME = "randygpt-checkpoint"
 FORMAT = f"{FORMAT_NAME}-2"
 
 
-def _manager(directory: Path) -> ocp.CheckpointManager:
+def fsync(*paths: Path) -> None:
+  """Flushes each file or directory (its entries: names created, renamed, removed) to disk."""
+  for path in paths:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+
+
+class _Durable(atomicity.AtomicRenameTemporaryPath):
+  """Orbax's rename of a finished save, with the fsyncs it lacks: tensorstore syncs the
+  data files it writes (its `file_io_sync`, on by default); Orbax syncs neither its metadata
+  files nor a directory, so a power cut after the rename could leave the name without its
+  content. Everything below the temporary directory is synced before the rename, the files
+  Orbax writes while finalising and the renamed entry after it."""
+
+  async def finalize(self, *args, **kwargs):
+    tmp, final = Path(self.get()), Path(self.get_final())
+    await asyncio.to_thread(lambda: fsync(*sorted(tmp.rglob("*"), reverse=True), tmp))
+    await super().finalize(*args, **kwargs)
+    await asyncio.to_thread(
+        lambda: fsync(*(p for p in final.iterdir() if p.is_file()), final, final.parent))
+
+
+def _manager(directory: Path, durable: bool = True) -> ocp.CheckpointManager:
   # Latest and best may save the same step at once: their cross-process barriers need
   # distinct names. Old steps are deleted by Checkpoints, not Orbax: Orbax deletes them
   # even when the new save fails (seen with a full disk).
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None, cleanup_tmp_directories=True,
+      temporary_path_class=_Durable if durable else None,
       multiprocessing_options=ocp.options.MultiprocessingOptions(
           barrier_sync_key_prefix=directory.name))
   return ocp.CheckpointManager(directory.absolute(), options=options,
@@ -68,13 +98,26 @@ def _restore(path: Path, **items):
   return restored
 
 
-def _failure_reason(error: Exception | None) -> str:
-  """The OS error behind a failed write (tensorstore names its errno), else the first line."""
+def _failure(error: Exception | None) -> tuple[str, int | None]:
+  """The OS error behind a failed write (tensorstore names its errno) and its code, else the
+  first line."""
   if error is None:
-    return "the write did not complete"
+    return "the write did not complete", None
+  if isinstance(error, OSError) and error.errno:
+    return os.strerror(error.errno), error.errno
   if (code := re.search(r"os_error_code\W*(\d+)", str(error))):
-    return os.strerror(int(code.group(1)))
-  return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return os.strerror(int(code.group(1))), int(code.group(1))
+  text = str(error).strip()
+  return (text.splitlines()[0][:200] if text else type(error).__name__), None
+
+
+class SaveFailed(UserError):
+  """A checkpoint save failed; `kind` and `step` say which, `retried` whether it was the
+  second try."""
+
+  def __init__(self, message: str, kind: str, step: int, reason: str, retried: bool):
+    super().__init__(message)
+    self.kind, self.step, self.reason, self.retried = kind, step, reason, retried
 
 
 def _steps(directory: Path) -> list[int]:
@@ -85,10 +128,12 @@ def _steps(directory: Path) -> list[int]:
 
 
 class Checkpoints:
-  """The latest and best checkpoints of one workdir."""
+  """The latest and best checkpoints of one workdir. `durable` (the default) syncs each
+  save to disk before it counts (_Durable); the benchmark turns it off to time it."""
 
-  def __init__(self, workdir: Path):
+  def __init__(self, workdir: Path, durable: bool = True):
     self.root = Path(workdir) / "checkpoints"
+    self.durable = durable
     self._managers = {}  # Made on first save: looking never creates directories.
     self._saving = {}  # kind: the step of its last save, until it is known to be on disk.
 
@@ -99,47 +144,71 @@ class Checkpoints:
   def existing(self) -> dict[str, Path]:
     return {kind: path for kind in KINDS if (path := self.path(kind))}
 
-  def save(self, kind: str, step: int, state, meta: dict) -> float:
-    """Starts an async save; returns the seconds it blocked the caller."""
+  def newest(self) -> Path | None:
+    """The complete checkpoint of the highest iteration (latest on a tie)."""
+    return max(self.existing().values(), key=lambda p: int(p.name), default=None)
+
+  def save(self, kind: str, step: int, state, meta: dict, retried: bool = False) -> float:
+    """Starts an async save; returns the seconds it blocked the caller. A failed save
+    (this one, or the one of this kind before it) raises SaveFailed."""
     start = time.perf_counter()
-    if kind not in self._managers:
-      self._managers[kind] = _manager(self.root / kind)
-    try:  # Orbax first waits for this kind's previous save: its failure shows here.
+    try:
+      if kind not in self._managers:
+        self._managers[kind] = _manager(self.root / kind, self.durable)
+      # Orbax first waits for this kind's previous save: its failure shows here.
       self._managers[kind].save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     except Exception as e:  # Orbax and tensorstore raise many kinds; all mean the same here.
-      self._check_saved(kind, e)
+      self._check_saved(kind, e, retried)  # The previous save's failure, if it was that.
+      self._saving[kind] = step
+      self._check_saved(kind, e, retried)  # This one's.
       raise
     self._check_saved(kind)
     self._saving[kind] = step
     return time.perf_counter() - start
 
-  def _check_saved(self, kind: str, error: Exception | None = None) -> None:
+  def _check_saved(self, kind: str, error: Exception | None = None,
+                   retried: bool = False) -> None:
     """After `kind`'s last save has ended: keeps its newest finished step alone, or, when
-    that save failed, keeps the previous one and says so. Process 0 alone: it finishes
-    saves (the others may look before it has)."""
+    that save failed, removes what it left and keeps the previous one, raising SaveFailed.
+    Process 0 alone: it finishes saves (the others may look before it has)."""
     if jax.process_index() != 0:
       return
     finished = self.path(kind)
     if kind in self._saving and (finished is None or int(finished.name) != self._saving[kind]):
       step = self._saving.pop(kind)
+      for tmp in (self.root / kind).glob("*.orbax-checkpoint-tmp*"):  # Its space, for a retry.
+        shutil.rmtree(tmp, ignore_errors=True)
+      reason, code = _failure(error)
       kept = f"The previous checkpoint {finished} is kept" if finished else "Nothing was saved"
-      raise UserError(f"Could not save the {kind} checkpoint at iteration {step} "
-                      f"({_failure_reason(error)}). {kept}; free some disk space, then "
-                      "resume with --resume.")
+      raise SaveFailed(f"Could not save the {kind} checkpoint at iteration {step} ({reason})"
+                       f"{', on a second try too' if retried else ''}. {kept}; "
+                       f"{write_advice(code)}, then resume with --resume.", kind, step, reason,
+                       retried)
     self._saving.pop(kind, None)
     for old in _steps(self.root / kind)[:-1]:
       shutil.rmtree(self.root / kind / str(old))
 
-  def wait(self) -> None:
+  def poll(self) -> None:
+    """Checks, without waiting, the saves that ended since the last look: a failed one
+    raises SaveFailed at once rather than at the next save."""
+    for kind in list(self._saving):
+      manager = self._managers[kind]
+      if not manager.is_saving_in_progress():
+        self._finished(kind, manager)
+
+  def _finished(self, kind: str, manager, retried: bool = False) -> None:
+    try:
+      manager.wait_until_finished()
+      manager.check_for_errors()
+    except Exception as e:  # As in save().
+      self._check_saved(kind, e, retried)
+      raise
+    self._check_saved(kind, retried=retried)
+
+  def wait(self, retried: bool = False) -> None:
     for kind, manager in self._managers.items():
-      try:
-        manager.wait_until_finished()
-        manager.check_for_errors()
-      except Exception as e:  # As in save().
-        self._check_saved(kind, e)
-        raise
-      self._check_saved(kind)
+      self._finished(kind, manager, retried)
 
   def close(self) -> None:
     """Ends the managers; a failed save is for wait() to report."""
@@ -243,10 +312,13 @@ def plan_start(workdir: Path, resume: bool, resume_from: str, overwrite: bool):
   source = None
   if resume_from:
     source = resolve(resume_from, workdir)
-  elif resume:
-    source = existing.get("latest") or existing.get("best")
+  elif resume:  # The newest complete state: best is newer when its save came after latest's.
+    source = checkpoints.newest()
     if source is None:
       print(f"No checkpoint in {workdir}: starting fresh.", flush=True)
+    elif "latest" in existing and source != existing["latest"]:
+      print(f"The best checkpoint ({source}) is newer than the latest: resuming from it.",
+            flush=True)
   inside = source is not None and checkpoints.root.resolve() in source.resolve().parents
   if inside:
     newer = [p for p in existing.values() if int(p.name) > int(source.name)]

@@ -1,10 +1,31 @@
 """What a run reports: the log line, metrics.jsonl, summary.json, and throughput."""
 
+import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
+
+from randygpt.errors import DISK_FULL, UserError, write_advice
+
+
+class WriteFailed(UserError):
+  """A run's file could not be written (`path`, the OSError `error`)."""
+
+  def __init__(self, message: str, path: Path, error: OSError):
+    super().__init__(message)
+    self.path, self.error = path, error
+
+
+def write_failed(path: Path, error: OSError, kept: str = "",
+                 then: str = "resume with --resume") -> WriteFailed:
+  """The error for a file of the run that could not be written: the path, the OS's reason,
+  what is kept (`kept`, a sentence and a space, or empty) and what to do."""
+  reason = error.strerror or str(error) or type(error).__name__
+  return WriteFailed(f"Could not write {path} ({reason}). {kept}"
+                     f"{write_advice(error.errno).capitalize()}, then {then}.", path, error)
 
 
 def format_duration(seconds: float) -> str:
@@ -73,20 +94,31 @@ class MetricsFile:
 
   def __init__(self, path: Path | None, start_iter: int):
     """With `path` None (processes other than 0) nothing is written."""
-    self._file = None
+    self._file, self.path = None, path
     if path is not None:
       kept = [json.dumps(r) + "\n" for r in read_records(path) if r["iter"] <= start_iter]
       write_text(path, "".join(kept))
-      self._file = open(path, "a", encoding="utf-8")
+      try:
+        self._file = open(path, "a", encoding="utf-8")
+      except OSError as e:
+        raise write_failed(path, e) from None
 
   def write(self, record: dict) -> None:
     if self._file:
-      self._file.write(json.dumps(record) + "\n")
-      self._file.flush()
+      try:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+      except OSError as e:
+        self.close()  # What stays in its buffer would fail again when it is collected.
+        raise write_failed(self.path, e) from None
 
   def close(self) -> None:
     if self._file:
-      self._file.close()
+      file, self._file = self._file, None
+      try:
+        file.close()
+      except OSError:  # Its last line, which write() has reported.
+        pass
 
 
 def read_records(path: Path) -> list[dict]:
@@ -104,10 +136,37 @@ def read_records(path: Path) -> list[dict]:
 
 
 def write_text(path: Path, text: str) -> None:
-  """Write atomically, so a reader never sees half a file."""
+  """Write atomically and durably: a reader never sees half a file, and after a power cut
+  the file holds the old text or the new one (synced before the rename that shows it)."""
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text, encoding="utf-8")
-  tmp.replace(path)
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    tmp.replace(path)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      tmp.unlink(missing_ok=True)
+    if not (e.errno in DISK_FULL and _overwrite(path, text)):
+      raise write_failed(path, e) from None
+
+
+def _overwrite(path: Path, text: str) -> bool:
+  """On a full disk, writes `text` over the file's own blocks (a summary is small): the
+  file then says how the run ended, if not atomically. Whether it did."""
+  data = text.encode("utf-8")
+  try:
+    if not path.is_file() or path.stat().st_blocks * 512 < len(data):  # Blocks it holds.
+      return False
+    with open(path, "r+b") as f:
+      f.write(data)
+      f.truncate()
+      f.flush()
+      os.fsync(f.fileno())
+  except OSError:
+    return False
+  return True
 
 
 def write_json(path: Path, obj: dict) -> None:

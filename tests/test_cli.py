@@ -73,12 +73,22 @@ def test_stray_arguments_are_refused_before_any_work(exits):
 
 
 def test_stop_request_takes_the_first_signal_and_restores_the_handlers(capsys):
-  previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  previous = {s: signal.getsignal(s) for s in cli.STOP_SIGNALS}
   stop = cli.StopRequest()
   with stop.installed():
-    assert signal.getsignal(signal.SIGINT) is stop and signal.getsignal(signal.SIGTERM) is stop
+    assert all(signal.getsignal(s) not in (previous[s], signal.SIG_IGN) for s in previous)
     stop(signal.SIGTERM, None)
     stop(signal.SIGINT, None)  # A second signal while stopping changes nothing.
   assert stop.signum == signal.SIGTERM
   assert capsys.readouterr().out == "\nSIGTERM received: stopping after this step.\n"
   assert {s: signal.getsignal(s) for s in previous} == previous
+
+
+def test_a_signal_reaches_the_stop_request_while_the_main_thread_waits():
+  """Through the wakeup fd and the thread: no Python code runs in the main thread meanwhile
+  (it waits on a lock, as in native code)."""
+  stop = cli.StopRequest()
+  with stop.installed():
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+    threading.Event().wait(0.5)
+    assert stop.signum == signal.SIGTERM

@@ -209,28 +209,55 @@ def _write_bpe(out, files: list[Path], encoding: str, vocab_size: int) -> None:
                     text_chars=[n_train, n_chars - n_train]))
 
 
+def _write_chars(out, files: list[Path], encoding: str, tokenizer_name: str) -> bool:
+  """Writes a character tokenizer's cache (its header, then its tokens) to `out`; whether the
+  second reading of the text found the text of the first (its characters, its length)."""
+  tokenizer, n_tokens = _scan(files, encoding, tokenizer_name)
+  header = _header(tokenizer, n_tokens)
+  out.write(header)
+  try:
+    for chunk in _encoded_chunks(files, encoding, tokenizer, tokenizer_name):
+      out.write(chunk)
+  except IndexError:  # A character the first pass did not see.
+    return False
+  return out.tell() - len(header) == n_tokens * tokenizer.dtype.itemsize
+
+
 def build_cache(path: Path, files: list[Path], encoding: str, tokenizer_name: str,
                 bpe_vocab_size: int = 0) -> None:
   """Encodes the text into the cache file `path`: written under a temporary name and renamed
   when complete, so that a reader never trusts half a file and two runs building the same
-  cache at once both succeed."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+  cache at once both succeed. The text is read more than once (e.g. its vocabulary, then its
+  tokens): a text that changes in between is refused."""
+  before = [_stamp(f) for f in files]
+  tmp = None
   try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     with os.fdopen(fd, "wb") as out:
       if tokenizer_name == "bpe":
         _write_bpe(out, files, encoding, bpe_vocab_size)
+        complete = True
       else:
-        tokenizer, n_tokens = _scan(files, encoding, tokenizer_name)
-        out.write(_header(tokenizer, n_tokens))
-        for chunk in _encoded_chunks(files, encoding, tokenizer, tokenizer_name):
-          out.write(chunk)
+        complete = _write_chars(out, files, encoding, tokenizer_name)
+    if not complete or [_stamp(f) for f in files] != before:
+      changed = next((f for f, s in zip(files, before) if _stamp(f) != s), files[0])
+      raise UserError(f"--data={changed} changed while its token cache was built; run again "
+                      "once it no longer changes.")
     os.replace(tmp, path)
   except OSError as e:
-    raise UserError(f"Could not write the token cache {path} ({e.strerror}). Free some disk "
-                    "space, or set RANDYGPT_CACHE to a directory on another disk.") from None
+    raise UserError(f"Could not write the token cache {path} ({e.strerror}). Set "
+                    "RANDYGPT_CACHE to a writable directory with free space (e.g. on another "
+                    "disk).") from None
   finally:
-    Path(tmp).unlink(missing_ok=True)
+    if tmp:
+      Path(tmp).unlink(missing_ok=True)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+  """A file's size and modification time: what a writer changes."""
+  stat = path.stat()
+  return stat.st_size, stat.st_mtime_ns
 
 
 def load_corpus(data: str, cache_dir: Path, *, url: str = "", encoding: str = "utf-8",

@@ -47,8 +47,12 @@ def _sha256(path: Path) -> str:
 
 def download(url: str, dest: Path, known: KnownDataset, timeout: float = 30.0) -> None:
   """Fetch `url` into `dest`, atomically, only if its size and SHA-256 match `known`."""
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+  try:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+  except OSError as e:
+    raise UserError(f"Cannot write the download {dest} ({e.strerror}). Put the file there "
+                    "yourself, or pass --data=PATH to a text file.") from None
   tmp = Path(tmp_name)
   try:
     with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:

@@ -6,10 +6,14 @@ import io
 import logging as pylogging
 import os
 import signal
+import socket
+import stat
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 from absl import flags
 from absl import logging
@@ -18,26 +22,80 @@ from randygpt.runtime import memory
 from randygpt.errors import UserError
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+PATIENCE_S = 3.0  # A second signal this long after the first leaves at once.
+
+
+def _say(text: str) -> None:
+  """Prints, unless the terminal is gone."""
+  with contextlib.suppress(OSError, ValueError):
+    print(text, flush=True)
+
+
+def _leave_the_terminal() -> None:
+  """After a hangup the terminal is gone and writing to it fails (EIO): output to a
+  character device (a terminal) goes to /dev/null instead, a log file keeps it."""
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  for fd in (1, 2):
+    with contextlib.suppress(OSError):
+      if stat.S_ISCHR(os.fstat(fd).st_mode):
+        os.dup2(devnull, fd)
+  os.close(devnull)
+
+
 class StopRequest:
-  """Turns SIGINT/SIGTERM into a request that the training loop (or the sampler) honours
-  after the current step."""
+  """Turns SIGINT, SIGTERM and SIGHUP (unless ignored when the run began: nohup) into a
+  request that the training loop (or the sampler) honours after the current step. A second
+  signal at least PATIENCE_S after the first leaves at once (a save or a device that hangs),
+  saying `on_abandon()`'s sentence. A thread takes the signals (through Python's wakeup
+  fd): it runs while the main thread waits in native code, where handlers cannot."""
 
-  def __init__(self):
-    self.signum = None
+  def __init__(self, on_abandon: Callable[[], str] = lambda: ""):
+    self.signum, self.since, self.on_abandon = None, 0.0, on_abandon
 
-  def __call__(self, signum, frame):
-    if self.signum is None:  # A second Ctrl-C while stopping changes nothing.
-      self.signum = signum
-      print(f"\n{signal.Signals(signum).name} received: stopping after this step.", flush=True)
+  def __call__(self, signum, frame=None):
+    del frame
+    now = time.monotonic()
+    if self.signum is None:
+      self.signum, self.since = signum, now
+      if signum == signal.SIGHUP:
+        _leave_the_terminal()
+      _say(f"\n{signal.Signals(signum).name} received: stopping after this step.")
+    elif now - self.since >= PATIENCE_S:  # Sooner, it is the same keypress repeated.
+      _say(f"\nInterrupted again: leaving now. {self.on_abandon()}".rstrip())
+      os._exit(128 + signum)
+
+  def _watch(self, reader: socket.socket, signals: set) -> None:
+    while (received := reader.recv(1)) and received != b"\0":
+      if received[0] in signals:
+        self(received[0])
 
   @contextlib.contextmanager
   def installed(self):
-    previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals = [s for s in STOP_SIGNALS
+               if s != signal.SIGHUP or signal.getsignal(s) != signal.SIG_IGN]
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    thread = threading.Thread(target=self._watch, args=(reader, set(signals)), daemon=True,
+                              name="randygpt-signals")
+    thread.start()
+    previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    # A Python handler makes CPython write each signal to the wakeup fd; the thread acts.
+    previous = {s: signal.signal(s, _wake_the_thread) for s in signals}
     try:
       yield self
     finally:
       for s, handler in previous.items():
         signal.signal(s, handler)
+      signal.set_wakeup_fd(previous_fd)
+      writer.send(b"\0")
+      thread.join()
+      reader.close()
+      writer.close()
+
+
+def _wake_the_thread(signum, frame) -> None:
+  del signum, frame
 
 
 def cache_dir(kind: str) -> Path:
@@ -98,6 +156,16 @@ def _quiet_background_failures() -> None:
       None if _from_checkpointing(args.exc_traceback) else thread_hook(args))
 
 
+def _keep_device_count(saved: int) -> None:
+  """A resume trains on the device count its run recorded, if --batch_size allows it."""
+  batch_size = flags.FLAGS.batch_size
+  if saved > batch_size:
+    _exit_with_error(f"--workdir={flags.FLAGS.workdir} trained on {saved} CPU devices (its "
+                     f"flags.cfg), more than --batch_size={batch_size}: pass a --batch_size "
+                     f"of at least {saved}, or --num_cpu_devices={batch_size} or fewer.")
+  flags.FLAGS.num_cpu_devices = saved
+
+
 def entry_point(work):
   """An absl `main` that runs `work()`; `work` may return {"signal": signum} to end by it."""
   def main(argv):
@@ -115,7 +183,7 @@ def entry_point(work):
     # start-up compiled afresh (docs/measurements.md, "Start-up").
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     if flags.FLAGS.resume and not flags.FLAGS.num_cpu_devices:  # The run's own device count.
-      flags.FLAGS.num_cpu_devices = devices.saved_device_count(flags.FLAGS.workdir)
+      _keep_device_count(devices.saved_device_count(flags.FLAGS.workdir))
     devices.set_cpu_device_count(placement.cpu_device_count(
         flags.FLAGS.num_cpu_devices, flags.FLAGS.batch_size, flags.FLAGS.num_processes,
         block_size=flags.FLAGS.block_size, n_cores=cores.usable().cores))

@@ -3,8 +3,8 @@ start-up probe, or at any estimate or sample later. One warning line, never a tr
 `fallback` says what happened.
 
 Every piece of work sent to an accelerator goes through an executor, `executor(what, work)`
-(`what`: "probe-estimate", "probe-sample", "estimate", "sample" or "train-step"), which
-returns `work()`. The run's is `run_plainly`; tests pass one that fails.
+(`what`: "probe-estimate", "probe-sample", "estimate", "sample", "initial-state" or
+"train-step"), which returns `work()`. The run's is `run_plainly`; tests pass one that fails.
 """
 
 import dataclasses

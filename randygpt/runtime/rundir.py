@@ -60,7 +60,24 @@ def claim(workdir: Path, lock: bool = True):
     file.truncate(0)
     file.write(f"{os.getpid()}\n")  # Named in the refusal of a second run.
     file.flush()
+    if mark_ended(workdir, "killed"):  # Nothing holds it, yet a run says it is running.
+      print(f"⚠ The last run in {workdir} ended without a word (killed, or the machine "
+            "stopped): its summary.json now says killed.", flush=True)
     yield
+
+
+def mark_ended(workdir: Path, status: str) -> bool:
+  """Gives a summary.json that says `running` the status `status`; whether it did. A run
+  that could not write its end (SIGKILL, a power cut) left it so."""
+  path = workdir / "summary.json"
+  try:
+    summary = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, ValueError):
+    return False
+  if not isinstance(summary, dict) or summary.get("status") != "running":
+    return False
+  metrics.write_json(path, summary | {"status": status})
+  return True
 
 
 def is_held(workdir: Path) -> bool:
@@ -135,6 +152,14 @@ def initialise(workdir: Path, config, tokenizer, start_iter: int, discard=(),
   discards, writes vocab.json, flags.cfg, run.json (this start and its `details`) and a
   `running` summary.json. A new history (by default, a start at iteration 0) empties
   metrics.jsonl and begins run.json."""
+  try:
+    _initialise(workdir, config, tokenizer, start_iter, discard, new_history, **details)
+  except OSError as e:  # What metrics.write_text does not report itself: vocab.json, run.json.
+    raise metrics.write_failed(Path(e.filename or workdir), e, then="run it again") from None
+
+
+def _initialise(workdir: Path, config, tokenizer, start_iter: int, discard,
+                new_history: bool | None, **details) -> None:
   new_history = start_iter == 0 if new_history is None else new_history
   for path in discard:
     shutil.rmtree(path)

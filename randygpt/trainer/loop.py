@@ -28,7 +28,8 @@ class Trainer:
   """The run's changing state, and what happens at each step."""
 
   def __init__(self, setup: Setup, started: float, after_imports_mb: float | None,
-               run_step: fallback.Executor = fallback.run_plainly):
+               run_step: fallback.Executor = fallback.run_plainly,
+               stop: cli.StopRequest | None = None):
     self.setup, self.tc = setup, setup.config.train
     self.run_step = run_step  # Runs each step sent to a training accelerator.
     self.state, self.best = setup.state, setup.best
@@ -37,7 +38,8 @@ class Trainer:
     self.checkpoints = checkpoint.Checkpoints(setup.workdir)
     self.metrics_file = metrics.MetricsFile(
         setup.workdir / "metrics.jsonl" if self.is_main else None, setup.start_iter)
-    self.stop = cli.StopRequest()
+    self.stop = stop or cli.StopRequest()  # Installed by the caller.
+    self.close_error = None  # A summary that could not be written, after a good run.
     self.dropout_key = stream_key(setup.config, train.DROPOUT_STREAM)
     self.throughput = metrics.Throughput(
         self.tc.batch_size * setup.config.model.block_size, setup.start_iter)
@@ -54,6 +56,7 @@ class Trainer:
     self.compile()
     for step in range(self.setup.start_iter + 1, tc.iters + 1):
       step_metrics = self.step(step)
+      self.check_saves()
       if pending and pending[0] % tc.log_interval == 0:
         self.record(*pending)
       pending = (step, step_metrics)
@@ -73,7 +76,7 @@ class Trainer:
         self.throughput.mark(step)
       if stopping:
         break
-    self.checkpoints.wait()  # A save that failed fails the run.
+    self.check_saves(wait=True)
     return "interrupted" if stopping else "completed"
 
   def batch(self, step: int):
@@ -148,9 +151,38 @@ class Trainer:
     returns the seconds it blocked."""
     if not train.all_finite(self.state["params"]):
       raise self.diverged(step, "weights not finite")
-    meta = checkpoint.make_meta(step, self.best, self.setup.tokenizer, self.setup.config,
+    try:
+      return self.checkpoints.save(kind, step, self.state, self.meta(step))
+    except checkpoint.SaveFailed as failed:
+      self.retry(failed)
+      if kind == "latest":  # The retry saved this state.
+        return 0.0
+      return self.checkpoints.save(kind, step, self.state, self.meta(step), retried=True)
+
+  def meta(self, step: int) -> dict:
+    return checkpoint.make_meta(step, self.best, self.setup.tokenizer, self.setup.config,
                                 data=self.setup.corpus.fingerprint)
-    return self.checkpoints.save(kind, step, self.state, meta)
+
+  def check_saves(self, wait: bool = False) -> None:
+    """Looks at the saves in flight (waits for them with `wait`): a failed one is retried at
+    once."""
+    try:
+      self.checkpoints.wait() if wait else self.checkpoints.poll()
+    except checkpoint.SaveFailed as failed:
+      self.retry(failed)
+
+  def retry(self, failed: checkpoint.SaveFailed) -> None:
+    """A failed save's second try: the state now, as the latest checkpoint, waited for. A
+    second failure ends the run (SaveFailed), the checkpoints before it kept."""
+    if failed.retried or not train.all_finite(self.state["params"]):
+      raise failed
+    print(f"⚠ Could not save the {failed.kind} checkpoint at iteration {failed.step} "
+          f"({failed.reason}); saving iteration {self.state_iter} again...", flush=True)
+    self.checkpoints.save("latest", self.state_iter, self.state, self.meta(self.state_iter),
+                          retried=True)
+    self.checkpoints.wait(retried=True)
+    if failed.kind == "best":
+      print(f"The best checkpoint stays {self.checkpoints.path('best')}.", flush=True)
 
   def note_fallback(self, step: int) -> bool:
     """Records, once, that the CPU took over evaluation (in run.json's entry for this start
@@ -221,24 +253,32 @@ class Trainer:
         "eval_fallback": self.eval_fallback,
     }
     if self.is_main:
-      metrics.write_json(self.setup.workdir / "summary.json", summary)
+      try:
+        metrics.write_json(self.setup.workdir / "summary.json", summary)
+      except metrics.WriteFailed as error:  # Raised after the loop, unless it failed first.
+        self.close_error = error
     return summary
 
 
 def train_and_close(trainer: Trainer) -> dict:
-  """The loop, then the summary whatever happened; a stop by an error re-raises it."""
+  """The loop, then the summary whatever happened; a stop by an error re-raises it (the
+  first error: a summary that cannot be written then goes unsaid)."""
   status = "failed"
   try:
     status = trainer.loop()
   except Diverged:
     status = "diverged"
     raise
+  except metrics.WriteFailed as error:  # Metrics or run.json: the state is saved first.
+    raise metrics.write_failed(error.path, error.error, kept=trainer.rescue() + " ") from None
   except jax.errors.JaxRuntimeError as error:
     if not trainer.setup.plan.placement.train_on_accelerator or trainer.evaluating:
       raise
     raise trainer.device_failed(error) from error
   finally:
     summary = trainer.close(status)
+  if trainer.close_error:
+    raise trainer.close_error
   return summary
 
 

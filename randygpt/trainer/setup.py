@@ -13,6 +13,7 @@ import jax
 
 from randygpt import checkpoint, data, generate, model, optim, sharding, train
 from randygpt.config import RunConfig
+from randygpt.errors import UserError
 from randygpt.runtime import (cli, cores, devices, exported, fallback, footprint, placement,
                               platforms, rundir)
 
@@ -122,6 +123,23 @@ def place_batch(windows, mesh: jax.sharding.Mesh):
   return jax.device_put(windows, sharding.batch_sharded(mesh))
 
 
+def place_state(config: RunConfig, plan: placement.Plan, splits: dict, source: Path | None,
+                executor: fallback.Executor):
+  """build_step, the state placed on the training devices (through `executor` on an
+  accelerator); a device that fails to hold it (out of memory) ends the run in one line."""
+  def work():
+    return build_step(config, plan, splits, source)
+  try:
+    if plan.placement.train_on_accelerator:
+      return executor("initial-state", work)
+    return work()
+  except jax.errors.JaxRuntimeError as error:
+    device = platforms.device_name(plan.mesh.devices.flat[0])
+    raise UserError(f"Could not place the initial state on {device} "
+                    f"({platforms.error_line(error)}). Choose a smaller model, or train on "
+                    "the CPU: --train_platform=cpu.") from None
+
+
 def prepare(config: RunConfig, place=platforms.place,
             executor: fallback.Executor = fallback.run_plainly) -> Setup | None:
   """Everything before the first step, the workdir readied and the header printed; None
@@ -137,7 +155,7 @@ def prepare(config: RunConfig, place=platforms.place,
   tokenizer = corpus.tokenizer
   prompts = generate.check_prompts(config.sample.prompt, tokenizer)
   config, plan = resolve(config, tokenizer.vocab_size, resumed=source is not None, place=place)
-  state, sampler, step_fn = build_step(config, plan, splits, source)
+  state, sampler, step_fn = place_state(config, plan, splits, source, executor)
   best = None
   if meta and meta["best_iter"] is not None:
     best = (meta["best_val_loss"], meta["best_iter"])
