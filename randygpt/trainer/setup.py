@@ -145,7 +145,8 @@ def prepare(config: RunConfig, place=platforms.place,
   devices.sync("workdir ready")
   evaluator = fallback.GuardedEvaluator(
       plan.placement.eval_device, config.model, config.sample, splits,
-      stream_key(config, train.EVAL_STREAM), config.train, executor)
+      stream_key(config, train.EVAL_STREAM), config.train, executor,
+      plan.placement.eval_platform)
   plan = dataclasses.replace(plan, placement=evaluator.probe(state["params"], plan.placement))
   setup = Setup(config, start_iter, source, best, tokenizer, prompts, plan, state, corpus,
                 sampler, step_fn, evaluator)
