@@ -270,3 +270,18 @@ def test_apple_s_gpu_evaluates_when_present_and_trains_only_when_named():
   assert "mps" in platforms.EVAL_AUTO and "METAL" in platforms.EVAL_AUTO
   assert not {"mps", "METAL"} & set(platforms.TRAIN_AUTO)
   assert platforms.CHOICES["mps"] == "mps" and set(platforms.ONE_DEVICE) == {"mps", "METAL"}
+
+
+def test_a_plugin_as_jax_s_default_backend_gets_no_work_it_was_not_given(tmp_path):
+  """jax-mps makes itself JAX's default backend: a run's work placed nowhere in particular
+  (its random keys, its windows' draws) still runs on the CPU, so a plugin that fails cannot
+  break the start. The second CPU device stands in for the plugin as JAX's default."""
+  plugin, cpu = jax.devices("cpu")[1], jax.devices("cpu")[0]
+  (tmp_path / "w").mkdir()  # As trainer.run's claim makes it.
+  before = {id(x) for x in jax.live_arrays()}
+  with jax.default_device(plugin):
+    setup = trainer.prepare(run_config(workdir=tmp_path / "w", data=write_corpus(
+        tmp_path / "c.txt"), num_cpu_devices=1, **MPS_RUN | {"eval_platform": "cpu"}))
+  assert setup.plan.placement.eval_device == cpu and setup.mesh.devices.tolist() == [cpu]
+  left = {d for x in jax.live_arrays() if id(x) not in before for d in x.devices()}
+  assert left == {cpu}  # The state, and the keys its window sampler and evaluator hold.

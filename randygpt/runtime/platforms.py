@@ -179,7 +179,9 @@ def place(train_platform: str = "cpu", eval_platform: str = "auto",
 
 
 def cpu_device() -> jax.Device:
-  """This process's first CPU device: where evaluation goes when an accelerator fails."""
+  """This process's first CPU device: where evaluation goes when an accelerator fails, and
+  work placed nowhere in particular runs."""
+  start_backends()  # Once: a listed backend that cannot start is dropped, not raised.
   return jax.local_devices(backend="cpu")[0]
 
 
