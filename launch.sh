@@ -7,20 +7,55 @@
 #   ./launch.sh [flags]                   train with flags alone
 #   ./launch.sh --processes=N ...         the same, as N local processes training one model
 # Works with macOS's bash 3.2. Set PYTHON to choose the interpreter (3.10 or newer).
+#
+# The stack: requirements.txt in .venv, unless RANDYGPT_STACK (or --stack=NAME, first) names
+# one of Apple Silicon's, each in its own environment, which requirements.txt never touches
+# (docs/accelerators.md):
+#   RANDYGPT_STACK=mps ./launch.sh ...    requirements-mps.txt in .venv-mps: jax-mps, Apple's
+#                                         GPU (macOS 14 or newer, Python 3.12 or newer)
+#   RANDYGPT_STACK=metal ./launch.sh ...  requirements-metal.txt in .venv-metal: jax-metal
+#                                         0.1.1 on JAX 0.5.0 (legacy; Python 3.10-3.13)
 set -eu
 
 root=$(cd "$(dirname "$0")" && pwd)
-venv="$root/.venv"
+stack=${RANDYGPT_STACK:-default}
+case "${1:-}" in
+  --stack=*)
+    stack=${1#--stack=}
+    shift
+    ;;
+esac
+# Each stack: its requirements file, its environment, the Python 3 minor versions it takes.
+case "$stack" in
+  default) requirements=requirements.txt venv="$root/.venv" oldest=10 newest=99 ;;
+  mps) requirements=requirements-mps.txt venv="$root/.venv-mps" oldest=12 newest=99 ;;
+  metal) requirements=requirements-metal.txt venv="$root/.venv-metal" oldest=10 newest=13 ;;
+  *)
+    echo "launch.sh: unknown stack '$stack' (RANDYGPT_STACK or --stack=): default, mps or metal" >&2
+    exit 2
+    ;;
+esac
+if [ "$stack" != default ] && [ "$(uname -s)/$(uname -m)" != Darwin/arm64 ]; then
+  echo "launch.sh: the $stack stack is for macOS on Apple Silicon, and this is" \
+       "$(uname -s)/$(uname -m); use the default stack (unset RANDYGPT_STACK)" >&2
+  exit 2
+fi
 
 find_python() {
   for candidate in ${PYTHON:-} python3.13 python3.12 python3.11 python3.10 python3 python; do
-    if command -v "$candidate" >/dev/null 2>&1 &&
-        "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c "import sys;
+sys.exit(not (3, $oldest) <= sys.version_info[:2] <= (3, $newest))" 2>/dev/null; then
       echo "$candidate"
       return 0
     fi
   done
-  echo "launch.sh: randygpt needs Python 3.10 or newer; set PYTHON=/path/to/python3" >&2
+  if [ "$newest" = 99 ]; then
+    echo "launch.sh: the $stack stack needs Python 3.$oldest or newer;" \
+         "set PYTHON=/path/to/python3 (e.g. brew install python@3.13)" >&2
+  else
+    echo "launch.sh: the $stack stack needs Python 3.$oldest to 3.$newest;" \
+         "set PYTHON=/path/to/python3 (e.g. brew install python@3.13)" >&2
+  fi
   return 1
 }
 
@@ -29,11 +64,18 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "launch.sh: creating $venv with $python" >&2
   "$python" -m venv "$venv"
 fi
-if ! cmp -s "$root/requirements.txt" "$venv/requirements.installed"; then
-  echo "launch.sh: installing requirements.txt into $venv" >&2
+if [ "$stack" = default ] && [ ! -f "$venv/requirements.installed" ] &&
+    ls -d "$venv"/lib/python3*/site-packages/jax_metal-* >/dev/null 2>&1; then
+  # The old recipe installed requirements-metal.txt into .venv by hand.
+  echo "launch.sh: $venv holds jax-metal, installed by hand; the metal stack has its own" \
+       "environment now: rm -rf $venv, then RANDYGPT_STACK=metal ./launch.sh ..." >&2
+  exit 2
+fi
+if ! cmp -s "$root/$requirements" "$venv/requirements.installed"; then
+  echo "launch.sh: installing $requirements into $venv" >&2
   "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -r "$root/requirements.txt"
-  cp "$root/requirements.txt" "$venv/requirements.installed"
+  "$venv/bin/python" -m pip install --quiet -r "$root/$requirements"
+  cp "$root/$requirements" "$venv/requirements.installed"
 fi
 
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"

@@ -53,7 +53,8 @@ def sample_from_checkpoint(spec: str, config, place=None, executor=None) -> None
     state = checkpoint.restore_train_state(path, model_config, saved.train,
                                            jax.sharding.SingleDeviceSharding(cpu))
     sampler = fallback.GuardedEvaluator(placement.eval_device, model_config, config.sample,
-                                        executor=executor or fallback.run_plainly)
+                                        executor=executor or fallback.run_plainly,
+                                        platform=placement.eval_platform)
     placement = sampler.probe(state["params"], placement)
     for note in placement.notes:
       print(note)

@@ -33,7 +33,16 @@ def on_each_device(fn, mesh: Mesh):
   """`fn(params, batch, rng, first_row)` run on each device's rows of the batch (the first of
   them is row `first_row` of the whole batch), its results averaged over the devices in one
   all-reduce. XLA's own partitioning of a step that sums microbatches all-reduced every
-  microbatch's gradient: 9-11% slower (docs/measurements.md, "One all-reduce a step")."""
+  microbatch's gradient: 9-11% slower (docs/measurements.md, "One all-reduce a step").
+  On one device there is nothing to average: `fn` on the whole batch, with no shard_map and
+  no collective, which a one-device plugin (jax-mps) lacks; the same numbers, bit for bit."""
+  if mesh.size == 1:
+    return lambda params, batch, rng: fn(params, batch, rng, 0)
+  return shard_mapped(fn, mesh)
+
+
+def shard_mapped(fn, mesh: Mesh):
+  """`on_each_device` through shard_map and pmean, whatever the device count."""
   def local(params, batch, rng):
     first_row = jax.lax.axis_index("data") * jax.tree.leaves(batch)[0].shape[0]
     return jax.lax.pmean(fn(params, batch, rng, first_row), "data")

@@ -2,6 +2,7 @@
 launch.sh itself: processes by nature."""
 
 import json
+import os
 import signal
 import subprocess
 
@@ -78,3 +79,27 @@ def test_launch_sh_report_runs_the_report(tmp_path):
   result = subprocess.run([str(REPO / "launch.sh"), "report", "missing"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 1 and result.stderr == "Error: missing does not exist.\n"
+
+
+@pytest.mark.parametrize("how", [{"RANDYGPT_STACK": "mps"}, "--stack=mps", "--stack=metal"])
+def test_launch_sh_keeps_apple_s_stacks_to_a_mac(tmp_path, how):
+  """Elsewhere their plugins do not install (their lines' markers leave out even JAX): one
+  line, and no environment made. The stack's own environment on a Mac is docs/accelerators.md's."""
+  env = {**os.environ, **(how if isinstance(how, dict) else {})}
+  args = [] if isinstance(how, dict) else [how]
+  result = subprocess.run([str(REPO / "launch.sh"), *args, "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+  stack = "mps" if isinstance(how, dict) else how.split("=")[1]
+  assert result.returncode == 2 and result.stdout == ""
+  assert result.stderr == (f"launch.sh: the {stack} stack is for macOS on Apple Silicon, and "
+                           f"this is {os.uname().sysname}/{os.uname().machine}; use the "
+                           "default stack (unset RANDYGPT_STACK)\n")
+  assert not (REPO / f".venv-{stack}").exists()
+
+
+def test_launch_sh_refuses_an_unknown_stack(tmp_path):
+  result = subprocess.run([str(REPO / "launch.sh"), "--stack=cuda", "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2
+  assert result.stderr == ("launch.sh: unknown stack 'cuda' (RANDYGPT_STACK or --stack=): "
+                           "default, mps or metal\n")

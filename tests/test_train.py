@@ -132,6 +132,35 @@ def test_data_parallel_step_on_two_devices_matches_the_reference(reference_tiny_
   assert state["params"]["wte"].sharding.is_equivalent_to(sharding.replicated(mesh), 2)
 
 
+def test_on_one_device_the_step_has_no_shard_map_and_the_same_bits(monkeypatch):
+  """A one-device mesh (jax-mps's GPU, one CPU device) takes the step without shard_map and
+  its all-reduce, which the plugin lacks: the same states and metrics, bit for bit, as the
+  shard_map step over that one device."""
+  cfg, tc = TINY_MODEL, TINY_TRAIN
+  mesh = sharding.data_mesh(jax.devices("cpu")[:1])
+  init = jax.jit(TINY_INIT, out_shardings=sharding.replicated(mesh))
+  batches = [jax.device_put(data.get_batch(TINY_TOKENS, jax.random.key(i), tc.batch_size,
+                                           cfg.block_size), sharding.batch_sharded(mesh))
+             for i in range(3)]
+
+  def run(step):
+    state, metrics = init(jax.random.key(0)), []
+    for i, batch in enumerate(batches):
+      state, step_metrics = step(state, batch, jax.random.key(100 + i))
+      metrics.append(step_metrics)
+    return jax.device_get((state, metrics))
+
+  step = train.jit_train_step(cfg, tc, mesh, tc.microbatches)
+  lowered = step.lower(init(jax.random.key(0)), batches[0], jax.random.key(0)).as_text()
+  assert "all_reduce" not in lowered and "manual" not in lowered
+  plain = run(step)
+  monkeypatch.setattr(sharding, "on_each_device", sharding.shard_mapped)
+  shard_mapped = train.jit_train_step(cfg, tc, mesh, tc.microbatches)
+  assert "all_reduce" in shard_mapped.lower(init(jax.random.key(0)), batches[0],
+                                            jax.random.key(0)).as_text()
+  jax.tree.map(np.testing.assert_array_equal, plain, run(shard_mapped))
+
+
 def test_microbatches_take_the_same_step_as_the_whole_batch(setup):
   cfg, tokens, _ = setup
   cfg = ModelConfig(**{**vars(cfg), "dropout": 0.0})

@@ -40,15 +40,15 @@ class GuardedEvaluator:
   def __init__(self, device: jax.Device, model_config: ModelConfig,
                sample_config: SampleConfig, splits: dict[str, np.ndarray] | None = None,
                key: jax.Array | None = None, tc: TrainConfig | None = None,
-               executor: Executor = run_plainly):
+               executor: Executor = run_plainly, platform: str | None = None):
     self.tc, self.executor = tc, executor
+    self.platform = platform or device.platform  # The device's JAX platform (Placement's).
     self.evaluator = evaluate.Evaluator(device, model_config, sample_config, splits, key, tc,
-                                        self._chunks_on(device, model_config))
+                                        self._chunks_on(self.platform, model_config))
     self.fallback = None  # {"backend", "error", "during"} once the CPU has taken over.
 
-  def _chunks_on(self, device: jax.Device, model_config: ModelConfig) -> int:
-    return 1 if self.tc is None else placement.eval_chunks(self.tc, model_config,
-                                                           device.platform)
+  def _chunks_on(self, platform: str, model_config: ModelConfig) -> int:
+    return 1 if self.tc is None else placement.eval_chunks(self.tc, model_config, platform)
 
   @property
   def device(self) -> jax.Device:
@@ -87,7 +87,7 @@ class GuardedEvaluator:
     try:
       return self._on_accelerator(what, work)
     except Exception as error:  # Plugins raise assorted types (XlaRuntimeError, RuntimeError...).
-      name = platforms.device_name(self.device)
+      name = platforms.device_name(self.device, self.platform)
       self._give_up(error, during)
       print(f"⚠ {name} failed during {during} ({self.fallback['error']}); evaluating and "
             "sampling on CPU from here on.", flush=True)
@@ -111,10 +111,11 @@ class GuardedEvaluator:
 
   def _give_up(self, error: Exception, during: str) -> None:
     """The CPU does the work from now on; `fallback` records why."""
-    self.fallback = {"backend": f"{self.device.platform}:{self.device.id}",
+    self.fallback = {"backend": f"{self.platform}:{self.device.id}",
                      "error": platforms.error_line(error), "during": during}
-    cpu = platforms.cpu_device()
-    self.evaluator.use(cpu, self._chunks_on(cpu, self.evaluator.model_config))
+    self.platform = "cpu"
+    self.evaluator.use(platforms.cpu_device(), self._chunks_on("cpu",
+                                                               self.evaluator.model_config))
 
   def probe(self, params, chosen: platforms.Placement) -> platforms.Placement:
     """Runs what the run will run on an accelerator, at the start: a loss estimate of a few

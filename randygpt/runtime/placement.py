@@ -86,6 +86,14 @@ def check_batch_divides(batch_size: int, n_devices: int) -> None:
                     f"devices; use a multiple of {n_devices} or another --num_cpu_devices.")
 
 
+def check_one_device(platform: str, n_devices: int, flag: str) -> None:
+  """Apple's GPU trains alone: no collectives between devices (jax-mps, jax-metal)."""
+  if platform in platforms.ONE_DEVICE and n_devices > 1:
+    raise UserError(f"--train_platform={flag}: {platforms.LABELS[platform]} trains on one "
+                    f"device, and this run would train on {n_devices} (one per process); "
+                    "train in one process, or on the CPU: --train_platform=cpu.")
+
+
 def divisors(n: int) -> list[int]:
   """The divisors of n, ascending (sqrt(n) steps: --batch_size may be 10**9)."""
   small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
@@ -205,7 +213,8 @@ class Plan:
 
   @property
   def platform(self) -> str:
-    return self.mesh.devices.flat[0].platform
+    """The training devices' JAX platform."""
+    return self.placement.train_platform
 
 
 def plan(config: RunConfig, *, resumed: bool, place=platforms.place,
@@ -222,8 +231,9 @@ def plan(config: RunConfig, *, resumed: bool, place=platforms.place,
       n_cores=machine.cores))
   placement, memory_note = _fewer_for_memory(config, placement)
   mesh = sharding.data_mesh(placement.train_devices)
+  platform = placement.train_platform
+  check_one_device(platform, mesh.size, loc.train_platform)
   check_batch_divides(tc.batch_size, mesh.size)
-  platform = mesh.devices.flat[0].platform
   microbatches, why_microbatches = choose_microbatches(
       tc, mc, platform, devices=mesh.size, explicit="microbatches" in config.explicit,
       resumed=resumed)
@@ -232,7 +242,7 @@ def plan(config: RunConfig, *, resumed: bool, place=platforms.place,
   config = config.replace(microbatches=microbatches)
   if platform == "cpu" and loc.num_processes == 1:
     config = config.replace(num_cpu_devices=mesh.size)
-  eval_platform = placement.eval_device.platform
+  eval_platform = placement.eval_platform
   footprint.check(mc, config.sample, tc, train_devices=mesh.local_devices,
                   eval_platform=eval_platform, microbatches=microbatches,
                   eval_chunk_tokens=eval_chunk_tokens(tc, mc, eval_platform))

@@ -21,6 +21,9 @@ CHOICES = {"auto": "auto", "cpu": "cpu", "gpu": "gpu", "cuda": "cuda", "rocm": "
            "tpu": "tpu", "metal": "METAL", "mps": "mps"}
 EVAL_AUTO = ("gpu", "tpu", "METAL", "mps")
 TRAIN_AUTO = ("gpu", "tpu")  # Training goes to Metal only when asked by name.
+# Apple's GPU, through jax-metal or jax-mps: one device, no collectives, no sharding; it
+# trains one process's model alone.
+ONE_DEVICE = ("METAL", "mps")
 LABELS = {"gpu": "GPU", "cuda": "GPU", "rocm": "GPU", "tpu": "TPU", "METAL": "Metal GPU",
           "mps": "Metal GPU (mps)", "cpu": "CPU"}
 # Errors that mean "not installed here" rather than "installed but broken": jaxlib always
@@ -77,14 +80,16 @@ def _on_cpu(role: str) -> str:
   return {"training": "training on CPU", "evaluation": "evaluating on CPU"}[role]
 
 
-def enabled(device: jax.Device, role: str) -> str:
-  return f"✓ {LABELS.get(device.platform, device.platform)} enabled for {role}: " \
-         f"{device.platform}:{device.id}"
+def enabled(device: jax.Device, role: str, platform: str | None = None) -> str:
+  """The header's line for `device`, of `platform` (default: the device's own)."""
+  platform = platform or device.platform
+  return f"✓ {LABELS.get(platform, platform)} enabled for {role}: {platform}:{device.id}"
 
 
-def device_name(device: jax.Device) -> str:
-  """E.g. `GPU (gpu:0)`."""
-  return f"{LABELS.get(device.platform, device.platform)} ({device.platform}:{device.id})"
+def device_name(device: jax.Device, platform: str | None = None) -> str:
+  """E.g. `GPU (gpu:0)`, for `device` of `platform` (default: the device's own)."""
+  platform = platform or device.platform
+  return f"{LABELS.get(platform, platform)} ({platform}:{device.id})"
 
 
 def _unusable(flag: str, value: str, platform: str, role: str, problem: str) -> str:
@@ -123,6 +128,17 @@ class Placement:
   eval_flag: str = "auto"  # --eval_platform's value.
   # Whether training has a CPU to fall back to (a test may say so of CPU devices).
   train_on_accelerator: bool = False
+  # The JAX platforms of the training devices and of the evaluation device ("cpu", "gpu",
+  # "METAL", "mps"...): the devices' own when not given (a test may name a CPU device that
+  # stands in for a plugin's).
+  train_platform: str = ""
+  eval_platform: str = ""
+
+  def __post_init__(self):
+    for field, device in (("train_platform", self.train_devices[0]),
+                          ("eval_platform", self.eval_device)):
+      if not getattr(self, field):
+        object.__setattr__(self, field, device.platform)
 
   @property
   def notes(self) -> tuple[str, ...]:
@@ -131,9 +147,10 @@ class Placement:
   def eval_on_cpu(self, problem: str) -> "Placement":
     """This placement with evaluation on the CPU: its accelerator failed the start-up probe,
     for `problem`. The header's line about it says so, as for one that failed to start."""
-    warning = _unusable("eval_platform", self.eval_flag, self.eval_device.platform,
-                        "evaluation", problem)
-    return dataclasses.replace(self, eval_device=cpu_device(), eval_notes=(warning,))
+    warning = _unusable("eval_platform", self.eval_flag, self.eval_platform, "evaluation",
+                        problem)
+    return dataclasses.replace(self, eval_device=cpu_device(), eval_notes=(warning,),
+                               eval_platform="cpu")
 
   @property
   def default_device(self) -> jax.Device:
@@ -162,7 +179,9 @@ def place(train_platform: str = "cpu", eval_platform: str = "auto",
 
 
 def cpu_device() -> jax.Device:
-  """This process's first CPU device: where evaluation goes when an accelerator fails."""
+  """This process's first CPU device: where evaluation goes when an accelerator fails, and
+  work placed nowhere in particular runs."""
+  start_backends()  # Once: a listed backend that cannot start is dropped, not raised.
   return jax.local_devices(backend="cpu")[0]
 
 

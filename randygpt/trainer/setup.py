@@ -144,7 +144,15 @@ def prepare(config: RunConfig, place=platforms.place,
             executor: fallback.Executor = fallback.run_plainly) -> Setup | None:
   """Everything before the first step, the workdir readied and the header printed; None
   when the checkpoint is already at the target iteration. `place` chooses the devices from
-  the flags; `executor` runs the work sent to an accelerator (runtime/fallback.py)."""
+  the flags; `executor` runs the work sent to an accelerator (runtime/fallback.py). Work
+  placed nowhere in particular (random keys, the windows' draws) runs on the CPU, also where
+  a plugin is JAX's default backend (jax-mps makes itself so): one that fails then drops out
+  at the placement, with one line, instead of failing the start."""
+  with jax.default_device(platforms.cpu_device()):
+    return _prepare(config, place, executor)
+
+
+def _prepare(config: RunConfig, place, executor: fallback.Executor) -> Setup | None:
   config, source, meta, discard = _start(config)
   start_iter = meta["iter"] if meta else 0
   if start_iter >= config.train.iters:
@@ -165,7 +173,8 @@ def prepare(config: RunConfig, place=platforms.place,
   devices.sync("workdir ready")
   evaluator = fallback.GuardedEvaluator(
       plan.placement.eval_device, config.model, config.sample, splits,
-      stream_key(config, train.EVAL_STREAM), config.train, executor)
+      stream_key(config, train.EVAL_STREAM), config.train, executor,
+      plan.placement.eval_platform)
   plan = dataclasses.replace(plan, placement=evaluator.probe(state["params"], plan.placement))
   setup = Setup(config, start_iter, source, best, tokenizer, prompts, plan, state, corpus,
                 sampler, step_fn, evaluator)
