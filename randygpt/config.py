@@ -147,8 +147,8 @@ class LocationConfig:
       0, "Split the CPU into this many XLA devices and train data-parallel across them (the "
       "batch must divide evenly); 0 picks one per usable core (its affinity and cgroup quota; "
       "hyperthreads of a core count once) while each keeps 256 tokens of the batch, at least "
-      "2, dividing --batch_size. Same results on any count, up to float32 rounding. At most 256: XLA's "
-      "CPU collectives stalled with 2048 devices in one process.", lower_bound=0,
+      "2, dividing --batch_size. Same results on any count, up to float32 rounding. At most "
+      "256: XLA's CPU collectives stalled with 2048 devices in one process.", lower_bound=0,
       upper_bound=256)
   coordinator_address: str = flag(
       "", "host:port of process 0 for a multi-process run (with --num_processes and "

@@ -36,7 +36,8 @@ def test_cpu_slices_fit_the_caches_and_keep_the_matmuls_busy(spec, devices, expe
   # the slices are the smallest that keep CPU_MIN_SLICE_TOKENS (or one sequence).
   fewer = max([n for n in placement.divisors(rows) if n < got], default=None)
   if fits and fewer:
-    assert footprint.activations(mc, rows // fewer * block_size) > placement.CPU_SLICE_ACTIVATION_BYTES
+    assert (footprint.activations(mc, rows // fewer * block_size)
+            > placement.CPU_SLICE_ACTIVATION_BYTES)
   if not fits:
     smaller = [n for n in placement.divisors(rows) if n > got]
     assert not smaller or rows // smaller[0] * block_size < placement.CPU_MIN_SLICE_TOKENS
