@@ -3,6 +3,7 @@ as one `Error:` line and exit status 1, and the stop request that signals set. (
 processes, their stderr and their deaths by signal: test_main.py.)"""
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -92,3 +93,30 @@ def test_a_signal_reaches_the_stop_request_while_the_main_thread_waits():
     signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
     threading.Event().wait(0.5)
     assert stop.signum == signal.SIGTERM
+
+
+def test_a_write_the_closed_terminal_refuses_does_not_raise(monkeypatch):
+  """Between a hangup and its handler, the terminal answers writes with EIO: the standard
+  streams the CLI wraps let the write pass (test_faults.py closes a real one); other write
+  errors still raise."""
+  import errno
+  import io
+
+  class Refusing(io.StringIO):
+    def __init__(self, code: int):
+      super().__init__()
+      self.code, self.refusals = code, 1
+
+    def write(self, text):
+      if self.refusals:
+        self.refusals -= 1
+        raise OSError(self.code, os.strerror(self.code))
+      return super().write(text)
+
+  left = []  # Not this process's own terminal: record leaving it instead.
+  monkeypatch.setattr(cli, "_leave_the_terminal", lambda: left.append(True))
+  hung_up = Refusing(errno.EIO)
+  print("iter    4", file=cli._HangupSafe(hung_up), flush=True)
+  assert left == [True] and hung_up.getvalue() == "iter    4\n"
+  with pytest.raises(OSError, match="No space left"):
+    print("iter    4", file=cli._HangupSafe(Refusing(errno.ENOSPC)), flush=True)

@@ -2,6 +2,7 @@
 short errors instead of tracebacks, and ending by the signal that stopped it."""
 
 import contextlib
+import errno
 import io
 import logging as pylogging
 import os
@@ -41,6 +42,32 @@ def _leave_the_terminal() -> None:
       if stat.S_ISCHR(os.fstat(fd).st_mode):
         os.dup2(devnull, fd)
   os.close(devnull)
+
+
+class _HangupSafe:
+  """A standard stream that outlives its terminal: a write that the closed terminal refuses
+  (EIO, before the SIGHUP handler has run) sends it and all later output to /dev/null."""
+
+  def __init__(self, stream):
+    self._stream = stream
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+  def write(self, text):
+    return self._safely(self._stream.write, text)
+
+  def flush(self):
+    return self._safely(self._stream.flush)
+
+  def _safely(self, fn, *args):
+    try:
+      return fn(*args)
+    except OSError as e:
+      if e.errno != errno.EIO:
+        raise
+      _leave_the_terminal()
+      return fn(*args)
 
 
 class StopRequest:
@@ -174,6 +201,7 @@ def entry_point(work):
                        "(flags are written --name=value).")
     _quiet_logs()  # E.g. JAX's lines about absent backends.
     _quiet_background_failures()
+    sys.stdout, sys.stderr = _HangupSafe(sys.stdout), _HangupSafe(sys.stderr)
     memory.configure_malloc()  # Before JAX starts its threads.
     import jax  # After flag parsing: --help and flag errors stay fast.
     from randygpt.runtime import cores, devices, exported, placement, platforms
