@@ -13,6 +13,7 @@ previous step is removed (_Durable), so a power cut leaves one or the other whol
 
 import asyncio
 import contextlib
+import importlib.metadata
 import io
 import os
 import re
@@ -60,13 +61,24 @@ class _Durable(atomicity.AtomicRenameTemporaryPath):
         lambda: fsync(*(p for p in final.iterdir() if p.is_file()), final, final.parent))
 
 
+def _orbax_release() -> tuple[int, ...]:
+  return tuple(int(part) for part in re.findall(r"\d+",
+                                                importlib.metadata.version("orbax-checkpoint"))[:2])
+
+
+# Orbax 0.11 (the Metal stack's pin) finalises each item's temporary directory while
+# tensorstore still commits into it, so the fsyncs' rename wraps Orbax 0.12 and newer only
+# (the Metal pins' tests failed every save with it: .ci/run).
+DURABLE_RENAME = _orbax_release() >= (0, 12)
+
+
 def _manager(directory: Path, durable: bool = True) -> ocp.CheckpointManager:
   # Latest and best may save the same step at once: their cross-process barriers need
   # distinct names. Old steps are deleted by Checkpoints, not Orbax: Orbax deletes them
   # even when the new save fails (seen with a full disk).
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None, cleanup_tmp_directories=True,
-      temporary_path_class=_Durable if durable else None,
+      temporary_path_class=_Durable if durable and DURABLE_RENAME else None,
       multiprocessing_options=ocp.options.MultiprocessingOptions(
           barrier_sync_key_prefix=directory.name))
   return ocp.CheckpointManager(directory.absolute(), options=options,
