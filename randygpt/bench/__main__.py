@@ -92,12 +92,15 @@ def bench_cores(config):
     raise UserError(f"--cores={','.join(flags.FLAGS.cores)}: give core counts, e.g. 4,8,16."
                     ) from None
   rows = measure_cores(config, flags.FLAGS.shapes, counts, argv=child_argv(sys.argv[1:]),
-                       repeats=flags.FLAGS.shape_repeats,
-                       nanogpt_iters=flags.FLAGS.nanogpt_iters,
-                       script=flags.FLAGS.nanogpt_script,
-                       with_brackets=flags.FLAGS.core_brackets)
+                       with_brackets=flags.FLAGS.core_brackets, **_peer_rounds())
   if flags.FLAGS.json:
     print(json.dumps(rows))
+
+
+def _peer_rounds() -> dict:
+  """The flags of the rounds that set randygpt beside its PyTorch peers (--shapes, --cores)."""
+  return dict(repeats=flags.FLAGS.shape_repeats, nanogpt_iters=flags.FLAGS.nanogpt_iters,
+              script=flags.FLAGS.nanogpt_script)
 
 
 def bench():
@@ -130,10 +133,7 @@ def bench():
       return
     rows = measure_shapes(config, flags.FLAGS.shapes, steps=flags.FLAGS.steps,
                           warmup_steps=flags.FLAGS.warmup_steps,
-                          repeats=flags.FLAGS.shape_repeats,
-                          loop_iters=flags.FLAGS.loop_iters,
-                          nanogpt_iters=flags.FLAGS.nanogpt_iters,
-                          script=flags.FLAGS.nanogpt_script)
+                          loop_iters=flags.FLAGS.loop_iters, **_peer_rounds())
     if flags.FLAGS.json:
       print(json.dumps(rows))
     return

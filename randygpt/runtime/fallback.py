@@ -32,6 +32,12 @@ def run_plainly(what: str, work: Callable[[], Any]) -> Any:
   return work()
 
 
+def on_training_devices(placement: platforms.Placement, executor: Executor, what: str,
+                        work: Callable[[], Any]) -> Any:
+  """`work()`, through `executor` when the training devices are an accelerator's."""
+  return executor(what, work) if placement.train_on_accelerator else work()
+
+
 class GuardedEvaluator:
   """An `evaluate.Evaluator` whose work on an accelerator goes through `executor`. An
   accelerator that fails hands the work to the CPU, which redoes it and does all the rest;

@@ -98,10 +98,8 @@ class Trainer:
     def work():
       return self.step_fn(self.state, self.batch(step), jax.random.fold_in(self.dropout_key,
                                                                            step))
-    if self.setup.plan.placement.train_on_accelerator:
-      self.state, step_metrics = self.run_step("train-step", work)
-    else:
-      self.state, step_metrics = work()
+    self.state, step_metrics = fallback.on_training_devices(
+        self.setup.plan.placement, self.run_step, "train-step", work)
     self.state_iter = step
     if self.startup_s is None:  # Once: wait for the first iteration to end.
       jax.block_until_ready(step_metrics)

@@ -130,9 +130,7 @@ def place_state(config: RunConfig, plan: placement.Plan, splits: dict, source: P
   def work():
     return build_step(config, plan, splits, source)
   try:
-    if plan.placement.train_on_accelerator:
-      return executor("initial-state", work)
-    return work()
+    return fallback.on_training_devices(plan.placement, executor, "initial-state", work)
   except jax.errors.JaxRuntimeError as error:
     device = platforms.device_name(plan.mesh.devices.flat[0])
     raise UserError(f"Could not place the initial state on {device} "
