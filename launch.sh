@@ -8,8 +8,10 @@
 #   ./launch.sh --processes=N ...         the same, as N local processes training one model
 # Works with macOS's bash 3.2. Set PYTHON to choose the interpreter (3.10 or newer).
 #
-# The stack: requirements.txt in .venv, unless RANDYGPT_STACK (or --stack=NAME, first) names
-# one of Apple Silicon's, each in its own environment, which requirements.txt never touches
+# The stack: requirements.txt in .venv; on Linux where `nvidia-smi` lists a GPU,
+# requirements-cuda.txt (JAX's CUDA build) in .venv-cuda. RANDYGPT_STACK (or --stack=NAME,
+# first) chooses instead: `cpu` (requirements.txt, also beside a GPU), `cuda`, or one of
+# Apple Silicon's, each in its own environment, which requirements.txt never touches
 # (docs/accelerators.md):
 #   RANDYGPT_STACK=mps ./launch.sh ...    requirements-mps.txt in .venv-mps: jax-mps, Apple's
 #                                         GPU (macOS 14 or newer, Python 3.12 or newer)
@@ -18,24 +20,40 @@
 set -eu
 
 root=$(cd "$(dirname "$0")" && pwd)
-stack=${RANDYGPT_STACK:-default}
+stack=${RANDYGPT_STACK:-}
 case "${1:-}" in
   --stack=*)
     stack=${1#--stack=}
     shift
     ;;
 esac
+if [ -z "$stack" ]; then
+  stack=default
+  if [ "$(uname -s)" = Linux ] && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+    stack=cuda
+    echo "launch.sh: nvidia-smi lists a GPU: using JAX's CUDA build (.venv-cuda;" \
+         "RANDYGPT_STACK=cpu for the CPU build)" >&2
+  fi
+fi
 # Each stack: its requirements file, its environment, the Python 3 minor versions it takes.
 case "$stack" in
-  default) requirements=requirements.txt venv="$root/.venv" oldest=10 newest=99 ;;
+  default|cpu) stack=default requirements=requirements.txt venv="$root/.venv" oldest=10 newest=99 ;;
+  cuda) requirements=requirements-cuda.txt venv="$root/.venv-cuda" oldest=11 newest=99 ;;
   mps) requirements=requirements-mps.txt venv="$root/.venv-mps" oldest=12 newest=99 ;;
   metal) requirements=requirements-metal.txt venv="$root/.venv-metal" oldest=10 newest=13 ;;
   *)
-    echo "launch.sh: unknown stack '$stack' (RANDYGPT_STACK or --stack=): default, mps or metal" >&2
+    echo "launch.sh: unknown stack '$stack' (RANDYGPT_STACK or --stack=): cpu, cuda, mps or" \
+         "metal" >&2
     exit 2
     ;;
 esac
-if [ "$stack" != default ] && [ "$(uname -s)/$(uname -m)" != Darwin/arm64 ]; then
+if [ "$stack" = cuda ] && [ "$(uname -s)" != Linux ]; then
+  echo "launch.sh: JAX's CUDA build is for Linux, and this is $(uname -s); use the default" \
+       "stack (RANDYGPT_STACK=cpu)" >&2
+  exit 2
+fi
+if { [ "$stack" = mps ] || [ "$stack" = metal ]; } &&
+    [ "$(uname -s)/$(uname -m)" != Darwin/arm64 ]; then
   echo "launch.sh: the $stack stack is for macOS on Apple Silicon, and this is" \
        "$(uname -s)/$(uname -m); use the default stack (unset RANDYGPT_STACK)" >&2
   exit 2
@@ -71,11 +89,14 @@ if [ "$stack" = default ] && [ ! -f "$venv/requirements.installed" ] &&
        "environment now: rm -rf $venv, then RANDYGPT_STACK=metal ./launch.sh ..." >&2
   exit 2
 fi
-if ! cmp -s "$root/$requirements" "$venv/requirements.installed"; then
+# What the environment was installed from: the file, and requirements.txt that the CUDA one
+# includes (a change to either reinstalls).
+wanted=$(cat "$root/$requirements"; [ "$stack" = cuda ] && cat "$root/requirements.txt")
+if [ "$wanted" != "$(cat "$venv/requirements.installed" 2>/dev/null)" ]; then
   echo "launch.sh: installing $requirements into $venv" >&2
   "$venv/bin/python" -m pip install --quiet --upgrade pip
   "$venv/bin/python" -m pip install --quiet -r "$root/$requirements"
-  cp "$root/$requirements" "$venv/requirements.installed"
+  printf '%s\n' "$wanted" > "$venv/requirements.installed"
 fi
 
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"

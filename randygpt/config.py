@@ -38,6 +38,19 @@ class ModelConfig:
                        "their dot product (docs/levers.md).")
   final_norm: bool = flag(False, "A gain-free RMSNorm of the last residual stream before the "
                           "lm_head (randyGPT has none; docs/levers.md).")
+  # How the step computes, not what: the parameters and optimizer state stay float32.
+  compute_dtype: str = flag(
+      "auto", "The matmuls' dtype: `float32`, or `bfloat16` with float32 parameters, "
+      "optimizer state, norms, softmaxes and loss. `auto`: bfloat16 where training runs on a "
+      "GPU or TPU, float32 on the CPU. A run records its choice and a resume keeps it "
+      "(docs/accelerators.md).", choices=("auto", "float32", "bfloat16"))
+  attention: str = flag(
+      "auto", "How attention is computed in training and loss estimates: `einsum` (scores, "
+      "mask, softmax, weighted sum, as written in model.py), `xla` or `cudnn`: "
+      "jax.nn.dot_product_attention's implementations (cuDNN's fused kernel: an NVIDIA GPU, "
+      "bfloat16, head_dim a multiple of 8). `auto`: cudnn where it can run, else einsum. "
+      "Recorded and kept on resume; a recorded cudnn runs as xla off the GPU.",
+      choices=("auto", "einsum", "xla", "cudnn"))
 
   @property
   def head_dim(self) -> int:
@@ -176,6 +189,9 @@ def flag_fields() -> list[dataclasses.Field]:
 # shape, the function it computes, the optimizer state's kind, and the seed.
 FIXED_ON_RESUME = ("n_embd", "n_head", "n_layer", "block_size", "position", "qk_norm",
                    "final_norm", "optimizer", "seed", "tokenizer", "bpe_vocab_size")
+# The location flags a run records and a resume keeps unless given again (--num_cpu_devices
+# too, but before JAX starts: runtime/cli.py).
+KEPT_LOCATION = ("train_platform",)
 # What a checkpoint written before a flag existed ran with: the flag's default.
 _DEFAULTS = {f.name: f.default for section in (ModelConfig, TrainConfig, DataConfig)
              for f in dataclasses.fields(section)}
@@ -220,11 +236,14 @@ class RunConfig:
     return dataclasses.replace(self, **sections)
 
   def recorded_flags(self) -> dict:
-    """What flags.cfg and a checkpoint record: the run's flags, and the CPU device count when
-    set (a location flag, but the one that changes a step's float32 sums)."""
+    """What flags.cfg and a checkpoint record: the run's flags, the CPU device count when set
+    (a location flag, but the one that changes a step's float32 sums) and the training
+    platform when it is not the CPU (what a resume trains on)."""
     values = self.to_flags()
     if self.location.num_cpu_devices:
       values["num_cpu_devices"] = self.location.num_cpu_devices
+    if self.location.train_platform != "cpu":
+      values["train_platform"] = self.location.train_platform
     return values
 
   def flagfile(self) -> str:
@@ -247,7 +266,7 @@ class RunConfig:
                       "the checkpoint's shape, levers, optimizer, tokenizer and seed: drop "
                       "those flags, "
                       "or start a new run in another --workdir.")
-    merged = {**saved, **{k: v for k, v in current.items()
-                          if k in self.explicit or k in LocationConfig.__dataclass_fields__}}
+    merged = {**saved, **{k: v for k, v in current.items() if k in self.explicit or (
+        k in LocationConfig.__dataclass_fields__ and k not in KEPT_LOCATION)}}
     merged["prompt"] = tuple(merged["prompt"])
     return RunConfig.from_flags(merged, self.explicit)

@@ -41,7 +41,7 @@ class Evaluator:
   def __init__(self, device: jax.Device, model_config: ModelConfig,
                sample_config: SampleConfig, splits: dict[str, np.ndarray] | None = None,
                key: jax.Array | None = None, tc: TrainConfig | None = None, chunks: int = 1):
-    self.model_config, self.sample_config, self.tc = model_config, sample_config, tc
+    self.run_config, self.sample_config, self.tc = model_config, sample_config, tc
     # The windows of every estimate, gathered once on the host (the key's stream 0 draws the
     # train windows, 1 the val windows), from where each device it uses gets its copy.
     self.windows = None if splits is None else {
@@ -53,8 +53,10 @@ class Evaluator:
     self.use(device, chunks)
 
   def use(self, device: jax.Device, chunks: int = 1) -> None:
-    """Works on `device` from now on, in `chunks` chunks."""
+    """Works on `device` from now on, in `chunks` chunks (the run's model as its platform
+    runs it: model.on_platform)."""
     self.device, self.chunks = device, chunks
+    self.model_config = model.on_platform(self.run_config, device.platform)
     self._estimate = jit_eval_loss(self.model_config, chunks)
 
   def place(self, tree):

@@ -10,6 +10,13 @@ embeddings, so attention sees relative positions) and drops the learned `wpe`; `
 RMS-normalises each head's query and key, gain-free; `final_norm` RMS-normalises the last
 residual stream before the lm_head, gain-free. None of them adds a parameter.
 
+Two settings change how, not what, the model computes (docs/accelerators.md):
+`compute_dtype="bfloat16"` runs every matmul in bfloat16 on float32 weights cast at their
+use, while the residual stream, norms, softmaxes and logits stay float32 (as PyTorch's
+autocast does); `attention="cudnn"` (or `"xla"`) hands the window's causal attention to
+`jax.nn.dot_product_attention` (cuDNN's fused kernel on an NVIDIA GPU). Their defaults
+compute exactly the float32 graph written here.
+
 Names carry their shapes (`logits_BxTxV`), in letters that mean the same in every file:
   B  sequences in a batch          T  positions in a window (at most block_size)
   S  positions attended over       D  n_embd
@@ -25,6 +32,7 @@ weights are stacked along a leading L axis, so that the init and the optimizer c
 once per kind of weight rather than once per layer: the compiled train step then holds
 half the memory (docs/measurements.md, "Memory").
 """
+import dataclasses
 import math
 
 import jax
@@ -34,6 +42,7 @@ import optax
 from randygpt.config import ModelConfig
 
 RMS_EPS = 1e-5
+CUDNN_PLATFORMS = ("gpu", "cuda")  # JAX's names of an NVIDIA GPU's devices and backend.
 INIT_STD = 0.02
 ROPE_BASE = 10000.0  # The rotary frequencies' base, as in RoFormer and Llama.
 
@@ -78,7 +87,31 @@ def train_flops_per_token(config: ModelConfig) -> int:
 
 
 def rmsnorm(x_NxD: jax.Array) -> jax.Array:
-  return x_NxD * jax.lax.rsqrt(jnp.mean(x_NxD * x_NxD, axis=-1, keepdims=True) + RMS_EPS)
+  """Gain-free RMSNorm, computed in float32 whatever the input's dtype."""
+  x32_NxD = x_NxD.astype(jnp.float32)
+  normed_NxD = x32_NxD * jax.lax.rsqrt(jnp.mean(x32_NxD * x32_NxD, axis=-1, keepdims=True)
+                                       + RMS_EPS)
+  return normed_NxD.astype(x_NxD.dtype)
+
+
+def compute_dtype(config: ModelConfig):
+  """The matmuls' dtype: bfloat16 when asked, else float32 (also for "auto", which the
+  placement resolves before a run builds its step)."""
+  return jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
+
+
+def on_platform(config: ModelConfig, platform: str) -> ModelConfig:
+  """`config` as `platform` (a JAX platform name) runs it: cuDNN's attention exists on an
+  NVIDIA GPU only; elsewhere XLA's implementation computes the same function."""
+  if config.attention == "cudnn" and platform not in CUDNN_PLATFORMS:
+    return dataclasses.replace(config, attention="xla")
+  return config
+
+
+def _dense(x, w, config: ModelConfig) -> jax.Array:
+  """x @ w in the compute dtype (both already float32 on the default path: no casts)."""
+  dtype = compute_dtype(config)
+  return x.astype(dtype) @ w.astype(dtype)
 
 
 def _dropout(x, rate, keep):
@@ -91,7 +124,8 @@ def init_cache(config: ModelConfig, batch: int) -> dict:
   to block_size it is the window itself; past it (rope only) a ring of the last block_size
   positions."""
   shape = (config.n_layer, batch, config.block_size, config.n_head, config.head_dim)
-  return {"k": jnp.zeros(shape), "v": jnp.zeros(shape)}
+  dtype = compute_dtype(config)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def rope(x_BxTxHxK: jax.Array, pos) -> jax.Array:
@@ -102,7 +136,8 @@ def rope(x_BxTxHxK: jax.Array, pos) -> jax.Array:
   angle_TxK = (pos + jnp.arange(x_BxTxHxK.shape[1]))[:, None].astype(jnp.float32) * inv_freq
   cos, sin = jnp.cos(angle_TxK)[:, None, :], jnp.sin(angle_TxK)[:, None, :]
   x1, x2 = x_BxTxHxK[..., :half], x_BxTxHxK[..., half:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BxTxHxK.dtype)
 
 
 def _attention(attn, x_NxD, batch, config: ModelConfig, cache, pos):
@@ -111,7 +146,7 @@ def _attention(attn, x_NxD, batch, config: ModelConfig, cache, pos):
   cached positions up to their own (a ring past the window: T is then 1)."""
   n, d = x_NxD.shape
   t, h, k = n // batch, config.n_head, config.head_dim
-  qkv_NxC = x_NxD @ attn["wqkv"]
+  qkv_NxC = _dense(x_NxD, attn["wqkv"], config)
   q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = jnp.split(qkv_NxC.reshape(batch, t, 3 * h, k), 3, axis=2)
   if config.qk_norm:
     q_BxTxHxK, k_BxTxHxK = rmsnorm(q_BxTxHxK), rmsnorm(k_BxTxHxK)
@@ -126,20 +161,24 @@ def _attention(attn, x_NxD, batch, config: ModelConfig, cache, pos):
     # The position each slot holds after this write (negative: not written yet).
     last = pos + t - 1
     key_pos_S = last - (last - jnp.arange(s)) % s
+  elif config.attention in ("xla", "cudnn"):  # The window attends to itself: a causal mask.
+    out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=True,
+                                               implementation=config.attention)
+    return _dense(out_BxTxHxK.reshape(n, d), attn["wo"], config), cache
   else:
     k_BxSxHxK, v_BxSxHxK = k_BxTxHxK, v_BxTxHxK
     key_pos_S = pos + jnp.arange(t)
   scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK) / math.sqrt(k)
   causal_TxS = ((key_pos_S[None, :] <= pos + jnp.arange(t)[:, None])
                 & (key_pos_S[None, :] >= 0))
-  scores_BxHxTxS = jnp.where(causal_TxS, scores_BxHxTxS, -jnp.inf)
-  probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
+  scores_BxHxTxS = jnp.where(causal_TxS, scores_BxHxTxS.astype(jnp.float32), -jnp.inf)
+  probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(v_BxSxHxK.dtype)
   out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS, v_BxSxHxK)
-  return out_BxTxHxK.reshape(n, d) @ attn["wo"], cache
+  return _dense(out_BxTxHxK.reshape(n, d), attn["wo"], config), cache
 
 
-def _mlp(mlp, x_NxD):
-  return jnp.square(jax.nn.relu(x_NxD @ mlp["w1"])) @ mlp["w2"]
+def _mlp(mlp, x_NxD, config: ModelConfig):
+  return _dense(jnp.square(jax.nn.relu(_dense(x_NxD, mlp["w1"], config))), mlp["w2"], config)
 
 
 def _transformer(params, tokens_BxT, config: ModelConfig, keep_Lx2xNxD, cache, pos):
@@ -156,14 +195,15 @@ def _transformer(params, tokens_BxT, config: ModelConfig, keep_Lx2xNxD, cache, p
     attn_NxD, layer_cache = _attention(weights["attn"], rmsnorm(x_NxD), batch, config,
                                        layer_cache, pos)
     x_NxD = x_NxD + _dropout(attn_NxD, config.dropout, attn_keep)
-    x_NxD = x_NxD + _dropout(_mlp(weights["mlp"], rmsnorm(x_NxD)), config.dropout, mlp_keep)
+    x_NxD = x_NxD + _dropout(_mlp(weights["mlp"], rmsnorm(x_NxD), config), config.dropout,
+                             mlp_keep)
     return x_NxD, layer_cache
 
   x_NxD, new_cache = jax.lax.scan(block, x_BxTxD.reshape(batch * t, config.n_embd),
                                   (params["blocks"], keep_Lx2xNxD, cache), unroll=True)
   if config.final_norm:
     x_NxD = rmsnorm(x_NxD)
-  logits_NxV = x_NxD @ params["lm_head"]
+  logits_NxV = _dense(x_NxD, params["lm_head"], config).astype(jnp.float32)
   return logits_NxV.reshape(batch, t, config.vocab_size), new_cache
 
 

@@ -110,3 +110,26 @@ def test_the_benchmark_times_the_run_s_step(tmp_path):
   assert float(step_metrics["loss"]) == read_metrics(tmp_path / "w")[0]["train_loss"]
   recorded = (tmp_path / "w" / "flags.cfg").read_text()
   assert f"--microbatches={prepared.config.train.microbatches}\n" in recorded
+
+
+def test_variants_time_the_step_once_per_setting_as_given(tmp_path, capsys):
+  from randygpt.bench.variants import measure_variants
+  rows = measure_variants(config(tmp_path), ["compute_dtype=float32/attention=einsum",
+                                             "compute_dtype=bfloat16/attention=xla/microbatches=2"],
+                          steps=2, warmup_steps=1)
+  assert [(r["compute_dtype"], r["attention"], r["microbatches"]) for r in rows] == [
+      ("float32", "einsum", 1), ("bfloat16", "xla", 2)]
+  assert all(r["ms_per_step"] > 0 and r["device_peak_mb"] is None for r in rows)  # The CPU's.
+  assert capsys.readouterr().out.splitlines()[0].startswith("| compute dtype | attention |")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("dtype=float32", "'dtype=float32' is not NAME=VALUE"),
+    ("attention=", "'attention=' is not NAME=VALUE"),
+    ("microbatches=two", "'microbatches=two': microbatches takes a number"),
+])
+def test_variants_refuse_what_they_cannot_set(text, message):
+  from randygpt.bench.variants import parse_variant
+  from randygpt.errors import UserError
+  with pytest.raises(UserError, match=message):
+    parse_variant(text)

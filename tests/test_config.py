@@ -31,6 +31,19 @@ def test_resume_takes_the_checkpoints_flags_unless_given():
   assert resumed.location.workdir == "w" and resumed.location.resume
 
 
+@pytest.mark.parametrize("given, expected", [({}, "gpu"), ({"train_platform": "cpu"}, "cpu")])
+def test_a_resume_keeps_the_training_platform_unless_given(given, expected):
+  """Like the device count: the platform is a location flag, but what the run trains on."""
+  gpu_run = RunConfig.from_flags({**SAVED, "train_platform": "gpu"})
+  assert gpu_run.recorded_flags()["train_platform"] == "gpu"
+  assert "train_platform" not in RunConfig.from_flags(SAVED).recorded_flags()  # The CPU's.
+  now = RunConfig.from_flags({"resume": True, **given}, explicit={"resume", *given})
+  assert now.resumed(gpu_run.recorded_flags(), "ckpt").location.train_platform == expected
+  # A run that recorded none trained on the CPU, whatever this command's default.
+  assert RunConfig.from_flags({"train_platform": "auto"}).resumed(
+      SAVED, "ckpt").location.train_platform == "cpu"
+
+
 def test_resume_refuses_flags_that_contradict_the_shape_or_seed():
   now = RunConfig.from_flags({"n_embd": 128, "n_layer": 2, "seed": 7},
                              explicit={"n_embd", "n_layer", "seed"})

@@ -3,6 +3,7 @@ launch.sh itself: processes by nature."""
 
 import json
 import os
+from pathlib import Path
 import signal
 import subprocess
 
@@ -98,8 +99,41 @@ def test_launch_sh_keeps_apple_s_stacks_to_a_mac(tmp_path, how):
 
 
 def test_launch_sh_refuses_an_unknown_stack(tmp_path):
-  result = subprocess.run([str(REPO / "launch.sh"), "--stack=cuda", "--help"], cwd=tmp_path,
+  result = subprocess.run([str(REPO / "launch.sh"), "--stack=rocm", "--help"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
   assert result.returncode == 2
-  assert result.stderr == ("launch.sh: unknown stack 'cuda' (RANDYGPT_STACK or --stack=): "
-                           "default, mps or metal\n")
+  assert result.stderr == ("launch.sh: unknown stack 'rocm' (RANDYGPT_STACK or --stack=): "
+                           "cpu, cuda, mps or metal\n")
+
+
+def _stub(path: Path, script: str) -> None:
+  path.write_text("#!/bin/sh\n" + script)
+  path.chmod(0o755)
+
+
+@pytest.mark.skipif(os.uname().sysname != "Linux", reason="JAX's CUDA build is Linux's")
+@pytest.mark.parametrize("stack", [None, "cpu"])
+def test_launch_sh_takes_the_cuda_stack_where_nvidia_smi_lists_a_gpu(tmp_path, stack):
+  """A stub nvidia-smi lists a GPU; a stub Python passes the version check and fails to make
+  the environment, so that nothing is installed: where launch.sh got to says which stack it
+  took (RANDYGPT_STACK=cpu keeps the CPU build's .venv, which exists here)."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  _stub(bin_dir / "nvidia-smi", "echo 'GPU 0: NVIDIA H200 (UUID: GPU-0)'\n")
+  _stub(bin_dir / "python-stub", '[ "$1" = -c ] && exit 0\necho "stub: $*" >&2\nexit 3\n')
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+         "PYTHON": str(bin_dir / "python-stub")}
+  env.pop("RANDYGPT_STACK", None)
+  if stack:
+    env["RANDYGPT_STACK"] = stack
+  result = subprocess.run([str(REPO / "launch.sh"), "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+  if stack == "cpu":
+    assert "CUDA" not in result.stderr and "stub" not in result.stderr
+    return
+  assert result.returncode == 3
+  assert result.stderr.splitlines()[:2] == [
+      "launch.sh: nvidia-smi lists a GPU: using JAX's CUDA build (.venv-cuda; "
+      "RANDYGPT_STACK=cpu for the CPU build)",
+      f"launch.sh: creating {REPO}/.venv-cuda with {bin_dir}/python-stub"]
+  assert not (REPO / ".venv-cuda").exists()

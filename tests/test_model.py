@@ -145,3 +145,67 @@ def test_rmsnorm_has_unit_rms():
 def test_flops_per_token_of_the_default_shape():
   # 6 x (6 blocks x 12 x 128^2 + 128 x 65 weights) + 12 x 6 x 64 x 128 = 7.72 MFLOP.
   assert model.train_flops_per_token(ModelConfig(vocab_size=65)) == 7_717_632
+
+
+# How the model computes (compute_dtype, attention): docs/accelerators.md, "NVIDIA GPUs".
+def _variant(**values) -> ModelConfig:
+  return dataclasses.replace(CONFIG, **values)
+
+
+def _loss_and_grads(config, params, batch):
+  return jax.value_and_grad(model.loss_fn)(params, batch, config)
+
+
+def _batch(t=16):
+  inputs_BxT = tokens(t=t)
+  return inputs_BxT, jnp.roll(inputs_BxT, -1, axis=1)
+
+
+def test_xla_attention_computes_the_einsum_attention(params):
+  """Both the loss and the gradients, in float32 (jax.nn.dot_product_attention's XLA
+  implementation: cuDNN's needs an NVIDIA GPU)."""
+  batch = _batch()
+  loss, grads = _loss_and_grads(_variant(attention="einsum"), params, batch)
+  fused_loss, fused_grads = _loss_and_grads(_variant(attention="xla"), params, batch)
+  np.testing.assert_allclose(fused_loss, loss, rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("attention", ["einsum", "xla"])
+def test_bfloat16_compute_keeps_float32_weights_gradients_and_loss(params, attention):
+  """bfloat16 matmuls give about the float32 loss; the loss, the logits and the gradients
+  stay float32 (the optimizer's state is float32 whatever the compute)."""
+  batch = _batch()
+  config = _variant(compute_dtype="bfloat16", attention=attention)
+  loss, grads = _loss_and_grads(config, params, batch)
+  want, _ = _loss_and_grads(CONFIG, params, batch)
+  assert loss.dtype == jnp.float32 and abs(float(loss) - float(want)) < 2e-2
+  assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+  assert model.forward(params, batch[0], config).dtype == jnp.float32
+  assert model.loss_fn(params, batch, config) != model.loss_fn(params, batch, CONFIG)
+
+
+@pytest.mark.parametrize("attention", ["einsum", "xla"])
+def test_bfloat16_forward_with_dropout_jitted_matches_unjitted(params, attention):
+  config = _variant(compute_dtype="bfloat16", attention=attention)
+  batch, rng = _batch(), jax.random.key(3)
+  run = functools.partial(model.loss_fn, config=config, train=True, rng=rng)
+  np.testing.assert_allclose(jax.jit(run)(params, batch), unjitted(run)(params, batch),
+                             rtol=1e-2)
+
+
+def test_bfloat16_generation_fills_its_cache_in_bfloat16(params):
+  config = _variant(compute_dtype="bfloat16")
+  cache = model.init_cache(config, 2)
+  logits, cache = model.forward_cached(params, tokens(batch=2, t=4), cache, 0, config)
+  assert cache["k"].dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, model.forward(params, tokens(batch=2, t=4), config),
+                             atol=5e-2)
+
+
+@pytest.mark.parametrize("platform, expected", [("cpu", "xla"), ("METAL", "xla"),
+                                                ("gpu", "cudnn"), ("cuda", "cudnn")])
+def test_cudnn_attention_runs_as_xla_off_an_nvidia_gpu(platform, expected):
+  assert model.on_platform(_variant(attention="cudnn"), platform).attention == expected
+  assert model.on_platform(_variant(attention="einsum"), platform).attention == "einsum"

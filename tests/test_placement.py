@@ -49,6 +49,35 @@ def test_microbatches_elsewhere_and_requested(platform, requested, expected):
   assert placement.train_microbatches(tc, ModelConfig(block_size=64), platform, 2) == expected
 
 
+@pytest.mark.parametrize("platform, dtype, attention, n_head, expected", [
+    ("cpu", "auto", "auto", 8, ("float32", "einsum")),  # Today's CPU step, unchanged.
+    ("gpu", "auto", "auto", 8, ("bfloat16", "cudnn")),  # head_dim 16.
+    ("cuda", "auto", "auto", 2, ("bfloat16", "cudnn")),  # head_dim 64.
+    ("gpu", "auto", "auto", 1, ("bfloat16", "cudnn")),  # head_dim 128: cuDNN's limit.
+    ("gpu", "auto", "auto", 32, ("bfloat16", "einsum")),  # head_dim 4: not a multiple of 8.
+    ("rocm", "auto", "auto", 8, ("bfloat16", "einsum")),
+    ("tpu", "auto", "auto", 8, ("bfloat16", "einsum")),
+    ("METAL", "auto", "auto", 8, ("float32", "einsum")),
+    ("gpu", "float32", "auto", 8, ("float32", "einsum")),  # Given: kept, the rest follows it.
+    ("cpu", "bfloat16", "xla", 8, ("bfloat16", "xla")),
+    ("gpu", "auto", "einsum", 8, ("bfloat16", "einsum")),
+    ("cpu", "bfloat16", "cudnn", 8, ("bfloat16", "xla")),  # Recorded on a GPU, resumed here.
+])
+def test_compute_settings_resolve_auto_by_the_training_platform(platform, dtype, attention,
+                                                                 n_head, expected):
+  mc = ModelConfig(n_embd=128, n_head=n_head, compute_dtype=dtype, attention=attention)
+  assert placement.compute_settings(mc, platform) == dict(
+      zip(("compute_dtype", "attention"), expected))
+
+
+def test_cudnn_attention_where_it_cannot_run_is_refused_when_given():
+  mc = ModelConfig(n_embd=128, n_head=8, attention="cudnn")
+  with pytest.raises(UserError, match=r"^--attention=cudnn needs an NVIDIA GPU training in "
+                     r"bfloat16 .* this run trains on cpu in float32 with head_dim 16\. Use "
+                     r"--attention=xla or einsum\.$"):
+    placement.compute_settings(mc, "cpu", frozenset({"attention"}))
+
+
 @pytest.mark.parametrize("n", [1, 12, 97, 360, 10**9 + 7])
 def test_divisors(n):
   assert placement.divisors(n) == [d for d in range(1, min(n, 400) + 1) if n % d == 0] + (

@@ -1,6 +1,7 @@
 """The whole training run in this process (`trainer.run`, what `python -m randygpt.main` runs):
 what it writes and prints, what it refuses, and what it leaves behind."""
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -12,7 +13,8 @@ import pytest
 from randygpt import trainer
 
 from conftest import (REPO, SHAKESPEARE, make_corpus, needs_shakespeare, parse_args,
-                      raises_user_error, read_metrics, run_training, tiny, tree_bytes, write_corpus)
+                      raises_user_error, read_metrics, run_config, run_training, tiny, tree_bytes,
+                      write_corpus)
 
 
 def test_trains_writes_every_output_and_repeats_from_flags_cfg(tmp_path, capsys):
@@ -118,6 +120,55 @@ def test_shakespeare_loss_falls(tmp_path, capsys):
   assert "1,204,480 parameters" in stdout
   evals = [r for r in read_metrics(tmp_path / "shake") if "val_loss" in r]
   assert evals[0]["val_loss"] < 3.5 and evals[1]["val_loss"] < evals[0]["val_loss"] - 0.2
+
+
+def gpu_stand_in(asked: list):
+  """A `place` that records the --train_platform it is asked for and trains on the CPU
+  devices as the GPU would be named ("gpu"), so that a GPU run's choices happen here."""
+  from randygpt.runtime import platforms
+
+  def place(train_platform, eval_platform, num_cpu_devices=0):
+    asked.append(train_platform)
+    placement = platforms.place("cpu", eval_platform, 1)
+    return dataclasses.replace(placement, train_platform="gpu" if train_platform in (
+        "gpu", "auto") else "cpu")
+  return place
+
+
+@pytest.mark.parametrize("given", [{}, {"train_platform": "cpu"}])
+def test_a_resumed_gpu_run_keeps_its_platform_and_compute(tmp_path, capsys, given):
+  corpus = write_corpus(tmp_path / "c.txt")
+  asked, workdir = [], tmp_path / "gpu"
+  # n_head 8: head_dim 4, which cuDNN's attention cannot run (it would not on the CPU).
+  first = trainer.run(run_config(workdir=workdir, **tiny(data=corpus, iters=2, n_head=8,
+                                                         train_platform="auto")),
+                      gpu_stand_in(asked))
+  recorded = (workdir / "flags.cfg").read_text().splitlines()
+  assert {"--train_platform=auto", "--compute_dtype=bfloat16", "--attention=einsum",
+          "--microbatches=1"} <= set(recorded)
+  assert "| bfloat16 matmuls, einsum attention |" in capsys.readouterr().out
+  resumed = trainer.run(run_config(workdir=workdir, resume=True,
+                                   **tiny(data=corpus, iters=4, n_head=8), **given),
+                        gpu_stand_in(asked))
+  assert first["status"] == resumed["status"] == "completed" and resumed["iters"] == 4
+  assert asked == ["auto", given.get("train_platform", "auto")]
+  # The compute is the checkpoint's wherever the resume trains (--compute_dtype changes it).
+  assert "| bfloat16 matmuls, einsum attention |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_shakespeare_char_cfg_trains_on_the_cpu(tmp_path, capsys):
+  """nanoGPT's GPU preset, where JAX has no GPU: the CPU trains it (two steps here)."""
+  corpus = write_corpus(tmp_path / "c.txt", 6000)
+  summary = trainer.run(parse_args(f"--flagfile={REPO / 'experiments' / 'shakespeare_char.cfg'}",
+                                   f"--data={corpus}", "--iters=2", "--eval_interval=2",
+                                   "--eval_iters=1", "--batch_size=4", "--max_new_tokens=5",
+                                   f"--workdir={tmp_path / 'char'}"))
+  stdout = capsys.readouterr().out
+  assert summary["status"] == "completed" and summary["iters"] == 2
+  assert "6 layers, 6 heads, n_embd 384, block 256, dropout 0.2" in stdout
+  assert "x cpu (data-parallel" in stdout and "matmuls" not in stdout
+  assert "--train_platform=auto" in (tmp_path / "char" / "flags.cfg").read_text()
 
 
 WHITESPACE = " \n\t\r\n "

@@ -24,6 +24,7 @@ from randygpt.bench.runs import measure_text_sizes, measure_training_runs
 from randygpt.bench.shapes import measure_shapes
 from randygpt.bench.steps import measure
 from randygpt.bench.tables import table_rows, text_size_table
+from randygpt.bench.variants import measure_variants
 from randygpt.errors import UserError
 
 flags.DEFINE_integer("steps", 50, "Timed training steps (after warm-up).", lower_bound=1)
@@ -41,6 +42,10 @@ flags.DEFINE_integer("run_iters", 200, "Iterations of the real training run that
 flags.DEFINE_list("text_sizes", [], "Measure start-up and peak memory against the text's "
                   "size instead: --data repeated to each of these sizes in bytes, e.g. "
                   "1e6,1e8,1e9 (first start builds the token cache, second reuses it).")
+flags.DEFINE_list("variants", [], "Instead of the one-shape report: time the train step once "
+                  "per variant of how it computes, in one process, e.g. "
+                  "compute_dtype=float32/attention=einsum,compute_dtype=bfloat16/attention=cudnn"
+                  " (settings: compute_dtype, attention, microbatches).")
 flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
 flags.DEFINE_list("shapes", [], "Instead of the one-shape report: time randygpt's train step "
                   "beside both PyTorch peers (randygpt/torch_reference.py and nanoGPT's own "
@@ -115,6 +120,12 @@ def bench():
                       "bytes, e.g. 1e6,1e8.") from None
     rows = measure_text_sizes(config, sizes)
     print(json.dumps(rows) if flags.FLAGS.json else text_size_table(rows))
+    return
+  if flags.FLAGS.variants:
+    rows = measure_variants(config, flags.FLAGS.variants, flags.FLAGS.steps,
+                            flags.FLAGS.warmup_steps)
+    if flags.FLAGS.json:
+      print(json.dumps(rows))
     return
   if flags.FLAGS.core_runner:
     if len(flags.FLAGS.shapes) != 1:

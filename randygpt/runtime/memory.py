@@ -97,3 +97,14 @@ def peak_resident_mb() -> float:
   if peak is None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Bytes on macOS.
   return peak
+
+
+def device_peak_mb(device) -> float | None:
+  """The most memory `device`'s allocator has held (an accelerator's `peak_bytes_in_use`);
+  None where the backend keeps no such count (the CPU)."""
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # Plugins raise assorted types, or none is implemented.
+    return None
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2**20

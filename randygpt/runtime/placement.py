@@ -11,7 +11,7 @@ import math
 
 import jax
 
-from randygpt import evaluate, sharding
+from randygpt import evaluate, model, sharding
 from randygpt.config import ModelConfig, RunConfig, TrainConfig
 from randygpt.errors import UserError
 from randygpt.runtime import cores, footprint, memory, platforms
@@ -141,6 +141,40 @@ def choose_microbatches(tc: TrainConfig, model_config: ModelConfig, platform: st
   return auto, f"automatic: slices of {tokens} tokens on each device, {size} of activations"
 
 
+# Where "auto" computes in bfloat16: the platforms whose matrix units run it at several
+# times float32's rate (docs/measurements.md, "GPU"); the CPU's fastest matmuls are float32's.
+LOW_PRECISION_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def _cudnn_runs(model_config: ModelConfig, platform: str, dtype: str) -> bool:
+  """Whether cuDNN's fused attention can run this model (JAX's check_is_flash_attention)."""
+  k = model_config.head_dim
+  return (platform in model.CUDNN_PLATFORMS and dtype == "bfloat16" and k % 8 == 0
+          and k <= 128)
+
+
+def compute_settings(model_config: ModelConfig, platform: str,
+                     explicit: frozenset = frozenset()) -> dict:
+  """--compute_dtype and --attention for training on `platform`, "auto" resolved: bfloat16
+  with cuDNN's attention on an NVIDIA GPU (where the model fits it), bfloat16 on other
+  accelerators, float32 and einsum on the CPU. A cudnn that cannot run here is refused when
+  given (`explicit`), and runs as XLA's implementation when a checkpoint recorded it."""
+  dtype = model_config.compute_dtype
+  if dtype == "auto":
+    dtype = "bfloat16" if platform in LOW_PRECISION_PLATFORMS else "float32"
+  attention = model_config.attention
+  if attention == "auto":
+    attention = "cudnn" if _cudnn_runs(model_config, platform, dtype) else "einsum"
+  elif attention == "cudnn" and not _cudnn_runs(model_config, platform, dtype):
+    if "attention" in explicit:
+      raise UserError(f"--attention=cudnn needs an NVIDIA GPU training in bfloat16 "
+                      f"(--compute_dtype=bfloat16) and a head_dim that is a multiple of 8 up "
+                      f"to 128; this run trains on {platform} in {dtype} with head_dim "
+                      f"{model_config.head_dim}. Use --attention=xla or einsum.")
+    attention = "xla"
+  return {"compute_dtype": dtype, "attention": attention}
+
+
 def eval_chunks(tc: TrainConfig, model_config: ModelConfig, platform: str) -> int:
   """How many chunks an estimate runs in on `platform`: the fewest whose size fits the
   platform's limit, in whole batches of windows unless one batch's logits exceed
@@ -239,7 +273,8 @@ def plan(config: RunConfig, *, resumed: bool, place=platforms.place,
       resumed=resumed)
   why_devices = why_device_count(loc.num_cpu_devices, "num_cpu_devices" in config.explicit,
                                  loc.num_processes, platform, machine, mesh.size) + memory_note
-  config = config.replace(microbatches=microbatches)
+  config = config.replace(microbatches=microbatches,
+                          **compute_settings(mc, platform, config.explicit))
   if platform == "cpu" and loc.num_processes == 1:
     config = config.replace(num_cpu_devices=mesh.size)
   eval_platform = placement.eval_platform
@@ -253,7 +288,9 @@ def devices_line(config: RunConfig, plan: Plan, workdir) -> str:
   """The header's line about the devices and the step's slices."""
   mc, tc = config.model, config.train
   mb = tc.microbatches
+  compute = ("" if (mc.compute_dtype, mc.attention) == ("float32", "einsum")
+             else f"| {mc.compute_dtype} matmuls, {mc.attention} attention ")
   return (f"devices: {plan.mesh.size} x {plan.platform} (data-parallel; {plan.why_devices}) "
           f"| batch {tc.batch_size} x {mc.block_size} = {tc.batch_size * mc.block_size:,} "
           f"tokens/step in {mb} microbatch{'es' if mb > 1 else ''} ({plan.why_microbatches}) "
-          f"| workdir: {workdir}")
+          f"{compute}| workdir: {workdir}")

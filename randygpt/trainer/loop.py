@@ -48,6 +48,7 @@ class Trainer:
     self.eval_fallback = None  # Where and why the CPU took over evaluation.
     self.note_fallback(setup.start_iter)  # The start-up probe's.
     self.startup_s, self.memory_mb = None, {"after_imports": after_imports_mb}
+    self.compile_s = None  # The train step's, once compiled.
     self.loop_start = time.perf_counter()
 
   def loop(self) -> str:
@@ -89,7 +90,8 @@ class Trainer:
     setup = self.setup
     self.step_fn = compile_step(setup.step_fn, setup.config, self.state,
                                 self.batch(setup.start_iter + 1), self.dropout_key)
-    print(f"done in {time.perf_counter() - start:.1f}s", flush=True)
+    self.compile_s = time.perf_counter() - start
+    print(f"done in {self.compile_s:.1f}s", flush=True)
     self.memory_mb["compile_peak"] = memory.peak_resident_mb()
     self.throughput.mark(self.setup.start_iter)
 
@@ -247,7 +249,9 @@ class Trainer:
         "n_params": model.n_params(self.setup.config.model),
         "checkpoint_blocked_ms_max": max(self.save_ms, default=None),
         "startup_s": self.startup_s,
-        "memory_mb": self.memory_mb | {"peak": memory.peak_resident_mb()},
+        "compile_s": self.compile_s,
+        "memory_mb": self.memory_mb | {"peak": memory.peak_resident_mb(), "device_peak":
+                                       memory.device_peak_mb(self.setup.mesh.devices.flat[0])},
         "eval_fallback": self.eval_fallback,
     }
     if self.is_main:
