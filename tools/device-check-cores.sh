@@ -3,6 +3,8 @@
 # on the lent machine's cores (16), in ~7 minutes with a cold compilation cache:
 #   16 cores: the tiny, default and medium shapes (randygpt/bench/shapes.py);
 #   4 and 8 cores: the default shape;
+#   then, where BRACKETS_LIMIT_S allows, 16 cores at the default shape with the manual
+#   settings that bracket the automatic one (half and double its devices);
 # each timing a process pinned to the first k cores with k threads, 20 timed steps, two
 # interleaved rounds (python -m randygpt.bench --cores). Writes machine.txt, the tables
 # (cores.md) and their JSON and logs to $OUT.
@@ -11,7 +13,8 @@
 # repository: the torch_reference peer is the faster at these shapes, all with dropout)
 # unless .device/nanogpt holds a nanoGPT checkout with data/shakespeare_char prepared and
 # .device/nanogpt-bench.sh the script that times it. Env: PYTHON, STEPS, ROUNDS, and
-# WIDE_LIMIT_S / NARROW_LIMIT_S (each part's time limit in seconds).
+# WIDE_LIMIT_S / NARROW_LIMIT_S / BRACKETS_LIMIT_S (each part's time limit in seconds; 0
+# skips the part; brackets default 0).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -57,18 +60,23 @@ fi
 
 common=(--flagfile=experiments/shakespeare.cfg --data=data/tinyshakespeare.txt
         --eval_platform=cpu --steps="$steps" --warmup_steps=2 --shape_repeats="$rounds"
-        --nocore_brackets "${nanogpt[@]}")
-part() {  # part NAME LIMIT_S SHAPES CORES
-  say "$1: --shapes=$3 --cores=$4, limit $2 s"
-  timeout "$2" "$python" -m randygpt.bench "${common[@]}" --shapes="$3" --cores="$4" --json \
-    > "$out/$1.out" 2> "$out/$1.log"
+        "${nanogpt[@]}")
+part() {  # part NAME LIMIT_S SHAPES CORES [BENCH FLAGS...]
+  local name=$1 limit=$2 shapes=$3 counts=$4
+  shift 4
+  [ "$limit" -gt 0 ] || { say "$name: skipped (no time left)"; return; }
+  say "$name: --shapes=$shapes --cores=$counts $*, limit $limit s"
+  timeout "$limit" "$python" -m randygpt.bench "${common[@]}" --shapes="$shapes" \
+    --cores="$counts" --json "$@" > "$out/$name.out" 2> "$out/$name.log"
   local rc=$?
-  grep '^|' "$out/$1.out" | tee -a "$out/cores.md" >&2
-  grep '^\[' "$out/$1.out" > "$out/$1.json"
-  [ $rc -eq 0 ] || { say "$1 ended with status $rc; its rounds so far:"; grep '^round' "$out/$1.log" | tee -a "$out/cores.md" >&2; }
-  say "$1 done"
+  grep '^|' "$out/$name.out" | tee -a "$out/cores.md" >&2
+  grep '^\[' "$out/$name.out" > "$out/$name.json"
+  [ $rc -eq 0 ] || say "$name ended with status $rc; its rounds so far:"
+  grep '^round' "$out/$name.log" | tee -a "$out/cores.md" >&2  # Each round: the spread.
+  say "$name done"
 }
-part wide "${WIDE_LIMIT_S:-300}" tiny,default,medium "$wide"
-[ -n "$narrow" ] && part narrow "${NARROW_LIMIT_S:-120}" default "$narrow"
+part wide "${WIDE_LIMIT_S:-300}" tiny,default,medium "$wide" --nocore_brackets
+[ -n "$narrow" ] && part narrow "${NARROW_LIMIT_S:-120}" default "$narrow" --nocore_brackets
+part brackets "${BRACKETS_LIMIT_S:-0}" default "$wide" --core_brackets
 say "total $(( $(date +%s) - start )) s"
 rm -rf "$RANDYGPT_CACHE"

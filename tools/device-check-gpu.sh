@@ -10,7 +10,8 @@
 # nanoGPT's source (`git --git-dir=NANOGPT_GIT --work-tree=.device/nanogpt checkout -f HEAD
 # -- .`) with data/shakespeare_char/{train,val}.bin made by its prepare.py from a copy of
 # data/tinyshakespeare.txt as its input.txt.
-# Env: PYTHON; DEVICE=cpu rehearses on a machine without a GPU (nanoGPT uncompiled, float32);
+# Env: PARTS (`runs`, `variants` or both, the default: `runs,variants`); PYTHON; DEVICE=cpu
+# rehearses on a machine without a GPU (nanoGPT uncompiled, float32);
 # NANOGPT_LIMIT_S, RANDYGPT_LIMIT_S, VARIANTS_LIMIT_S (each part's limit, seconds); STEPS
 # (the variants' timed steps, 30); SHAPE_FLAGS, flags both sides take (e.g. "--n_layer=2
 # --n_embd=64 --block_size=32"), to rehearse at a shape the CPU trains quickly.
@@ -38,6 +39,7 @@ ended() {  # ended T0: the last command's exit status and the seconds since T0.
 jax.__version__, jax.devices(), "| torch", torch.__version__)'; } > "$out/machine.txt" 2>&1
 cat "$out/machine.txt" >&2
 
+runs() {
 # nanoGPT: its own train.py and config, run from a copy; the wrapper adds the peak memory.
 nanogpt=(--max_iters="$iters" --eval_interval="$eval_interval" --eval_iters="$eval_iters"
          --out_dir="$scratch/nanogpt-out" ${shape[@]+"${shape[@]}"})
@@ -76,7 +78,9 @@ ended "$t0" >> "$out/randygpt.log"
 cp "$scratch/rg/summary.json" "$scratch/rg/metrics.jsonl" "$out/" 2>/dev/null
 tail -n 3 "$out/randygpt.log" >&2
 "$python" tools/gpu_table.py "$out" | tee "$out/gpu.md" >&2
+}
 
+variants() {
 say "variants of the train step"
 timeout "${VARIANTS_LIMIT_S:-90}" "$python" -m randygpt.bench \
     --flagfile=experiments/shakespeare_char.cfg --steps="${STEPS:-30}" --warmup_steps=3 \
@@ -84,5 +88,9 @@ timeout "${VARIANTS_LIMIT_S:-90}" "$python" -m randygpt.bench \
     --variants=compute_dtype=float32/attention=einsum,compute_dtype=bfloat16/attention=einsum,compute_dtype=bfloat16/attention=cudnn \
     > "$out/variants.log" 2>&1
 grep '^|' "$out/variants.log" | tee -a "$out/gpu.md" >&2
+}
+
+case ",${PARTS:-runs,variants}," in *,runs,*) runs ;; esac
+case ",${PARTS:-runs,variants}," in *,variants,*) variants ;; esac
 say "total $(( $(date +%s) - start )) s"
 rm -rf "$scratch"

@@ -144,7 +144,7 @@ class Trainer:
       self.best = (estimates["val_loss"], step)
       self.save("best", step)
     memory.release_free_memory()  # What compiling the first estimate and save left.
-    return estimates
+    return estimates | {"eval_s": self.eval_seconds}
 
   def save(self, kind: str, step: int) -> float:
     """Starts saving the state unless it diverged (NaN weights never replace good ones);
