@@ -104,13 +104,17 @@ class Evaluator:
     return {name: float(self._estimate(params, windows[split]))
             for name, split in (("eval_train_loss", "train"), ("val_loss", "val"))}
 
+  def full_val_starts(self) -> np.ndarray:
+    """The starts of the windows of the final evaluation (full_val_loss)."""
+    return tiling_starts(len(self.splits["val"]), self.model_config.block_size,
+                         FULL_VAL_ESTIMATES * 2 * eval_windows(self.tc))
+
   def full_val_loss(self, params) -> tuple[float, int]:
     """The val loss over the non-overlapping windows that tile the val split (at most
     FULL_VAL_ESTIMATES estimates' worth), every window once, and their count; in batches of
     an estimate's windows."""
     size, block = eval_windows(self.tc), self.model_config.block_size
-    starts = tiling_starts(len(self.splits["val"]), block, FULL_VAL_ESTIMATES * 2 * size)
-    params, total = self.place(params), 0.0
+    starts, params, total = self.full_val_starts(), self.place(params), 0.0
     if self._loss_sum is None:
       self._loss_sum = jax.jit(functools.partial(eval_loss_sum, model_config=self.model_config,
                                                  chunks=self.chunks))
