@@ -63,13 +63,13 @@ class TrainConfig:
       "--batch_size; 0 picks, on the CPU, slices whose share on each device fits the caches "
       "(the header says which), and 1 elsewhere.", lower_bound=0)
   learning_rate: float = flag(3e-3, "Peak learning rate, reached after the warmup.")
-  min_lr: float = flag(3e-4, "Learning rate at the end of the cosine decay and after it.",
+  min_lr: float = flag(3e-4, "Learning rate at the end of the decay and after it.",
                        lower_bound=0.0)
   warmup_iters: int = flag(100, "Linear warmup length.", lower_bound=0)
   lr_decay_iters: int = flag(
-      0, "Iteration at which the cosine decay reaches --min_lr; 0 means the --iters of the "
-      "run's first start. Kept in checkpoints: a resumed run follows the same schedule unless "
-      "this is given.", lower_bound=0)
+      0, "Iteration at which the decay (--lr_schedule) reaches --min_lr; 0 means the --iters "
+      "of the run's first start. Kept in checkpoints: a resumed run follows the same schedule "
+      "unless this is given.", lower_bound=0)
   lr_schedule: str = flag(
       "cosine", "After the warmup: `cosine` down to --min_lr at the horizon "
       "(--lr_decay_iters), or `wsd` (warmup-stable-decay): --learning_rate held, then a "
