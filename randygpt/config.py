@@ -7,6 +7,7 @@ dict (`to_flags` / `from_flags`): what flags.cfg holds and what a checkpoint sto
 """
 
 import dataclasses
+import re
 
 from randygpt.errors import UserError
 
@@ -75,13 +76,20 @@ class TrainConfig:
       "--batch_size; 0 picks, on the CPU, slices whose share on each device fits the caches "
       "(the header says which), and 1 elsewhere.", lower_bound=0)
   learning_rate: float = flag(3e-3, "Peak learning rate, reached after the warmup.")
-  min_lr: float = flag(3e-4, "Learning rate at the end of the cosine decay and after it.",
+  min_lr: float = flag(3e-4, "Learning rate at the end of the decay and after it.",
                        lower_bound=0.0)
   warmup_iters: int = flag(100, "Linear warmup length.", lower_bound=0)
   lr_decay_iters: int = flag(
-      0, "Iteration at which the cosine decay reaches --min_lr; 0 means the --iters of the "
-      "run's first start. Kept in checkpoints: a resumed run follows the same schedule unless "
-      "this is given.", lower_bound=0)
+      0, "Iteration at which the decay (--lr_schedule) reaches --min_lr; 0 means the --iters "
+      "of the run's first start. Kept in checkpoints: a resumed run follows the same schedule "
+      "unless this is given.", lower_bound=0)
+  lr_schedule: str = flag(
+      "cosine", "After the warmup: `cosine` down to --min_lr at the horizon "
+      "(--lr_decay_iters), or `wsd` (warmup-stable-decay): --learning_rate held, then a "
+      "linear decay to --min_lr over the horizon's last --decay_fraction (docs/levers.md). "
+      "Kept in checkpoints unless given.", choices=("cosine", "wsd"))
+  decay_fraction: float = flag(0.2, "--lr_schedule=wsd: the share of the horizon that the "
+                               "decay takes, in (0, 1].", lower_bound=0.0, upper_bound=1.0)
   weight_decay: float = flag(0.1, "AdamW weight decay, applied to the weight matrices, not to "
                              "the embeddings.", lower_bound=0.0)
   beta1: float = flag(0.9, "AdamW beta1.", lower_bound=0.0, upper_bound=1.0)
@@ -169,6 +177,12 @@ class LocationConfig:
       "(SLURM, TPU pods). launch.sh --processes=N sets all three.")
   num_processes: int = flag(1, "Processes in a multi-process run.", lower_bound=1)
   process_id: int = flag(0, "This process's rank, 0 to --num_processes - 1.", lower_bound=0)
+  time_budget: str = flag(
+      "", "Train for about this long (e.g. 90s, 10m, 1h30m) instead of --iters: a fresh start "
+      "times a few steps and one evaluation after compiling, then trains the iterations that "
+      "fit, evaluations and saves included (the header says how many). flags.cfg records "
+      "them as --iters, so a repeat from it trains as many without timing; a resume keeps "
+      "them (docs/runs.md).")
   distributed_timeout: int = flag(60, "Seconds to wait for the other processes at start-up, "
                                   "and for a missing one before giving up.", lower_bound=1)
 
@@ -270,3 +284,18 @@ class RunConfig:
         k in LocationConfig.__dataclass_fields__ and k not in KEPT_LOCATION)}}
     merged["prompt"] = tuple(merged["prompt"])
     return RunConfig.from_flags(merged, self.explicit)
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?|\.\d+)([hms]))+|\d+(?:\.\d*)?")
+_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "": 1.0}
+
+
+def parse_duration(text: str) -> float | None:
+  """Seconds in `90s`, `10m`, `1.5h`, `1h30m` or a bare `600` (seconds); None when `text`
+  is not such a duration, or is zero."""
+  text = text.strip()
+  if not _DURATION.fullmatch(text):
+    return None
+  seconds = sum(float(number) * _UNIT_S[unit] for number, unit in
+                re.findall(r"(\d+(?:\.\d*)?|\.\d+)([hms]?)", text))
+  return seconds if seconds > 0 else None

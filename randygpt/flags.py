@@ -38,8 +38,11 @@ flags.register_validator("dropout", lambda v: v < 1.0, "--dropout must be below 
 for _beta in ("beta1", "beta2"):  # At 1, Adam's bias correction divides by zero.
   flags.register_validator(_beta, lambda v: v < 1.0, f"--{_beta} must be below 1.")
 flags.register_validator("top_p", lambda v: 0.0 < v <= 1.0, "--top_p must be in (0, 1].")
-for _rate in ("learning_rate", "muon_rms"):  # 0 would train nothing.
+for _rate in ("learning_rate", "muon_rms", "decay_fraction"):  # 0: no training, no decay.
   flags.register_validator(_rate, lambda v: v > 0.0, f"--{_rate} must be positive.")
+flags.register_validator("time_budget",
+                         lambda v: not v or config.parse_duration(v) is not None,
+                         "--time_budget must be a duration such as 90s, 10m or 1h30m.")
 flags.register_multi_flags_validator(
     ["n_embd", "n_head"], lambda f: f["n_embd"] % f["n_head"] == 0,
     "--n_embd must be divisible by --n_head.")

@@ -1,5 +1,5 @@
 """The optimizer: AdamW (or Muon for the blocks' matrices) with global-norm clipping and a
-warmup-then-cosine schedule.
+warmup-then-cosine (or warmup-stable-decay) schedule.
 
 Weight decay applies to the 2-D weight matrices inside the blocks and the lm_head,
 not to the token and position embeddings: decaying an embedding row pulls rare
@@ -33,12 +33,34 @@ def decay_horizon(config: TrainConfig) -> int:
 
 
 def lr_schedule(config: TrainConfig) -> optax.Schedule:
-  """Linear warmup to `learning_rate`, cosine down to `min_lr` at the horizon, then flat."""
+  """Linear warmup to `learning_rate`, then down to `min_lr` at the horizon, flat after it:
+  by a cosine, or (`wsd`) held until the decay's start, then linearly."""
   decay_iters = decay_horizon(config)
   warmup = min(config.warmup_iters, decay_iters)
+  if config.lr_schedule == "wsd":
+    return _warmup_stable_decay(config, warmup, decay_iters)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
       decay_steps=max(decay_iters, warmup + 1), end_value=config.min_lr)
+
+
+def decay_start(config: TrainConfig) -> int:
+  """--lr_schedule=wsd: the update its decay starts at, --decay_fraction of the horizon
+  before it (at least one update), never inside the warmup."""
+  horizon = decay_horizon(config)
+  decay = max(1, round(config.decay_fraction * horizon))
+  return max(min(config.warmup_iters, horizon), horizon - decay)
+
+
+def _warmup_stable_decay(config: TrainConfig, warmup: int, horizon: int) -> optax.Schedule:
+  """Warmup-stable-decay (Hu et al. 2024, MiniCPM; Hägele et al. 2024): a linear decay, which
+  lasts one update when the warmup fills the horizon."""
+  start = decay_start(config)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, config.learning_rate, warmup),
+       optax.constant_schedule(config.learning_rate),
+       optax.linear_schedule(config.learning_rate, config.min_lr, max(horizon - start, 1))],
+      [warmup, start])
 
 
 def schedule_count(opt_state) -> jax.Array:

@@ -28,7 +28,9 @@ flags.DEFINE_string("plot", "", "Also draw train and val loss against iteration 
 
 # `iter`: the last logged iteration (the --iters flag, when it differs, is the target).
 # `best_bpc`: the best evaluation's validation bits per character, comparable across tokenizers.
-RESULTS = ("iter", "best_val", "best_bpc", "best_iter", "final_val", "tokens_per_sec", "wall")
+# `full_val`: summary.json's final_val_full, the last val loss over the whole val split.
+RESULTS = ("iter", "best_val", "best_bpc", "best_iter", "final_val", "full_val",
+           "tokens_per_sec", "wall")
 MARKERS = ("flags.cfg", rundir.LOCK_NAME)  # What every run's workdir holds.
 
 
@@ -40,6 +42,7 @@ class Run:
   flags: dict[str, str]
   records: list[dict]  # metrics.jsonl.
   starts: list[int]  # The iterations it started or resumed at (run.json).
+  full_val: float | None = None  # summary.json's final_val_full.
 
 
 def _read_json(path: Path) -> dict | None:
@@ -99,8 +102,9 @@ def status(workdir: Path, has_records: bool) -> str:
 def load(workdir: Path, name: str) -> Run:
   records = metrics.read_records(workdir / "metrics.jsonl")
   starts = [s["iter"] for s in (_read_json(workdir / "run.json") or {}).get("starts", [])]
+  full_val = (_read_json(workdir / "summary.json") or {}).get("final_val_full")
   return Run(workdir, name, status(workdir, bool(records)), read_flags(workdir), records,
-             starts or [0])
+             starts or [0], full_val)
 
 
 def wall_times(run: Run) -> list[float]:
@@ -123,7 +127,7 @@ def results(run: Run) -> dict:
   return {"iter": run.records[-1]["iter"] if run.records else None,
           "best_val": best.get("val_loss"), "best_bpc": best.get("val_bpc"),
           "best_iter": best.get("iter"),
-          "final_val": evals[-1]["val_loss"] if evals else None,
+          "final_val": evals[-1]["val_loss"] if evals else None, "full_val": run.full_val,
           "tokens_per_sec": statistics.median(rates) if rates else None,
           "wall": walls[-1] if walls else None}
 
@@ -159,7 +163,7 @@ def rows(runs: list[Run], sort: str) -> tuple[list[str], list[dict]]:
 def _cell(column: str, value) -> str:
   if value is None:
     return "-"
-  if column in ("best_val", "best_bpc", "final_val"):
+  if column in ("best_val", "best_bpc", "final_val", "full_val"):
     return f"{value:.4f}"
   if column == "tokens_per_sec":
     return metrics.format_rate(value)

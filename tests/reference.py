@@ -252,12 +252,31 @@ def warmup_cosine(step: int, peak: float, end: float, warmup: int, horizon: int)
   return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_stable_decay(step: int, peak: float, end: float, warmup: int, decay_start: int,
+                        horizon: int) -> float:
+  """The learning rate of update `step`: linear from 0 to `peak` over `warmup` updates, held
+  at `peak` until update `decay_start`, then linear down to `end` at update `horizon` (Hu et
+  al. 2024, MiniCPM), flat after it."""
+  if step < warmup:
+    return peak * step / warmup
+  if step < decay_start:
+    return peak
+  progress = min(step - decay_start, horizon - decay_start) / (horizon - decay_start)
+  return peak + (end - peak) * progress
+
+
 def learning_rate(step: int, tc) -> float:
-  """The run's learning rate at update `step` (`tc`: a TrainConfig): warmup_cosine to the
-  horizon tc.lr_decay_iters, or tc.iters where that is 0; a warmup longer than the horizon
-  is cut to it, and the cosine then lasts one update."""
+  """The run's learning rate at update `step` (`tc`: a TrainConfig): warmup_cosine (or, for
+  lr_schedule "wsd", warmup_stable_decay with a decay of tc.decay_fraction of the horizon,
+  rounded, at least one update, after the warmup) to the horizon tc.lr_decay_iters, or
+  tc.iters where that is 0; a warmup longer than the horizon is cut to it, and the decay
+  then lasts one update."""
   horizon = tc.lr_decay_iters or tc.iters
   warmup = min(tc.warmup_iters, horizon)
+  if tc.lr_schedule == "wsd":
+    start = max(warmup, horizon - max(1, round(tc.decay_fraction * horizon)))
+    return warmup_stable_decay(step, tc.learning_rate, tc.min_lr, warmup, start,
+                               max(horizon, start + 1))
   return warmup_cosine(step, tc.learning_rate, tc.min_lr, warmup, max(horizon, warmup + 1))
 
 

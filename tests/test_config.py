@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from randygpt.config import PLATFORMS, ModelConfig, RunConfig, TrainConfig
+from randygpt.config import PLATFORMS, ModelConfig, RunConfig, TrainConfig, parse_duration
 from randygpt.errors import UserError
 
 SAVED = RunConfig(model=ModelConfig(n_embd=64, n_head=4), train=TrainConfig(
@@ -82,6 +82,15 @@ def test_a_checkpoint_from_before_the_levers_has_them_off():
     on.resumed(older, "ckpt")
 
 
+def test_the_schedule_is_the_checkpoints_unless_given_and_cosine_before_it_existed():
+  older = {k: v for k, v in SAVED.items() if k not in ("lr_schedule", "decay_fraction")}
+  assert RunConfig().resumed(older, "ckpt").train.lr_schedule == "cosine"
+  saved = {**SAVED, "lr_schedule": "wsd", "decay_fraction": 0.3}
+  assert RunConfig().resumed(saved, "ckpt").train.decay_fraction == 0.3
+  now = RunConfig.from_flags({"lr_schedule": "cosine"}, explicit={"lr_schedule"})
+  assert now.resumed(saved, "ckpt").train.lr_schedule == "cosine"  # Not fixed on resume.
+
+
 def test_replace_changes_fields_by_their_flat_names():
   config = RunConfig(explicit=frozenset({"iters"}))
   changed = config.replace(vocab_size=65, lr_decay_iters=1000, microbatches=4, workdir="w")
@@ -103,3 +112,11 @@ def test_field_names_are_unique_across_sections():
 def test_platform_choices_are_the_platforms_runtime_knows():
   from randygpt.runtime import platforms
   assert PLATFORMS == tuple(platforms.CHOICES)
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("90s", 90), ("10m", 600), ("1h30m", 5400), ("1.5h", 5400), ("600", 600), (".5m", 30),
+    ("0", None), ("0s", None), ("", None), ("10 m", None), ("10x", None), ("m", None),
+    ("-5s", None)])
+def test_parse_duration(text, seconds):
+  assert parse_duration(text) == seconds

@@ -67,3 +67,24 @@ def test_the_run_s_estimate_matches_the_reference(setup):
     want = reference.loss(params, data.windows(splits[name], starts, cfg.block_size), cfg)
     key = {"train": "eval_train_loss", "val": "val_loss"}[name]
     np.testing.assert_allclose(got[key], want, rtol=LOSS_RTOL)
+
+
+def test_the_full_val_loss_is_every_tiling_window_once_matching_the_reference(setup):
+  cfg, tokens, params = setup
+  tc = TrainConfig(batch_size=4, eval_iters=2)  # Batches of 8 windows, in 2 chunks.
+  splits = dict(zip(("train", "val"), data.split(tokens, cfg.block_size)))
+  evaluator = evaluate.Evaluator(jax.devices("cpu")[0], cfg, SampleConfig(), splits,
+                                 jax.random.key(5), tc, chunks=2)
+  loss, windows = evaluator.full_val_loss(params)
+  starts = np.arange(0, len(splits["val"]) - cfg.block_size, cfg.block_size)
+  assert windows == len(starts) == 37 and windows % 8  # The last batch is padded.
+  end = starts[-1] + cfg.block_size + 1  # The last window's end: no room for another.
+  assert end <= len(splits["val"]) < end + cfg.block_size
+  want = reference.loss(params, data.windows(splits["val"], starts, cfg.block_size), cfg)
+  np.testing.assert_allclose(loss, want, rtol=LOSS_RTOL)
+  assert abs(loss - evaluator.estimates(params)["val_loss"]) > 1e-3  # Not the estimate's windows.
+
+
+def test_tiling_windows_are_spread_evenly_past_the_cap():
+  assert list(evaluate.tiling_starts(100, 16, 99)) == [0, 16, 32, 48, 64, 80]
+  assert list(evaluate.tiling_starts(100, 16, 3)) == [0, 32, 80]

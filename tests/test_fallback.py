@@ -94,6 +94,8 @@ def assert_like_the_cpu_run(workdir, reference, summary, stdout, stderr):
   assert ([{k: r.get(k) for k in SAME} for r in read_metrics(workdir)]
           == [{k: r.get(k) for k in SAME} for r in read_metrics(reference)])
   assert (workdir / "samples.txt").read_text() == (reference / "samples.txt").read_text()
+  assert summary["final_val_full"] == json.loads(
+      (reference / "summary.json").read_text())["final_val_full"]
   assert checkpoints(workdir) == checkpoints(reference) == [
       "checkpoints/best/4", "checkpoints/latest/4"]
   assert "Traceback" not in stdout + stderr
@@ -108,8 +110,10 @@ def assert_like_the_cpu_run(workdir, reference, summary, stdout, stderr):
 @pytest.mark.parametrize("kind, n, during, at_iter, calls", [
     ("estimate", 1, "evaluation", 2, ["estimate"]),
     ("estimate", 2, "evaluation", 4, ["estimate", "estimate"]),
-    ("sample", 2, "sampling", 4, ["estimate", "estimate", "sample", "sample"]),
-], ids=["first-evaluation", "second-evaluation", "second-prompt-of-the-samples"])
+    ("estimate", 3, "evaluation", 4, ["estimate", "estimate", "estimate"]),
+    ("sample", 2, "sampling", 4, ["estimate", "estimate", "estimate", "sample", "sample"]),
+], ids=["first-evaluation", "second-evaluation", "final-evaluation-of-the-whole-split",
+        "second-prompt-of-the-samples"])
 def test_a_failure_after_start_up_falls_back_once(reference, corpus, tmp_path, capsys, kind, n,
                                                   during, at_iter, calls):
   hook = Hook(kind, n)
@@ -148,7 +152,8 @@ def test_the_probe_s_estimate_is_the_cpu_s(reference, corpus, tmp_path, capsys):
   hook = Hook()
   summary = run_on_stand_in(tmp_path / "w", hook, **RUN | {"data": corpus, "iters": 2})
   assert summary["eval_fallback"] is None
-  assert hook.calls == ["probe-estimate", "probe-sample", "estimate", "sample", "sample"]
+  assert hook.calls == ["probe-estimate", "probe-sample", "estimate", "estimate", "sample",
+                        "sample"]  # The estimate at 2, the final evaluation, the samples.
   assert "⚠" not in capsys.readouterr().out
   got, want = read_metrics(tmp_path / "w")[0], read_metrics(reference)[0]
   assert got["iter"] == 2 and {k: got[k] for k in SAME} == {k: want[k] for k in SAME}

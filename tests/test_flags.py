@@ -35,10 +35,20 @@ def restore_flags():
     (["--muon_rms=0"], "muon_rms must be positive"),
     (["--min_lr=1", "--learning_rate=0.1"], "min_lr must not exceed"),
     (["--top_k=-3"], "top_k"),
+    (["--decay_fraction=0"], "decay_fraction must be positive"),
+    (["--decay_fraction=1.5"], "decay_fraction"),
+    (["--lr_schedule=linear"], "lr_schedule"),
+    (["--time_budget=10 min"], "time_budget must be a duration such as"),
+    (["--time_budget=0s"], "time_budget must be a duration such as"),
 ])
 def test_invalid_values_are_refused(args, message):
   with pytest.raises(flags.IllegalFlagValueError, match=message):
     parse(*args)
+
+
+def test_a_time_budget_is_a_duration():
+  assert parse("--time_budget=1h30m").location.time_budget == "1h30m"
+  assert parse().location.time_budget == ""
 
 
 def test_platform_flags_take_any_case_and_refuse_unknown_names():

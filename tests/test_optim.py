@@ -30,6 +30,18 @@ def test_schedule_with_horizon_shorter_than_warmup_is_valid():
   assert float(lr(19)) == pytest.approx(1e-3)
 
 
+def test_wsd_holds_the_peak_then_decays_linearly_over_the_last_fraction():
+  tc = dataclasses.replace(TRAIN, lr_schedule="wsd", decay_fraction=0.25, lr_decay_iters=100)
+  lr = optim.lr_schedule(tc)
+  assert optim.decay_start(tc) == 75
+  assert float(lr(5)) == pytest.approx(5e-3)  # The warmup is cosine's.
+  assert [float(lr(s)) for s in (10, 40, 75)] == [pytest.approx(1e-2)] * 3
+  assert float(lr(80)) == pytest.approx(1e-2 - 5 / 25 * (1e-2 - 1e-3))
+  assert float(lr(100)) == pytest.approx(1e-3) and float(lr(5000)) == pytest.approx(1e-3)
+  # The default stays cosine: at 40 the cosine has come down, wsd has not.
+  assert float(optim.lr_schedule(dataclasses.replace(tc, lr_schedule="cosine"))(40)) < 9e-3
+
+
 def init_params(config):
   """model.init_params in one compiled program (eager, each of its operations compiles)."""
   return jax.jit(model.init_params, static_argnums=1)(jax.random.key(0), config)

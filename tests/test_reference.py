@@ -118,11 +118,13 @@ def test_the_reference_backward_pass_matches_finite_differences(lever, dropout):
       assert abs(numeric - leaf[index]) < 1e-7 * np.abs(leaf).max() + 1e-9, (path, index)
 
 
+@pytest.mark.parametrize("schedule, fraction", [("cosine", 0.2), ("wsd", 0.2), ("wsd", 1.0)])
 @pytest.mark.parametrize("warmup, horizon, iters", [(3, 10, 50), (0, 6, 50), (4, 0, 12),
                                                     (20, 8, 50)])
-def test_the_schedule_matches_the_reference(warmup, horizon, iters):
+def test_the_schedule_matches_the_reference(warmup, horizon, iters, schedule, fraction):
   tc = TrainConfig(learning_rate=3e-3, min_lr=3e-4, warmup_iters=warmup,
-                   lr_decay_iters=horizon, iters=iters)
+                   lr_decay_iters=horizon, iters=iters, lr_schedule=schedule,
+                   decay_fraction=fraction)
   schedule = optim.lr_schedule(tc)
   end = horizon or iters
   want = [reference.learning_rate(step, tc) for step in range(end + 3)]

@@ -16,7 +16,7 @@ from conftest import parsed_flags, raises_user_error, run_training, tiny, write_
 
 
 def make_run(workdir, lr="0.001", val=(2.5, 2.0), status="completed", starts=(0,),
-             walls=(1.0, 2.0, 3.0, 4.0)):
+             walls=(1.0, 2.0, 3.0, 4.0), full_val=None):
   """A workdir as training leaves it: flags.cfg, run.json, metrics.jsonl (4 records,
   evaluations at 20 and 40) and, unless `status` is None, summary.json."""
   workdir.mkdir(parents=True)
@@ -29,13 +29,14 @@ def make_run(workdir, lr="0.001", val=(2.5, 2.0), status="completed", starts=(0,
   records[1]["val_bpc"], records[3]["val_bpc"] = (v * 1.5 for v in val)
   (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   if status:
-    (workdir / "summary.json").write_text(json.dumps({"status": status}))
+    (workdir / "summary.json").write_text(json.dumps({"status": status,
+                                                      "final_val_full": full_val}))
   return workdir
 
 
 @pytest.fixture
 def sweep(tmp_path):
-  make_run(tmp_path / "sweep" / "lr1e-3", lr="0.001", val=(2.5, 2.0))
+  make_run(tmp_path / "sweep" / "lr1e-3", lr="0.001", val=(2.5, 2.0), full_val=2.1)
   make_run(tmp_path / "sweep" / "lr3e-3", lr="0.003", val=(2.2, 2.4))
   return tmp_path / "sweep"
 
@@ -48,14 +49,14 @@ def table_for(paths, sort="name"):
 def test_rows_show_the_differing_flags_and_the_results(sweep):
   columns, table = table_for([sweep])
   assert columns == ["name", "status", "learning_rate", "iter", "best_val", "best_bpc",
-                     "best_iter", "final_val", "tokens_per_sec", "wall"]
+                     "best_iter", "final_val", "full_val", "tokens_per_sec", "wall"]
   assert table == [
       {"name": "lr1e-3", "status": "completed", "learning_rate": "0.001", "iter": 40,
-       "best_val": 2.0, "best_bpc": 3.0, "best_iter": 40, "final_val": 2.0,
+       "best_val": 2.0, "best_bpc": 3.0, "best_iter": 40, "final_val": 2.0, "full_val": 2.1,
        "tokens_per_sec": 25000.0, "wall": 4.0},
       {"name": "lr3e-3", "status": "completed", "learning_rate": "0.003", "iter": 40,
        "best_val": 2.2, "best_bpc": 2.2 * 1.5, "best_iter": 20, "final_val": 2.4,
-       "tokens_per_sec": 25000.0, "wall": 4.0}]
+       "full_val": None, "tokens_per_sec": 25000.0, "wall": 4.0}]
 
 
 def test_rows_keep_the_iters_flag_apart_from_the_last_iteration(sweep):

@@ -75,6 +75,19 @@ def test_record_start_keeps_resumes_and_restarts_fresh(tmp_path):
   assert len(json.loads((tmp_path / "run.json").read_text())["starts"]) == 1
 
 
+def test_flags_cfg_keeps_its_note_while_the_history_goes_on(tmp_path):
+  from randygpt.config import RunConfig
+  from randygpt.data import CharTokenizer
+  config, tokenizer = RunConfig(), CharTokenizer.from_text("ab")
+  rundir.initialise(tmp_path, config, tokenizer, 0, note="chose --iters=7")
+  noted = (tmp_path / "flags.cfg").read_text()
+  assert noted == "# chose --iters=7\n" + config.flagfile()
+  rundir.initialise(tmp_path, config, tokenizer, 5)  # A resume: the note stays.
+  assert (tmp_path / "flags.cfg").read_text() == noted
+  rundir.initialise(tmp_path, config, tokenizer, 0)  # A new history: it goes.
+  assert (tmp_path / "flags.cfg").read_text() == config.flagfile()
+
+
 def test_environment_records_the_command_as_typed(monkeypatch):
   """`python -m randygpt.main --flags...` is what run.json says ran the run."""
   monkeypatch.setattr(sys, "argv", ["/x/randygpt/main.py", "--learning_rate=1e-3",

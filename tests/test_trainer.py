@@ -43,6 +43,11 @@ def test_trains_writes_every_output_and_repeats_from_flags_cfg(tmp_path, capsys)
   assert summary["best_val_loss"] == min(r["val_loss"] for r in evals)
   for key in ("final_train_loss", "best_iter", "tokens_per_sec", "wall_s", "n_params"):
     assert summary[key] is not None, key
+  # The final evaluation tiles the val split (600 tokens: 37 windows of 16), every window once.
+  assert summary["final_val_full_windows"] == 37
+  assert abs(summary["final_val_full"] - summary["final_val_loss"]) < 0.5
+  full = summary["final_val_full"]
+  assert f"Final val loss over the whole split: {full:.4f} (37 windows" in stdout
 
   samples = (workdir / "samples.txt").read_text(encoding="utf-8").split("\n\n")
   assert samples[0].startswith("ANNA:") and samples[1].startswith("né")
@@ -55,7 +60,7 @@ def test_trains_writes_every_output_and_repeats_from_flags_cfg(tmp_path, capsys)
   assert "--microbatches=1" in recorded and "--num_cpu_devices=2" in recorded
   again = trainer.run(parse_args(f"--flagfile={workdir / 'flags.cfg'}",
                                  f"--workdir={tmp_path / 'run2'}"))
-  assert again["status"] == "completed"
+  assert again["status"] == "completed" and again["final_val_full"] == summary["final_val_full"]
   same = ("iter", "train_loss", "val_loss", "eval_train_loss", "lr")
   assert ([{k: r.get(k) for k in same} for r in read_metrics(tmp_path / "run2")]
           == [{k: r.get(k) for k in same} for r in records])

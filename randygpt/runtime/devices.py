@@ -86,3 +86,11 @@ def any_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   return bool(multihost_utils.process_allgather(np.int32(flag)).any())
+
+
+def from_process_0(values: np.ndarray) -> np.ndarray:
+  """Process 0's `values` on every process: measurements that must give every process the
+  same choice."""
+  if jax.process_count() == 1:
+    return values
+  return np.asarray(multihost_utils.broadcast_one_to_all(values))

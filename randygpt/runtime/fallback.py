@@ -70,6 +70,11 @@ class GuardedEvaluator:
     return self._guarded("estimate", "evaluation",
                          functools.partial(self.evaluator.estimates, params))
 
+  def full_val(self, params) -> tuple[float, int]:
+    """evaluate.Evaluator.full_val_loss of the training devices' `params`."""
+    return self._guarded("estimate", "evaluation",
+                         functools.partial(self.evaluator.full_val_loss, params))
+
   def write_samples(self, params, tokenizer, prompts, seed: int, path=None, stop=None) -> None:
     """generate.write_samples of `params` (anywhere), each prompt's batch drawn here."""
     placed = {}  # `params` on each device that samples, copied there on first use.

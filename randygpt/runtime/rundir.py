@@ -147,28 +147,40 @@ def update_start(workdir: Path, **fields) -> None:
 
 
 def initialise(workdir: Path, config, tokenizer, start_iter: int, discard=(),
-               new_history: bool | None = None, **details) -> None:
+               new_history: bool | None = None, note: str | None = None, **details) -> None:
   """Readies `workdir` for a run starting at `start_iter`: deletes the checkpoints it
-  discards, writes vocab.json, flags.cfg, run.json (this start and its `details`) and a
-  `running` summary.json. A new history (by default, a start at iteration 0) empties
-  metrics.jsonl and begins run.json."""
+  discards, writes vocab.json, flags.cfg (`note` a comment atop it, else the notes it had
+  when the history goes on), run.json (this start and its `details`) and a `running`
+  summary.json. A new history (by default, a start at iteration 0) empties metrics.jsonl
+  and begins run.json."""
   try:
-    _initialise(workdir, config, tokenizer, start_iter, discard, new_history, **details)
+    _initialise(workdir, config, tokenizer, start_iter, discard, new_history, note, **details)
   except OSError as e:  # What metrics.write_text does not report itself: vocab.json, run.json.
     raise metrics.write_failed(Path(e.filename or workdir), e, then="run it again") from None
 
 
 def _initialise(workdir: Path, config, tokenizer, start_iter: int, discard,
-                new_history: bool | None, **details) -> None:
+                new_history: bool | None, note: str | None, **details) -> None:
   new_history = start_iter == 0 if new_history is None else new_history
   for path in discard:
     shutil.rmtree(path)
   tokenizer.save(workdir / "vocab.json")
-  metrics.write_text(workdir / "flags.cfg", config.flagfile())
+  notes = [f"# {note}"] if note else [] if new_history else _notes(workdir / "flags.cfg")
+  metrics.write_text(workdir / "flags.cfg", "".join(f"{n}\n" for n in notes)
+                     + config.flagfile())
   if new_history:
     metrics.write_text(workdir / "metrics.jsonl", "")
   record_start(workdir, start_iter, new_history, **details)
   metrics.write_json(workdir / "summary.json", {"status": "running", "iters": start_iter})
+
+
+def _notes(path: Path) -> list[str]:
+  """The comment lines of a flags.cfg (none when it is unreadable)."""
+  try:
+    return [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.startswith("#")]
+  except (OSError, UnicodeDecodeError):
+    return []
 
 
 def next_steps(workdir: Path, status: str, iters: int) -> list[str]:

@@ -46,6 +46,7 @@ class Trainer:
     self.last_record, self.save_ms, self.eval_seconds = None, [], 0.0
     self.state_iter, self.evaluating = setup.start_iter, False  # For a failed device.
     self.eval_fallback = None  # Where and why the CPU took over evaluation.
+    self.full_val = None  # The final evaluation over the whole val split, when it ran.
     self.note_fallback(setup.start_iter)  # The start-up probe's.
     self.startup_s, self.memory_mb = None, {"after_imports": after_imports_mb}
     self.compile_s = None  # The train step's, once compiled.
@@ -78,6 +79,8 @@ class Trainer:
       if stopping:
         break
     self.check_saves(wait=True)
+    if not stopping:
+      self.evaluate_full()
     return "interrupted" if stopping else "completed"
 
   def batch(self, step: int):
@@ -145,6 +148,17 @@ class Trainer:
       self.save("best", step)
     memory.release_free_memory()  # What compiling the first estimate and save left.
     return estimates | {"eval_s": self.eval_seconds}
+
+  def evaluate_full(self) -> None:
+    """The final val loss over the whole split, every window once: the best of many small
+    estimates is biased low and noisy (summary.json's final_val_full)."""
+    metrics.phase("Evaluating over the whole val split...")
+    start = time.perf_counter()
+    self.evaluating = True
+    loss, windows = self.setup.evaluator.full_val(self.state["params"])
+    self.evaluating = False
+    self.note_fallback(self.state_iter)
+    self.full_val = {"loss": loss, "windows": windows, "seconds": time.perf_counter() - start}
 
   def save(self, kind: str, step: int) -> float:
     """Starts saving the state unless it diverged (NaN weights never replace good ones);
@@ -239,6 +253,8 @@ class Trainer:
         "iters": last.get("iter", self.setup.start_iter),
         "final_train_loss": last.get("train_loss"),
         "final_val_loss": last.get("val_loss"),
+        "final_val_full": self.full_val and self.full_val["loss"],
+        "final_val_full_windows": self.full_val and self.full_val["windows"],
         "best_val_loss": best[0],
         "best_iter": best[1],
         "best_val_bpc": None if best[0] is None else self.setup.corpus.val_bpc(best[0]),
@@ -291,6 +307,10 @@ def finish(trainer: Trainer, summary: dict) -> dict:
     print(f"Saved latest checkpoint: {summary['latest_checkpoint']}")
     print(f"Best checkpoint: {summary['best_checkpoint']} (val {trainer.best[0]:.4f})"
           if trainer.best else "No best checkpoint yet: no evaluation has run.", flush=True)
+  if trainer.full_val:
+    full = trainer.full_val
+    print(f"Final val loss over the whole split: {full['loss']:.4f} ({full['windows']:,} "
+          f"windows, {full['seconds']:.1f}s)", flush=True)
   if trainer.is_main and status == "completed":
     setup.evaluator.write_samples(trainer.state["params"], setup.tokenizer, setup.prompts,
                                   setup.config.train.seed, setup.workdir / "samples.txt",

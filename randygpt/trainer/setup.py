@@ -11,11 +11,12 @@ from typing import Callable
 
 import jax
 
-from randygpt import checkpoint, data, generate, model, optim, sharding, train
-from randygpt.config import RunConfig
+from randygpt import checkpoint, data, evaluate, generate, model, optim, sharding, train
+from randygpt.config import RunConfig, parse_duration
 from randygpt.errors import UserError
 from randygpt.runtime import (cli, cores, devices, exported, fallback, footprint, placement,
                               platforms, rundir)
+from randygpt.trainer import budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Setup:
   sampler: data.WindowSampler  # step -> the step's windows (inputs, targets) on the host.
   step_fn: Callable  # (state, batch, rng) -> (state, metrics), jitted, the state donated.
   evaluator: fallback.GuardedEvaluator
+  calibration: budget.Calibration | None = None  # What a --time_budget measured and chose.
 
   @property
   def workdir(self) -> Path:
@@ -52,6 +54,10 @@ def _start(config: RunConfig):
   meta = checkpoint.read_meta(source) if source else None
   if meta:
     config = config.resumed(meta["config"], str(source))
+    if loc.time_budget:  # Spent at the first start, as its --iters.
+      config = config.replace(iters=meta["config"]["iters"])
+      print(f"--time_budget={loc.time_budget} is not timed again on a resume: the run keeps "
+            f"the target of its checkpoint, iteration {config.train.iters}.")
   return config, source, meta, discard
 
 
@@ -160,24 +166,68 @@ def _prepare(config: RunConfig, place, executor: fallback.Executor) -> Setup | N
   corpus, splits = read_text(config, meta, source)
   tokenizer = corpus.tokenizer
   prompts = generate.check_prompts(config.sample.prompt, tokenizer)
+  horizon = config.train.lr_decay_iters  # As given: 0 lets a --time_budget choose it.
   config, plan = resolve(config, tokenizer.vocab_size, resumed=source is not None, place=place)
-  state, sampler, step_fn = place_state(config, plan, splits, source, executor)
+  built = place_state(config, plan, splits, source, executor)
+  evaluator = fallback.GuardedEvaluator(
+      plan.placement.eval_device, config.model, config.sample, splits,
+      stream_key(config, train.EVAL_STREAM), config.train, executor,
+      plan.placement.eval_platform)
+  plan = dataclasses.replace(plan, placement=evaluator.probe(built[0]["params"], plan.placement))
+  calibration = None
+  if config.location.time_budget and source is None:
+    config, built, calibration = calibrate(config, horizon, plan, splits, built, evaluator,
+                                           executor)
   best = None
   if meta and meta["best_iter"] is not None:
     best = (meta["best_val_loss"], meta["best_iter"])
   if devices.is_main_process():
     rundir.initialise(Path(config.location.workdir), config, tokenizer, start_iter, discard,
-                      data=corpus.fingerprint)
+                      note=calibration.comment() if calibration else None,
+                      data=corpus.fingerprint, **budget.details(calibration))
   devices.sync("workdir ready")
-  evaluator = fallback.GuardedEvaluator(
-      plan.placement.eval_device, config.model, config.sample, splits,
-      stream_key(config, train.EVAL_STREAM), config.train, executor,
-      plan.placement.eval_platform)
-  plan = dataclasses.replace(plan, placement=evaluator.probe(state["params"], plan.placement))
-  setup = Setup(config, start_iter, source, best, tokenizer, prompts, plan, state, corpus,
-                sampler, step_fn, evaluator)
+  setup = Setup(config, start_iter, source, best, tokenizer, prompts, plan, built[0], corpus,
+                built[1], built[2], evaluator, calibration)
   print_header(setup, splits)
   return setup
+
+
+def calibrate(config: RunConfig, horizon: int, plan: placement.Plan, splits: dict, built,
+              evaluator: fallback.GuardedEvaluator, executor: fallback.Executor):
+  """--time_budget on a fresh start (trainer/budget.py): times the step `built` for the
+  provisional horizon, an estimate and a copy of the state to the host. Returns the config
+  with the iterations that fit (and as many for the horizon, unless `horizon`, the
+  --lr_decay_iters given, fixes it), the state, sampler and step built anew for it (the
+  timed steps' state is dropped), and the calibration."""
+  budget_s = parse_duration(config.location.time_budget)
+  print(f"Timing the train step for --time_budget={config.location.time_budget}...",
+        flush=True)
+  timed, evals, save_s = _measure(config, plan, built, evaluator, executor, budget_s)
+  windows = len(evaluator.evaluator.full_val_starts())
+  calibration = budget.choose(
+      config.location.time_budget, budget_s, timed, evals, save_s,
+      -(-windows // evaluate.eval_windows(config.train)), config.train, devices.from_process_0)
+  config = config.replace(iters=calibration.iters, lr_decay_iters=horizon or calibration.iters)
+  return config, place_state(config, plan, splits, None, executor), calibration
+
+
+def _measure(config: RunConfig, plan: placement.Plan, built,
+             evaluator: fallback.GuardedEvaluator, executor: fallback.Executor,
+             budget_s: float) -> tuple[tuple[int, float], tuple[float, float], float]:
+  """(steps timed, seconds per step), an estimate's seconds (compiled, then again) and a
+  host copy's seconds, on the `built` state, which the steps consume."""
+  state, sampler, step_fn = built
+  key = stream_key(config, train.DROPOUT_STREAM)
+  compiled = compile_step(step_fn, config, state, place_batch(sampler(1), plan.mesh), key)
+
+  def step_once(state: dict, step: int):
+    def work():
+      return compiled(state, place_batch(sampler(step), plan.mesh),
+                      jax.random.fold_in(key, step))
+    return fallback.on_training_devices(plan.placement, executor, "train-step", work)
+  state, *timed = budget.time_steps(step_once, state, budget_s)
+  evals = tuple(budget.seconds_of(lambda: evaluator(state["params"])) for _ in range(2))
+  return tuple(timed), evals, budget.seconds_of(lambda: jax.device_get(state))
 
 
 def print_header(setup: Setup, splits: dict) -> None:
@@ -195,6 +245,8 @@ def print_header(setup: Setup, splits: dict) -> None:
   print(placement.devices_line(setup.config, setup.plan, setup.workdir))
   for note in setup.plan.placement.notes:
     print(note)
+  if setup.calibration:
+    print(setup.calibration.line())
   if setup.source:
     tc = setup.config.train
     print(f"Resumed from {setup.source} at iteration {setup.start_iter} (target {tc.iters}, "
