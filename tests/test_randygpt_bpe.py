@@ -11,6 +11,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from randygpt import data
 from randygpt.data.randygpt_bpe import RandygptBpeTokenizer
 from randygpt.errors import UserError
 
@@ -185,3 +186,36 @@ def test_encoding_matches_randygpts_own_python_port(tmp_path, name):
   for text in TEXTS:
     assert ours.encode(text).tolist() == theirs.encode(text), (name, text)
     assert ours.decode(ours.encode(text)) == theirs.decode(theirs.encode(text))
+
+
+def test_pieces_cut_anywhere_encode_as_the_whole_text():
+  tok = RandygptBpeTokenizer.from_json(json.dumps(vocabularies()["shakespeare"]))
+  cuts = [0, 5, 14, 15, 16, 100, 101, 250, len(SHAKESPEARE)]
+  pieces = [SHAKESPEARE[a:b] for a, b in zip(cuts, cuts[1:])]
+  assert np.concatenate(list(tok.encode_pieces(pieces))).tolist() == encoded(
+      vocabularies()["shakespeare"], SHAKESPEARE)
+
+
+def test_the_corpus_is_randygpts_tokens_split_as_randygpt_splits_them(tmp_path, capsys):
+  """--tokenizer=randygpt-bpe: the text as randyGPT reads it (lines, CRLF), its tokens as
+  randyGPT encodes them, the first 90% of the tokens for training, bits per character
+  counted from the characters the tokens stand for; unknown characters said once."""
+  vocab_file = vocabularies()["shakespeare"]
+  (tmp_path / "vocab.json").write_text(json.dumps(vocab_file), encoding="utf-8")
+  text = SHAKESPEARE.replace("\n", "\r\n") * 4 + "Speak 🙂~"
+  (tmp_path / "t.txt").write_bytes(text.encode("utf-8"))
+  load = lambda: data.load_corpus(str(tmp_path / "t.txt"), tmp_path / "cache",
+                                  tokenizer="randygpt-bpe", bpe_vocab=str(tmp_path / "vocab.json"))
+  corpus = load()
+  expected = rust_encode(vocab_file, text.replace("\r\n", "\n") + "\n")
+  assert np.asarray(corpus.tokens).tolist() == expected
+  assert corpus.train_tokens == len(expected) * 9 // 10
+  lengths = [len(vocab_file["vocab"][t]) for t in expected]
+  assert corpus.text_chars == (sum(lengths[:corpus.train_tokens]),
+                               sum(lengths[corpus.train_tokens:]))
+  assert "⚠ 2 characters of the text are not in the --bpe_vocab" in capsys.readouterr().out
+  assert load().built_s is None and load().tokenizer == corpus.tokenizer  # The cache, reused.
+  (tmp_path / "vocab.json").write_text(json.dumps(vocabularies()["unicode"]), encoding="utf-8")
+  assert load().tokenizer.vocab_size == 90  # Another vocab.json, another cache.
+  with pytest.raises(UserError, match="^--tokenizer=randygpt-bpe needs --bpe_vocab="):
+    data.load_corpus(str(tmp_path / "t.txt"), tmp_path / "cache", tokenizer="randygpt-bpe")

@@ -1,6 +1,6 @@
 """randyGPT's byte-pair tokenizer (`--tokenizer=randygpt-bpe --bpe_vocab=vocab.json`): its
 vocab.json read and its encoding reproduced, so that a model randyGPT trained on BPE tokens
-continues here on the same tokens (the research core; the caller reads the file).
+continues here on the same tokens.
 
 The rules, from randyGPT's src/tokenizer.rs (v0.9.2; its later reverse-map encoder gives the
 same tokens when it ends: it loops forever where two merges make one id):
@@ -21,7 +21,7 @@ same tokens when it ends: it loops forever where two merges make one id):
 import dataclasses
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -55,6 +55,11 @@ class RandygptBpeTokenizer:
     return cls(tuple(vocab), tuple((m[0], m[1]) for m in merges))
 
   @classmethod
+  def from_record(cls, record: dict) -> "RandygptBpeTokenizer":
+    """The tokenizer `record()` describes."""
+    return cls(tuple(record["vocab"]), tuple((m[0], m[1]) for m in record["merges"]))
+
+  @classmethod
   def from_file(cls, path: Path) -> "RandygptBpeTokenizer":
     try:
       text = Path(path).read_text(encoding="utf-8")
@@ -81,16 +86,26 @@ class RandygptBpeTokenizer:
     return list(dict.fromkeys(c for c in text if c not in self._tables()[0]))
 
   def encode(self, text: str) -> np.ndarray:
-    return self.encode_lines(text.split("\n"))
+    return np.concatenate(list(self.encode_pieces([text])))
 
-  def encode_lines(self, lines: Iterable[str]) -> np.ndarray:
-    """The tokens of `lines` joined by newlines (a text split at every "\\n")."""
+  def encode_pieces(self, pieces: Iterable[str]) -> Iterator[np.ndarray]:
+    """The tokens of the text made of `pieces`, some lines at a time: the text is split at
+    every "\n", wherever the pieces are cut."""
+    carry = ""
+    for piece in pieces:
+      lines = (carry + piece).split("\n")
+      carry = lines.pop()
+      if lines:
+        yield self._encode_lines(lines, newline_after_last=True)
+    yield self._encode_lines([carry], newline_after_last=False)
+
+  def _encode_lines(self, lines: list[str], newline_after_last: bool) -> np.ndarray:
     newline = self._tables()[0].get("\n")
     ids: list[int] = []
     for i, line in enumerate(lines):
-      if i and newline is not None:
-        ids.append(newline)
       ids.extend(self._encode_line(line))
+      if newline is not None and (newline_after_last or i < len(lines) - 1):
+        ids.append(newline)
     return np.asarray(ids, self.dtype)
 
   def decode(self, ids) -> str:

@@ -1,6 +1,12 @@
 """The RGPT file: its header, its size for a shape (and the shapes that fit another size),
-and its tensors as randygpt parameter trees."""
+and its tensors as randygpt parameter trees.
 
+Every format has randyGPT v0.5's 24-byte header (magic, vocab_size, iter, step, best_loss)
+and its weights in the same order (randyGPT's src/checkpoint.rs); they differ in what
+follows the weights.
+"""
+
+import dataclasses
 import math
 from pathlib import Path
 
@@ -11,9 +17,30 @@ from randygpt import model
 from randygpt.config import ModelConfig
 from randygpt.errors import UserError
 
-MAGIC = b"RGPT0001"
 HEADER_BYTES = 24
-BYTES_PER_PARAM = 12  # The weight and its two Adam moments, f32 each.
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+  name: str
+  written_by: str
+  # What follows the weights: "interleaved" (each weight's m, then its v), "grouped" (every
+  # m in the weights' order, then every v), or "" (nothing: no Adam moments).
+  moments: str
+
+  @property
+  def bytes_per_param(self) -> int:
+    return 12 if self.moments else 4  # The weight, and its two moments when kept; f32 each.
+
+
+FORMATS = {f.name: f for f in (
+    Format("RGPT0001", "randyGPT v0.5 to v0.7 (CPU)", "interleaved"),
+    Format("RGPT0002", "randyGPT v0.8.0 (Metal)", ""),
+    Format("RGPT0003", "randyGPT v0.8.5 and later", "grouped"))}
+# Formats known and refused, with the reason.
+REFUSED = {"RGPT0004": "randyGPT's mixture-of-experts model (v0.9.8), whose experts "
+                       "randygpt's model does not have"}
+MAGIC = b"RGPT0001"  # The first format, for writers of test files.
 
 
 def tensor_shapes(model_config: ModelConfig) -> list[tuple[int, int]]:
@@ -44,15 +71,20 @@ def shapes_that_fit(count: int, vocab_size: int, like: ModelConfig, limit: int =
 
 
 def read_header(path: Path) -> np.void:
-  """The 24-byte header as a NumPy record (magic, vocab_size, iter, step, best_loss)."""
+  """The 24-byte header as a NumPy record (magic, vocab_size, iter, step, best_loss) of a
+  file in one of FORMATS."""
   try:
     with open(path, "rb") as f:
       raw = f.read(HEADER_BYTES)
   except OSError as e:
     raise UserError(f"Cannot read {path}: {e.strerror}.") from None
-  if raw[:8] != MAGIC and not (len(raw) < len(MAGIC) and MAGIC.startswith(raw)):
-    raise UserError(f"Bad magic bytes in checkpoint {path} (expected {MAGIC.decode()}, found "
-                    f"{raw[:8]!r}): only randyGPT v0.5's RGPT0001 format can be imported.")
+  magic = raw[:8].decode("latin-1")
+  if magic in REFUSED:
+    raise UserError(f"{path} is an {magic} checkpoint, {REFUSED[magic]}: only "
+                    f"{', '.join(FORMATS)} checkpoints can be imported.")
+  if magic not in FORMATS and not (len(raw) < 8 and any(m.startswith(magic) for m in FORMATS)):
+    raise UserError(f"Bad magic bytes in checkpoint {path} (expected {' or '.join(FORMATS)}, "
+                    f"found {raw[:8]!r}): not a randyGPT checkpoint that can be imported.")
   if len(raw) < HEADER_BYTES:
     raise UserError(f"{path} is truncated: {len(raw)} bytes, less than the "
                     f"{HEADER_BYTES}-byte header.")
@@ -61,15 +93,20 @@ def read_header(path: Path) -> np.void:
   return np.frombuffer(raw, dtype=header_dtype)[0]
 
 
-def check_size(path: Path, model_config: ModelConfig) -> None:
-  """Refuses a file whose size is not that of `model_config`'s shape, naming shapes that fit."""
+def file_format(header: np.void) -> Format:
+  return FORMATS[bytes(header["magic"]).decode()]
+
+
+def check_size(path: Path, model_config: ModelConfig, fmt: Format = FORMATS["RGPT0001"]) -> None:
+  """Refuses a file whose size is not that of `model_config`'s shape in format `fmt`, naming
+  shapes that fit."""
   c = model_config
   size = path.stat().st_size
-  expected = HEADER_BYTES + BYTES_PER_PARAM * model.n_params(c)
+  expected = HEADER_BYTES + fmt.bytes_per_param * model.n_params(c)
   if size == expected:
     return
   shape = f"{_shape_flags(c.n_embd, c.n_layer, c.block_size)} (vocab_size {c.vocab_size})"
-  count, rest = divmod(size - HEADER_BYTES, BYTES_PER_PARAM)
+  count, rest = divmod(size - HEADER_BYTES, fmt.bytes_per_param)
   fits = [] if rest else shapes_that_fit(count, c.vocab_size, c)
   if fits:
     maybe_cut = " (or the file is truncated)" if size < expected else ""
@@ -81,7 +118,7 @@ def check_size(path: Path, model_config: ModelConfig) -> None:
     raise UserError(f"{path} is truncated: {size:,} bytes, but a checkpoint of the shape "
                     f"{shape} has {expected:,}.")
   raise UserError(f"{path} has {size:,} bytes, more than the {expected:,} of the shape {shape}, "
-                  "and no other shape fits: it is not a whole RGPT0001 checkpoint.")
+                  f"and no other shape fits: it is not a whole {fmt.name} checkpoint.")
 
 
 def to_params(arrays: list, n_layer: int) -> dict:
@@ -99,15 +136,19 @@ def to_params(arrays: list, n_layer: int) -> dict:
   return {"wte": wte, "wpe": wpe, "lm_head": lm_head.T, "blocks": stacked}
 
 
-def read_tensors(path: Path, model_config: ModelConfig) -> tuple[dict, dict, dict]:
+def read_tensors(path: Path, model_config: ModelConfig,
+                 fmt: Format = FORMATS["RGPT0001"]) -> tuple[dict, dict | None, dict | None]:
   """The weights and the Adam moments m and v of a size-checked file, each as a randygpt
-  parameter tree of NumPy arrays."""
+  parameter tree of NumPy arrays (the moments None where the format has none)."""
   shapes = tensor_shapes(model_config)
-  # The weights, then an (m, v) pair for each weight in the same order.
-  in_file = shapes + [s for s in shapes for _ in range(2)]
+  n = len(shapes)
+  in_file = shapes * (3 if fmt.moments else 1)  # Every moment has its weight's shape.
+  if fmt.moments == "interleaved":
+    in_file = shapes + [s for s in shapes for _ in range(2)]
   flat = np.fromfile(path, dtype="<f4", offset=HEADER_BYTES)
   pieces = np.split(flat, np.cumsum([r * c for r, c in in_file])[:-1])
   arrays = [p.reshape(s) for p, s in zip(pieces, in_file)]
-  n = len(shapes)
-  return tuple(to_params(a, model_config.n_layer)
-               for a in (arrays[:n], arrays[n::2], arrays[n + 1::2]))
+  layouts = {"interleaved": (arrays[n::2], arrays[n + 1::2]),
+             "grouped": (arrays[n:2 * n], arrays[2 * n:]), "": (None, None)}
+  return tuple(None if a is None else to_params(a, model_config.n_layer)
+               for a in (arrays[:n], *layouts[fmt.moments]))

@@ -17,7 +17,8 @@ RANDYGPT_BETAS = {"beta1": 0.9, "beta2": 0.999}
 
 def train_state(params, mu, nu, *, step: int, iteration: int,
                 optimizer: optax.GradientTransformation) -> dict:
-  """randygpt's train state `{params, opt}` holding the imported weights and moments.
+  """randygpt's train state `{params, opt}` holding the imported weights and moments (zeros
+  where `mu` and `nu` are None).
 
   randyGPT counts its Adam updates in `step` and bias-corrects update t with 1 - beta^t;
   optax corrects the update after `count` with count + 1. So Adam's count is `step`, and the
@@ -33,6 +34,8 @@ def train_state(params, mu, nu, *, step: int, iteration: int,
       return s
     found.append(type(s))
     if isinstance(s, optax.ScaleByAdamState):
+      if mu is None:  # No moments in the file: optax's zeros.
+        return s._replace(count=jnp.asarray(step, s.count.dtype))
       return s._replace(count=jnp.asarray(step, s.count.dtype),
                         mu=jax.tree.map(jnp.asarray, mu), nu=jax.tree.map(jnp.asarray, nu))
     return s._replace(count=jnp.asarray(iteration, s.count.dtype))
