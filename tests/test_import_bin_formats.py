@@ -181,6 +181,7 @@ def test_randygpt_shapes_import_sample_and_resume(text_file, capsys, magic, shap
   """v0.8's default shape in RGPT0002 and RGPT0003 with characters, and v0.9.3's model-xs
   (block 256) in RGPT0003 with BPE: imported, sampled, resumed for 3 iterations."""
   tmp_path = text_file.parent
+  text_file.write_bytes((TEXT * 4).encode("utf-8"))  # Splits of 257 tokens for block 256.
   if bpe:
     import_bpe(tmp_path, shape, magic)
   else:

@@ -6,8 +6,8 @@ from absl import flags
 from randygpt.import_bin.command import import_bin
 from randygpt.runtime import cli
 
-for _name in ("data", "data_encoding", "bpe_vocab", "workdir", "overwrite", "n_embd", "n_head", "n_layer",
-              "block_size", "beta1", "beta2", "learning_rate"):
+for _name in ("data", "data_encoding", "bpe_vocab", "workdir", "overwrite", "n_embd", "n_head",
+              "n_layer", "block_size", "beta1", "beta2", "learning_rate"):
   flags.declare_key_flag(_name, flag_values=flags.FLAGS)
 
 
