@@ -176,10 +176,12 @@ def test_bpe_import_resumes_on_randygpts_tokens(text_file, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("magic, shape, bpe", [(b"RGPT0002", V08_SHAPE, False),
                                                (b"RGPT0003", V08_SHAPE, False),
+                                               (b"RGPT0003", XS_SHAPE, False),
                                                (b"RGPT0003", XS_SHAPE, True)])
 def test_randygpt_shapes_import_sample_and_resume(text_file, capsys, magic, shape, bpe):
   """v0.8's default shape in RGPT0002 and RGPT0003 with characters, and v0.9.3's model-xs
-  (block 256) in RGPT0003 with BPE: imported, sampled, resumed for 3 iterations."""
+  (block 256) in RGPT0003 with characters and with BPE: imported, sampled, resumed for 3
+  iterations."""
   tmp_path = text_file.parent
   text_file.write_bytes((TEXT * 4).encode("utf-8"))  # Splits of 257 tokens for block 256.
   if bpe:

@@ -224,9 +224,9 @@ def _write_randygpt_bpe(out, files: list[Path], encoding: str,
   room = len(_header(tokenizer, 10**15, train_tokens=10**15, text_chars=[10**15] * 2))
   out.write(b" " * room)
   read = []  # The length of each piece of text read.
-  pieces = (read.append(len(p)) or p for p in sources.text_chunks(files, encoding, "randygpt"))
   n_tokens = 0
-  for ids in tokenizer.encode_pieces(pieces):
+  for ids in tokenizer.encode_pieces(_counted(
+      sources.text_chunks(files, encoding, "randygpt"), read)):
     out.write(ids.tobytes())
     n_tokens += len(ids)
   train_tokens = windowing.train_length(n_tokens)
@@ -240,6 +240,13 @@ def _write_randygpt_bpe(out, files: list[Path], encoding: str,
   out.seek(0)
   out.write(_header(tokenizer, n_tokens, room, train_tokens=train_tokens,
                     text_chars=[train_chars, n_chars - train_chars]))
+
+
+def _counted(pieces: Iterator[str], lengths: list[int]) -> Iterator[str]:
+  """`pieces`, each one's length appended to `lengths` as it passes."""
+  for piece in pieces:
+    lengths.append(len(piece))
+    yield piece
 
 
 def _token_chars(out, start: int | None, count: int, lengths: np.ndarray, dtype) -> int:
@@ -280,10 +287,11 @@ def build_cache(path: Path, files: list[Path], encoding: str, tokenizer_name: st
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     with os.fdopen(fd, "w+b") as out:  # Read too: a randyGPT BPE split counts characters.
-      if tokenizer_name in ("bpe", "randygpt-bpe"):
-        (_write_bpe(out, files, encoding, bpe_vocab_size) if tokenizer_name == "bpe"
-         else _write_randygpt_bpe(out, files, encoding, vocab))
-        complete = True
+      complete = True
+      if tokenizer_name == "bpe":
+        _write_bpe(out, files, encoding, bpe_vocab_size)
+      elif tokenizer_name == "randygpt-bpe":
+        _write_randygpt_bpe(out, files, encoding, vocab)
       else:
         complete = _write_chars(out, files, encoding, tokenizer_name)
     if not complete or [_stamp(f) for f in files] != before:
