@@ -261,9 +261,12 @@ def make_meta(step: int, best: tuple[float, int] | None, tokenizer, config, **ex
 
 
 def saved_tokenizer(meta: dict):
-  """The tokenizer a checkpoint's metadata keeps: its BPE tokenizer, else its characters."""
+  """The tokenizer a checkpoint's metadata keeps: its BPE tokenizer (ours or randyGPT's),
+  else its characters."""
   if (record := meta.get("tokenizer")) and record.get("kind") == "bpe":
     return data.BpeTokenizer.from_json(record["model"])
+  if record and record.get("kind") == "randygpt-bpe":
+    return data.RandygptBpeTokenizer.from_record(record)
   return data.CharTokenizer(tuple(meta["vocab"]))
 
 

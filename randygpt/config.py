@@ -138,11 +138,15 @@ class DataConfig:
       "text read line by line, each line ending in a newline), as python -m "
       "randygpt.import_bin sets it for imported checkpoints. `bpe`: byte-pair tokens "
       "(--bpe_vocab_size of them) learnt from the training split, for big texts; compare runs "
-      "of different tokenizers by bits per character (docs/data.md).",
-      choices=("chars", "randygpt", "bpe"))
+      "of different tokenizers by bits per character (docs/data.md). `randygpt-bpe`: "
+      "randyGPT's byte-pair tokens of --bpe_vocab, as randyGPT encodes the text "
+      "(docs/import.md).", choices=("chars", "randygpt", "bpe", "randygpt-bpe"))
   bpe_vocab_size: int = flag(
       512, "--tokenizer=bpe: the tokens of the byte-pair vocabulary, the text's characters "
       "among them (at least as many as the text has distinct characters).", lower_bound=1)
+  bpe_vocab: str = flag(
+      "", "--tokenizer=randygpt-bpe: the vocab.json randyGPT wrote with --bpe (its tokens and "
+      "merges); python -m randygpt.import_bin records it for imported BPE checkpoints.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -236,7 +236,7 @@ def test_default_shape_imports_samples_and_resumes(tmp_path, monkeypatch, capsys
 def _corrupt(kind, path):
   raw = path.read_bytes()
   if kind == "magic":
-    path.write_bytes(b"RGPT0003" + raw[8:])
+    path.write_bytes(b"RGPT0009" + raw[8:])
   elif kind == "truncated":
     path.write_bytes(raw[:-1000])
   elif kind == "header":
@@ -244,8 +244,8 @@ def _corrupt(kind, path):
 
 
 @pytest.mark.parametrize("kind, args, message", [
-    ("magic", [], "Bad magic bytes in checkpoint checkpoint.bin (expected RGPT0001, found "
-     "b'RGPT0003')"),
+    ("magic", [], "Bad magic bytes in checkpoint checkpoint.bin (expected RGPT0001 or RGPT0002 "
+     "or RGPT0003, found b'RGPT0009')"),
     ("truncated", [], "checkpoint.bin is truncated: "),
     ("header", [], "checkpoint.bin is truncated: 20 bytes, less than the 24-byte header"),
     (None, ["--n_layer=3"], "Shapes that fit: --n_embd=32 --n_layer=2 --block_size=16"),

@@ -8,7 +8,8 @@ read each step's windows from that file, so memory does not grow with the text
 
 One idea a module: `sources` (what --data names: downloads, files, decoded text),
 `tokenizers`, `bpe` and `windowing` (the research core: tokens, the split, the windows),
-`token_file` and `cache` (the token cache), `randygpt_text` (randyGPT's reading of a text).
+`token_file` and `cache` (the token cache), `randygpt_text` (randyGPT's reading of a text),
+`randygpt_bpe` (randyGPT's byte-pair tokenizer).
 The names below are the package's interface; settings such as `sources.CHUNK_BYTES` are
 changed in their own module.
 """
@@ -16,6 +17,7 @@ changed in their own module.
 from randygpt.data.bpe import BpeTokenizer
 from randygpt.data.cache import (CACHE_FORMAT, Corpus, build_cache, content_hash, load_corpus,
                                  open_cache)
+from randygpt.data.randygpt_bpe import RandygptBpeTokenizer
 from randygpt.data.randygpt_text import RANDYGPT_SLOTS, RandygptLines, as_randygpt_reads
 from randygpt.data.sources import (BINARY_CONTROL_FRACTION, DEFAULT_DATA, KNOWN_DATASETS,
                                    TEXT_CONTROL_BYTES, KnownDataset, download, looks_binary,

@@ -17,6 +17,7 @@ import numpy as np
 
 from randygpt.data import bpe, sources, windowing
 from randygpt.data.bpe import BpeTokenizer
+from randygpt.data.randygpt_bpe import RandygptBpeTokenizer
 from randygpt.data.token_file import TokenFile
 from randygpt.data.tokenizers import CharTokenizer, _latin1, code_points
 from randygpt.errors import UserError
@@ -27,7 +28,7 @@ CACHE_FORMAT = "randygpt-tokens-1"
 @dataclasses.dataclass(frozen=True)
 class Corpus:
   """A text's tokens in the token cache, and where they came from."""
-  tokenizer: CharTokenizer | BpeTokenizer
+  tokenizer: CharTokenizer | BpeTokenizer | RandygptBpeTokenizer
   tokens: TokenFile
   description: str  # For the header: the file, or the --data value and the file count.
   cache_path: Path
@@ -126,13 +127,16 @@ _MAGIC = b"RGTOKENS"
 _HEADER_ALIGN = 64
 
 
-def _header(tokenizer: CharTokenizer | BpeTokenizer, n_tokens: int, size: int = 0,
-            **split) -> bytes:
+def _header(tokenizer, n_tokens: int, size: int = 0, **split) -> bytes:
   """The header of a cache of `n_tokens` tokens, padded to `size` bytes (at least). A
   character cache holds its characters; a BPE cache its tokenizer and its `split`
   (train_tokens, text_chars)."""
-  vocab = ({"bpe": tokenizer.model, **split} if isinstance(tokenizer, BpeTokenizer)
-           else {"chars": list(tokenizer.chars)})
+  if isinstance(tokenizer, BpeTokenizer):
+    vocab = {"bpe": tokenizer.model, **split}
+  elif isinstance(tokenizer, RandygptBpeTokenizer):
+    vocab = {"randygpt_bpe": tokenizer.record(), **split}
+  else:
+    vocab = {"chars": list(tokenizer.chars)}
   meta = json.dumps({"format": CACHE_FORMAT, **vocab, "dtype": tokenizer.dtype.name,
                      "tokens": n_tokens}).encode()
   size = max(size, -(-(len(_MAGIC) + 8 + len(meta)) // _HEADER_ALIGN) * _HEADER_ALIGN)
@@ -154,8 +158,12 @@ def open_cache(path: Path) -> tuple[CharTokenizer | BpeTokenizer, TokenFile, dic
     if meta["format"] != CACHE_FORMAT or path.stat().st_size != expected_bytes:
       return None
     tokens = TokenFile(path, size, dtype, 0, meta["tokens"])
-    tokenizer = (BpeTokenizer.from_json(meta["bpe"]) if "bpe" in meta
-                 else CharTokenizer(tuple(meta["chars"])))
+    if "bpe" in meta:
+      tokenizer = BpeTokenizer.from_json(meta["bpe"])
+    elif "randygpt_bpe" in meta:
+      tokenizer = RandygptBpeTokenizer.from_record(meta["randygpt_bpe"])
+    else:
+      tokenizer = CharTokenizer(tuple(meta["chars"]))
   except (OSError, ValueError, KeyError, TypeError):
     return None
   return tokenizer, tokens, meta
@@ -209,6 +217,50 @@ def _write_bpe(out, files: list[Path], encoding: str, vocab_size: int) -> None:
                     text_chars=[n_train, n_chars - n_train]))
 
 
+def _write_randygpt_bpe(out, files: list[Path], encoding: str,
+                        tokenizer: RandygptBpeTokenizer) -> None:
+  """A cache of randyGPT's BPE tokens of the text as randyGPT reads it, split as randyGPT
+  splits them: the first 90% of the tokens train."""
+  room = len(_header(tokenizer, 10**15, train_tokens=10**15, text_chars=[10**15] * 2))
+  out.write(b" " * room)
+  read = []  # The length of each piece of text read.
+  n_tokens = 0
+  for ids in tokenizer.encode_pieces(_counted(
+      sources.text_chunks(files, encoding, "randygpt"), read)):
+    out.write(ids.tobytes())
+    n_tokens += len(ids)
+  train_tokens = windowing.train_length(n_tokens)
+  lengths = np.array([len(s) for s in tokenizer.chars], np.int64)
+  train_chars = _token_chars(out, room, train_tokens, lengths, tokenizer.dtype)
+  n_chars = train_chars + _token_chars(out, None, n_tokens - train_tokens, lengths,
+                                       tokenizer.dtype)
+  if sum(read) > n_chars:
+    print(f"⚠ {sum(read) - n_chars:,} characters of the text are not in the --bpe_vocab "
+          "vocabulary: left out, as randyGPT leaves them out.", flush=True)
+  out.seek(0)
+  out.write(_header(tokenizer, n_tokens, room, train_tokens=train_tokens,
+                    text_chars=[train_chars, n_chars - train_chars]))
+
+
+def _counted(pieces: Iterator[str], lengths: list[int]) -> Iterator[str]:
+  """`pieces`, each one's length appended to `lengths` as it passes."""
+  for piece in pieces:
+    lengths.append(len(piece))
+    yield piece
+
+
+def _token_chars(out, start: int | None, count: int, lengths: np.ndarray, dtype) -> int:
+  """The characters that `count` tokens written to `out` stand for, read from `start` (or
+  from where the last read ended)."""
+  if start is not None:
+    out.seek(start)
+  chars = 0
+  while count:
+    ids = np.frombuffer(out.read(min(count, 1 << 24) * dtype.itemsize), dtype)
+    chars, count = chars + int(lengths[ids].sum()), count - len(ids)
+  return chars
+
+
 def _write_chars(out, files: list[Path], encoding: str, tokenizer_name: str) -> bool:
   """Writes a character tokenizer's cache (its header, then its tokens) to `out`; whether the
   second reading of the text found the text of the first (its characters, its length)."""
@@ -224,7 +276,7 @@ def _write_chars(out, files: list[Path], encoding: str, tokenizer_name: str) -> 
 
 
 def build_cache(path: Path, files: list[Path], encoding: str, tokenizer_name: str,
-                bpe_vocab_size: int = 0) -> None:
+                bpe_vocab_size: int = 0, vocab: RandygptBpeTokenizer | None = None) -> None:
   """Encodes the text into the cache file `path`: written under a temporary name and renamed
   when complete, so that a reader never trusts half a file and two runs building the same
   cache at once both succeed. The text is read more than once (e.g. its vocabulary, then its
@@ -234,10 +286,12 @@ def build_cache(path: Path, files: list[Path], encoding: str, tokenizer_name: st
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "wb") as out:
+    with os.fdopen(fd, "w+b") as out:  # Read too: a randyGPT BPE split counts characters.
+      complete = True
       if tokenizer_name == "bpe":
         _write_bpe(out, files, encoding, bpe_vocab_size)
-        complete = True
+      elif tokenizer_name == "randygpt-bpe":
+        _write_randygpt_bpe(out, files, encoding, vocab)
       else:
         complete = _write_chars(out, files, encoding, tokenizer_name)
     if not complete or [_stamp(f) for f in files] != before:
@@ -261,23 +315,34 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 
 def load_corpus(data: str, cache_dir: Path, *, url: str = "", encoding: str = "utf-8",
-                tokenizer: str = "chars", bpe_vocab_size: int = 0,
+                tokenizer: str = "chars", bpe_vocab_size: int = 0, bpe_vocab: str = "",
                 sample_fallback: bool = True, hash_threads: int = 1) -> Corpus:
   """The tokens of the text --data names, from the token cache in `cache_dir` (built on
-  first use; its files' contents hashed on `hash_threads` threads), and its split."""
+  first use; its files' contents hashed on `hash_threads` threads), and its split.
+  `bpe_vocab` is randyGPT's vocab.json, for `tokenizer="randygpt-bpe"`."""
+  vocab = _randygpt_vocab(bpe_vocab) if tokenizer == "randygpt-bpe" else None
   paths, description = sources.resolve_sources(data, url, sample_fallback)
   files = tuple({"path": str(p), "bytes": p.stat().st_size,
                  "hash": content_hash(p, threads=hash_threads)} for p in paths)
   name = f"{bpe.RECIPE}-{bpe_vocab_size}" if tokenizer == "bpe" else tokenizer
+  if vocab:  # The vocabulary is part of the key: another vocab.json, another cache.
+    name += "-" + hashlib.sha256(json.dumps(vocab.record()).encode()).hexdigest()
   path = cache_dir / f"{_cache_key(files, encoding, name)[:32]}.tokens"
   built_s = None
   if (opened := open_cache(path)) is None:
     start = time.perf_counter()
     print(f"Encoding {description} into the token cache...", flush=True)
-    build_cache(path, paths, encoding, tokenizer, bpe_vocab_size)
+    build_cache(path, paths, encoding, tokenizer, bpe_vocab_size, vocab)
     built_s = time.perf_counter() - start
     opened = open_cache(path)
   tok, tokens, meta = opened
   train_tokens = meta.get("train_tokens", windowing.train_length(len(tokens)))
   text_chars = tuple(meta.get("text_chars", (train_tokens, len(tokens) - train_tokens)))
   return Corpus(tok, tokens, description, path, built_s, files, train_tokens, text_chars)
+
+
+def _randygpt_vocab(path: str) -> RandygptBpeTokenizer:
+  if not path:
+    raise UserError("--tokenizer=randygpt-bpe needs --bpe_vocab=vocab.json: the vocabulary "
+                    "file randyGPT wrote with --bpe.")
+  return RandygptBpeTokenizer.from_file(Path(path).expanduser())

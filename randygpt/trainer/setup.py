@@ -26,7 +26,7 @@ class Setup:
   start_iter: int
   source: Path | None  # The checkpoint the run resumes from.
   best: tuple[float, int] | None  # (val loss, iteration) of the best evaluation so far.
-  tokenizer: data.CharTokenizer | data.BpeTokenizer
+  tokenizer: data.CharTokenizer | data.BpeTokenizer | data.RandygptBpeTokenizer
   prompts: tuple[str, ...]
   plan: placement.Plan  # The devices that train and evaluate, and why.
   state: dict  # The initial train state, replicated over the mesh.
@@ -76,7 +76,7 @@ def read_text(config: RunConfig, meta: dict | None = None, source: Path | None =
   dc = config.data
   corpus = data.load_corpus(dc.data, cli.cache_dir("tokens"), url=dc.data_url,
                             encoding=dc.data_encoding, tokenizer=dc.tokenizer,
-                            bpe_vocab_size=dc.bpe_vocab_size,
+                            bpe_vocab_size=dc.bpe_vocab_size, bpe_vocab=dc.bpe_vocab,
                             hash_threads=cores.usable().cpus)
   if meta:
     checkpoint.check_vocab(meta["vocab"], corpus.tokenizer, source, dc.data)
