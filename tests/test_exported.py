@@ -103,3 +103,19 @@ def test_a_function_is_kept_by_its_trace(cache, monkeypatch):
   other_want, other = draws(1)
   np.testing.assert_array_equal(other, other_want)
   assert not np.array_equal(other, want) and len(list(cache.glob("*.lowered"))) == 2
+
+
+def test_host_arguments_are_kept_only_when_the_default_device_is_a_cpu(cache, monkeypatch):
+  """Host (NumPy) arguments run on the default device: a lowering exported for the CPU
+  cannot be called with them where a GPU is the default (it failed so on an H200), so
+  none is kept there; the window sampler puts its steps on the CPU itself."""
+  double = jax.jit(lambda x: 2 * x)
+  assert int(exported.compile_kept(double, np.arange(3))(np.arange(3))[2]) == 4
+  assert len(list(cache.glob("*.lowered"))) == 1
+  monkeypatch.setattr(exported, "_default_platform", lambda: "gpu")
+  assert int(exported.compile_kept(double, np.arange(4))(np.arange(4))[3]) == 6
+  assert len(list(cache.glob("*.lowered"))) == 1  # Compiled plainly: nothing kept.
+  sampler = data.WindowSampler(np.arange(100), jax.random.key(0), 2, 4,
+                               compile=functools.partial(exported.compile_kept))
+  sampler(0)
+  assert len(list(cache.glob("*.lowered"))) == 2  # Its steps are on the CPU: kept.

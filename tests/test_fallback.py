@@ -159,6 +159,25 @@ def test_the_probe_s_estimate_is_the_cpu_s(reference, corpus, tmp_path, capsys):
   assert got["iter"] == 2 and {k: got[k] for k in SAME} == {k: want[k] for k in SAME}
 
 
+def test_a_bfloat16_run_s_probe_compares_with_the_cpu_s_float32_estimate(corpus, tmp_path,
+                                                                          capsys, monkeypatch):
+  """A GPU run's compute (bfloat16; XLA's attention, as cuDNN's runs off the GPU) passes the
+  probe on the stand-in, checked against the exact function on the CPU: float32, einsum
+  (cuDNN's attention would not compile there), within bfloat16's tolerance."""
+  from randygpt import evaluate
+  from randygpt.runtime import fallback
+  compiled, jit_eval_loss = [], evaluate.jit_eval_loss
+  monkeypatch.setattr(evaluate, "jit_eval_loss", lambda config, *args: (
+      compiled.append((config.compute_dtype, config.attention)), jit_eval_loss(config, *args))[1])
+  hook = Hook()
+  summary = run_on_stand_in(tmp_path / "w", hook, **RUN | {
+      "data": corpus, "iters": 2, "compute_dtype": "bfloat16", "attention": "xla"})
+  assert summary["eval_fallback"] is None and "⚠" not in capsys.readouterr().out
+  assert hook.calls[:2] == ["probe-estimate", "probe-sample"]
+  assert {("bfloat16", "xla"), ("float32", "einsum")} <= set(compiled)
+  assert fallback.PROBE_RTOL["bfloat16"] > fallback.PROBE_RTOL["float32"]
+
+
 def test_sampling_from_a_checkpoint_falls_back_too(trained, capsys):
   hook = Hook("sample", 2)
   sample_on_stand_in(hook, "--workdir=w", "--checkpoint=latest", "--prompt=ANNA:", "--prompt=né",

@@ -112,7 +112,10 @@ class WindowSampler:
   def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     first = step - step % self.steps_ahead
     if first != self._first:
-      steps = np.arange(first, first + self.steps_ahead, dtype=np.uint32)
+      # Drawn on the CPU whatever the default device (a GPU that trains): the starts are read
+      # on the host.
+      steps = jax.device_put(np.arange(first, first + self.steps_ahead, dtype=np.uint32),
+                             jax.local_devices(backend="cpu")[0])
       if self._compiled is None:
         self._compiled = self._compile(self._draw_many, steps)
       self._first, self._starts = first, _starts(self._compiled(steps), self._high)

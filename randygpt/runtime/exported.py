@@ -41,6 +41,8 @@ def compile_kept(jitted, *args, donate_argnums=(), config_key: str | None = None
   leaves, in_tree = jax.tree.flatten(args)
   platforms = {d.platform for x in leaves if hasattr(x, "sharding")
                for d in x.sharding.device_set}
+  if any(not hasattr(x, "sharding") for x in leaves):  # Host arrays go to the default device.
+    platforms.add(_default_platform())
   if _CACHE["dir"] is None or platforms - {"cpu"} or jax.process_count() > 1:
     return jitted.lower(*args).compile()
   impls = [jax.random.key_impl(x) if _is_key(x) else None for x in leaves]
@@ -56,6 +58,14 @@ def compile_kept(jitted, *args, donate_argnums=(), config_key: str | None = None
   def call(*args):
     return jax.tree.unflatten(out_tree, compiled(*_bits(jax.tree.leaves(args), impls)))
   return call
+
+
+def _default_platform() -> str:
+  """The platform of the device that JAX puts host arrays on now."""
+  device = jax.config.jax_default_device
+  if device is None:
+    return jax.default_backend()
+  return device if isinstance(device, str) else device.platform
 
 
 def _is_key(x) -> bool:

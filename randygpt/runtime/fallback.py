@@ -20,9 +20,10 @@ from randygpt.runtime import placement, platforms
 
 # The start-up probe's input: an estimate over a few windows, a few tokens of the sampler.
 PROBE_WINDOWS, PROBE_NEW_TOKENS = 2, 4
-# How far the probe's estimate may be from the CPU's, relative: a GPU's TF32 products move
-# a loss by ~1e-4; a broken operation by far more.
-PROBE_RTOL = 1e-3
+# How far the probe's estimate may be from the CPU's float32 one, relative: a GPU's TF32
+# products move a loss by ~1e-4, bfloat16 matmuls (--compute_dtype) by ~1e-3; a broken
+# operation by far more.
+PROBE_RTOL = {"float32": 1e-3, "bfloat16": 1e-2}
 
 Executor = Callable[[str, Callable[[], Any]], Any]
 
@@ -145,16 +146,18 @@ class GuardedEvaluator:
     return chosen
 
   def _probe_estimate(self, params) -> None:
-    # One chunk on any platform: one function, traced once for both devices.
-    fn = evaluate.jit_eval_loss(self.evaluator.model_config)
+    # One chunk on either device: the accelerator's computation, and the CPU's float32 one.
+    here = self.evaluator.model_config
+    exact = dataclasses.replace(here, compute_dtype="float32", attention="einsum")
     few = jax.tree.map(lambda x_BxT: x_BxT[:PROBE_WINDOWS], self.evaluator.windows["val"])
 
-    def estimate(device: jax.Device) -> float:
-      return float(fn(jax.device_put(sharding.local_copy(params), device),
-                      jax.device_put(few, device)))
-    got = self.executor("probe-estimate", lambda: estimate(self.device))
-    want = estimate(platforms.cpu_device())
-    if not abs(got - want) <= PROBE_RTOL * abs(want):  # NaN fails too.
+    def estimate(device: jax.Device, model_config: ModelConfig) -> float:
+      return float(evaluate.jit_eval_loss(model_config)(
+          jax.device_put(sharding.local_copy(params), device), jax.device_put(few, device)))
+    got = self.executor("probe-estimate", lambda: estimate(self.device, here))
+    want = estimate(platforms.cpu_device(), exact)
+    rtol = PROBE_RTOL.get(here.compute_dtype, PROBE_RTOL["float32"])
+    if not abs(got - want) <= rtol * abs(want):  # NaN fails too.
       raise ValueError(f"its loss estimate {got:.6g} is not the CPU's {want:.6g}")
 
   def _probe_sample(self, params) -> None:
