@@ -91,7 +91,7 @@ if [ "$stack" = default ] && [ ! -f "$venv/requirements.installed" ] &&
 fi
 # What the environment was installed from: the file, and requirements.txt that the CUDA one
 # includes (a change to either reinstalls).
-wanted=$(cat "$root/$requirements"; [ "$stack" = cuda ] && cat "$root/requirements.txt")
+wanted=$(cat "$root/$requirements"; if [ "$stack" = cuda ]; then cat "$root/requirements.txt"; fi)
 if [ "$wanted" != "$(cat "$venv/requirements.installed" 2>/dev/null)" ]; then
   echo "launch.sh: installing $requirements into $venv" >&2
   "$venv/bin/python" -m pip install --quiet --upgrade pip

@@ -128,8 +128,8 @@ def test_launch_sh_takes_the_cuda_stack_where_nvidia_smi_lists_a_gpu(tmp_path, s
     env["RANDYGPT_STACK"] = stack
   result = subprocess.run([str(REPO / "launch.sh"), "--help"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
-  if stack == "cpu":
-    assert "CUDA" not in result.stderr and "stub" not in result.stderr
+  if stack == "cpu":  # .venv as it is: main's help.
+    assert result.stderr == "" and "--iters" in result.stdout
     return
   assert result.returncode == 3
   assert result.stderr.splitlines()[:2] == [

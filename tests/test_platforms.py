@@ -204,7 +204,9 @@ def test_jax_mps_evaluates_and_samples_a_run_on_its_one_device(tmp_path, capsys)
   assert summary["status"] == "completed" and summary["eval_fallback"] is None
   assert "✓ Metal GPU (mps) enabled for evaluation: mps:1" in out
   assert "devices: 2 x cpu" in out  # Training stays on the CPU unless asked.
-  assert recorder.calls == ["probe-estimate", "probe-sample", "estimate", "estimate", "sample"]
+  # The estimates at 2 and 4, the final one over the whole val split, the sample.
+  assert recorder.calls == ["probe-estimate", "probe-sample", "estimate", "estimate", "estimate",
+                            "sample"]
   # The estimates' windows (eval_iters x batch_size, block_size) are on the stand-in, so
   # their computations ran there (a jit with arguments on two devices fails).
   gpu = jax.devices("cpu")[1]
