@@ -106,7 +106,8 @@ def test_the_nanogpt_runner_is_the_repository_s_own(tmp_path):
   import numpy as np
   from absl import flags as absl_flags
 
-  import randygpt.bench.__main__  # noqa: F401  Defines the benchmark's flags.
+  from randygpt.bench.__main__ import CORES_OWN_FLAGS  # Defines the benchmark's flags.
+  assert "nanogpt_git" in CORES_OWN_FLAGS  # The parent fetches; its pinned children never.
   script = absl_flags.FLAGS["nanogpt_script"].default
   assert script == str(REPO / "tools" / "nanogpt-bench.sh")
   env = {**os.environ, "NANOGPT_DIR": str(tmp_path / "nanogpt"), "NANOGPT_PYTHON": sys.executable,
