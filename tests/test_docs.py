@@ -76,3 +76,10 @@ def test_a_broken_link_is_found(tmp_path, monkeypatch):
 def test_every_relative_link_and_anchor_resolves():
   broken = [problem for page in PAGES for problem in broken_links(page)]
   assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_the_readme_and_the_developers_guide_stay_short():
+  """A newcomer reads the README top to bottom, a developer WORKSPACE.md: 250 and 200 lines."""
+  for page, most in (("README.md", 250), ("WORKSPACE.md", 200)):
+    lines = (REPO / page).read_text(encoding="utf-8").count("\n")
+    assert lines <= most, f"{page} has {lines} lines, over {most}: move reference to docs/"
