@@ -3,6 +3,8 @@
 # whenever requirements.txt changes), then:
 #   ./launch.sh test [pytest args]        run the test suite
 #   ./launch.sh report RUN_DIR... [flags] compare runs (python -m randygpt.report)
+#   ./launch.sh sample --workdir=RUN_DIR  sample from a run's checkpoint (python -m randygpt.sample)
+#   ./launch.sh bench [flags]             measure speed and memory (python -m randygpt.bench)
 #   ./launch.sh FLAGFILE.cfg [flags]      train with a flag file, e.g. experiments/shakespeare.cfg
 #   ./launch.sh [flags]                   train with flags alone
 #   ./launch.sh --processes=N ...         the same, as N local processes training one model
@@ -117,9 +119,10 @@ case "${1:-}" in
     # a costly fixture (marked xdist_group) on one worker.
     exec "$venv/bin/python" -m pytest -n auto --maxprocesses=4 --dist loadgroup ${1+"$@"}
     ;;
-  report)
+  report | sample | bench)
+    command=$1
     shift
-    exec "$venv/bin/python" -m randygpt.report ${1+"$@"}
+    exec "$venv/bin/python" -m "randygpt.$command" ${1+"$@"}
     ;;
   [!-]*.cfg)  # A flag file as the first argument (not --flagfile=x.cfg itself).
     flagfile=$1

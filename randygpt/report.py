@@ -25,6 +25,8 @@ flags.DEFINE_string("sort", "name", "Column to sort the rows by; a leading - sor
 flags.DEFINE_bool("csv", False, "Print CSV (raw numbers) instead of a table.")
 flags.DEFINE_string("plot", "", "Also draw train and val loss against iteration and against "
                     "wall time into this image file, e.g. curves.png (needs matplotlib).")
+flags.DEFINE_bool("plot_wall_time", True, "With --plot: also the panel by wall time (leave it "
+                  "out, --noplot_wall_time, when the runs shared a busy machine).")
 
 # `iter`: the last logged iteration (the --iters flag, when it differs, is the target).
 # `best_bpc`: the best evaluation's validation bits per character, comparable across tokenizers.
@@ -179,30 +181,47 @@ def format_table(columns: list[str], table: list[dict]) -> str:
                    for line in cells)
 
 
-def plot(runs: list[Run], path: str):
-  """Train (thin) and val (dots) loss of every run against iteration and against wall
-  time, saved to `path`; returns the matplotlib Figure."""
+def compared(runs: list[Run]) -> list[str]:
+  """Each run's label by what is compared: the flags that differ between the runs other than
+  the seed and the workdir, so runs that differ only in their seed share a label (and a
+  colour); the run's name where nothing else differs."""
+  names = [n for n in varying_flags(runs) if n not in ("seed", "workdir")]
+  labels = [", ".join(n if run.flags[n] == "" else f"{n}={run.flags[n]}"
+                      for n in names if n in run.flags) for run in runs]
+  return [label or run.name for label, run in zip(labels, runs)]
+
+
+def plot(runs: list[Run], path: str, with_wall_time: bool = True):
+  """Train (thin) and val (dots) loss of every run against iteration and, unless not asked,
+  against wall time, saved to `path`; one colour and legend entry per compared setting, the
+  texts trained on in the title. Returns the matplotlib Figure."""
   try:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
   except ImportError:
     raise UserError("--plot needs matplotlib, which is not installed: "
                     "pip install matplotlib") from None
-  figure = Figure(figsize=(12, 4.5), layout="constrained")
+  figure = Figure(figsize=(12 if with_wall_time else 7, 4.5), layout="constrained")
   FigureCanvasAgg(figure)  # Agg: renders without a display.
-  by_iter, by_time = figure.subplots(1, 2, sharey=True)
-  for i, run in enumerate(runs):
-    walls = wall_times(run)
-    for axes, xs in ((by_iter, [r["iter"] for r in run.records]), (by_time, walls)):
-      axes.plot(xs, [r["train_loss"] for r in run.records], color=f"C{i % 10}", alpha=0.5,
-                linewidth=1, label=f"{run.name} train")
+  panels = figure.subplots(1, 2, sharey=True) if with_wall_time else [figure.subplots()]
+  labels = compared(runs)
+  colours = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(labels))}
+  for run, label in zip(runs, labels):
+    for axes, xs in zip(panels, ([r["iter"] for r in run.records], wall_times(run))):
+      axes.plot(xs, [r["train_loss"] for r in run.records], color=colours[label], alpha=0.4,
+                linewidth=1)
       evals = [(x, r["val_loss"]) for x, r in zip(xs, run.records) if "val_loss" in r]
       if evals:
-        axes.plot(*zip(*evals), color=f"C{i % 10}", marker="o", markersize=3,
-                  label=f"{run.name} val")
-  by_iter.set(xlabel="iteration", ylabel="loss", title="loss by iteration")
-  by_time.set(xlabel="wall time (s)", title="loss by wall time")
-  by_iter.legend(fontsize="small")
+        axes.plot(*zip(*evals), color=colours[label], marker="o", markersize=3, label=label)
+  panels[0].set(xlabel="iteration", ylabel="loss", title="loss by iteration")
+  if with_wall_time:
+    panels[1].set(xlabel="wall time (s)", title="loss by wall time")
+  texts = sorted({Path(run.flags["data"]).name for run in runs if run.flags.get("data")})
+  figure.suptitle(f"{', '.join(texts) or 'the built-in sample'}: train loss (thin lines), "
+                  "val loss (dots)")
+  handles, names = panels[0].get_legend_handles_labels()
+  unique = dict(zip(names, handles))  # Runs that differ only in their seed: one entry.
+  panels[0].legend(unique.values(), unique.keys(), fontsize="small")
   try:
     figure.savefig(path, dpi=100)
   except (OSError, ValueError) as e:
@@ -225,7 +244,7 @@ def report(paths: list[str]) -> None:
   else:
     print(format_table(columns, table))
   if flags.FLAGS.plot:
-    plot(runs, flags.FLAGS.plot)
+    plot(runs, flags.FLAGS.plot, flags.FLAGS.plot_wall_time)
     print(f"Wrote {flags.FLAGS.plot}", file=sys.stderr)
 
 

@@ -5,6 +5,7 @@ what only a process boundary shows (signals, exit statuses, stderr, locks, the l
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import pytest
 from absl import flags as absl_flags
 from absl.testing import flagsaver
 
+from randygpt.data import KNOWN_DATASETS
 from randygpt.runtime import devices
 
 # Two CPU devices, fixed when JAX starts its backends (below): in-process runs train
@@ -50,10 +52,27 @@ os.environ["XLA_FLAGS"] = " ".join(dict.fromkeys(  # Once each, in a worker as i
     os.environ.get("XLA_FLAGS", "").split() + os.environ["RANDYGPT_TEST_XLA_FLAGS"].split()))
 
 REPO = Path(__file__).resolve().parent.parent
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
-needs_shakespeare = pytest.mark.skipif(
-    not SHAKESPEARE.exists(), reason=f"Tiny Shakespeare not found at {SHAKESPEARE}")
+
+def find_shakespeare(places: tuple[Path, ...]) -> tuple[Path, str]:
+  """The first of `places` holding Tiny Shakespeare, checked by size and SHA-256 as a download
+  is; else the first place and why the tests that need it are skipped."""
+  known = KNOWN_DATASETS["tinyshakespeare.txt"]
+  for place in places:
+    if (place.is_file() and place.stat().st_size == known.size
+        and hashlib.sha256(place.read_bytes()).hexdigest() == known.sha256):
+      return place, ""
+  elsewhere = "".join(f" nor {place}" for place in places[1:])
+  return places[0], (f"Tiny Shakespeare is not in {places[0]}{elsewhere}: "
+                     "./launch.sh experiments/shakespeare.cfg downloads it there")
+
+
+# data/ is where the quick start downloads it; ../shared/data is a development machine's copy.
+SHAKESPEARE, _NO_SHAKESPEARE = find_shakespeare((
+    REPO / "data" / "tinyshakespeare.txt",
+    REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
+
+needs_shakespeare = pytest.mark.skipif(bool(_NO_SHAKESPEARE), reason=_NO_SHAKESPEARE)
 
 
 # Tests compare code paths to float32 tolerance; GPUs would otherwise multiply in TF32.

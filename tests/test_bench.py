@@ -2,12 +2,15 @@
 number (no timing is asserted). Its start-up and memory runs are processes by design."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from randygpt import bench
 
-from conftest import run_config, tiny, write_corpus
+from conftest import REPO, run_config, tiny, write_corpus
 
 KEYS = ("compile_s", "ms_per_step", "tokens_per_sec", "eval_tokens_per_sec",
         *(f"generate_{case}_x{streams}_tokens_per_sec"
@@ -75,6 +78,52 @@ def test_nanogpt_timing_comes_from_the_shared_script(tmp_path):
   script.write_text("#!/bin/sh\necho 'set NANOGPT_GIT' >&2\nexit 1\n")
   with pytest.raises(bench.UserError, match="nanoGPT timing failed.*NANOGPT_GIT"):
     bench.nanogpt_ms(str(script), shaped, 15)
+
+
+def test_nanogpt_is_prepared_before_any_timing(tmp_path, monkeypatch):
+  """The script's one-time work runs first, with --nanogpt_git passed on as NANOGPT_GIT and
+  this interpreter as NANOGPT_PYTHON; a script missing or failing is refused at once."""
+  from conftest import raises_user_error
+  monkeypatch.delenv("NANOGPT_GIT", raising=False)
+  monkeypatch.delenv("NANOGPT_PYTHON", raising=False)
+  script = tmp_path / "fake.sh"
+  script.write_text('#!/bin/sh\necho "$@ $NANOGPT_GIT $NANOGPT_PYTHON" > "$(dirname "$0")/args"\n')
+  with raises_user_error(f"--nanogpt_script={script} is not an executable script; "
+                         "--nanogpt_iters=0 leaves nanoGPT out."):
+    bench.prepare_nanogpt(str(script), "")
+  script.chmod(0o755)
+  bench.prepare_nanogpt(str(script), "https://example.org/nanoGPT")
+  assert (tmp_path / "args").read_text().split() == [
+      "--prepare", "https://example.org/nanoGPT", sys.executable]
+  script.write_text("#!/bin/sh\necho 'nanoGPT is not checked out' >&2\nexit 1\n")
+  with pytest.raises(bench.UserError, match="nanoGPT timing failed.*not checked out"):
+    bench.prepare_nanogpt(str(script), "")
+
+
+def test_the_nanogpt_runner_is_the_repository_s_own(tmp_path):
+  """tools/nanogpt-bench.sh (the default --nanogpt_script) fetches nothing unasked, and writes
+  nanoGPT's character data as its prepare.py does: sorted characters, the first 90% to train."""
+  import numpy as np
+  from absl import flags as absl_flags
+
+  from randygpt.bench.__main__ import CORES_OWN_FLAGS  # Defines the benchmark's flags.
+  assert "nanogpt_git" in CORES_OWN_FLAGS  # The parent fetches; its pinned children never.
+  script = absl_flags.FLAGS["nanogpt_script"].default
+  assert script == str(REPO / "tools" / "nanogpt-bench.sh")
+  env = {**os.environ, "NANOGPT_DIR": str(tmp_path / "nanogpt"), "NANOGPT_PYTHON": sys.executable,
+         "NANOGPT_TEXT": str(tmp_path / "t.txt")}
+  env.pop("NANOGPT_GIT", None)
+  done = subprocess.run([script, "--prepare"], capture_output=True, text=True, env=env)
+  assert done.returncode == 1 and not (tmp_path / "nanogpt").exists()
+  assert "pass --nanogpt_git=https://github.com/karpathy/nanoGPT" in done.stderr
+  (tmp_path / "nanogpt").mkdir()
+  (tmp_path / "nanogpt" / "train.py").write_text("")  # A checkout, as far as the script asks.
+  (tmp_path / "t.txt").write_text("abcab" * 20 + "zé", encoding="utf-8")
+  subprocess.run([script, "--prepare"], check=True, env=env)
+  data = tmp_path / "nanogpt" / "data" / "randygpt_shakespeare_char"
+  train, val = (np.fromfile(data / f"{part}.bin", dtype=np.uint16) for part in ("train", "val"))
+  assert len(train) == 91 and len(val) == 11 and list(train[:5]) == [0, 1, 2, 0, 1]
+  assert list(val[-2:]) == [3, 4]  # "z" then "é", the last two of the sorted characters.
 
 
 @pytest.mark.slow

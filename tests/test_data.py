@@ -16,7 +16,7 @@ import pytest
 from randygpt import data
 from randygpt.errors import UserError
 
-from conftest import SHAKESPEARE, make_corpus, needs_shakespeare
+from conftest import SHAKESPEARE, find_shakespeare, make_corpus, needs_shakespeare
 
 
 def load(path, tmp_path, **kwargs) -> data.Corpus:
@@ -356,6 +356,21 @@ def test_tinyshakespeare_is_a_known_dataset():
   known = data.KNOWN_DATASETS["tinyshakespeare.txt"]
   assert known.size == 1_115_394
   assert known.sha256.startswith("86c4e6aa") and known.sha256.endswith("65ed")
+
+
+@needs_shakespeare
+def test_the_tests_find_tiny_shakespeare_where_the_quick_start_put_it(tmp_path):
+  """The repository's data/ first, a copy elsewhere next; a file that is not it does not count
+  (the tests that need it are skipped, saying where the quick start downloads it)."""
+  wrong, right = tmp_path / "data" / "tinyshakespeare.txt", tmp_path / "shared.txt"
+  wrong.parent.mkdir()
+  wrong.write_bytes(SHAKESPEARE.read_bytes()[:-1] + b"?")
+  right.write_bytes(SHAKESPEARE.read_bytes())
+  assert find_shakespeare((wrong, right)) == (right, "")
+  found, why = find_shakespeare((wrong, tmp_path / "absent.txt"))
+  assert found == wrong and "./launch.sh experiments/shakespeare.cfg downloads it" in why
+  right.rename(wrong)
+  assert find_shakespeare((wrong, tmp_path / "absent.txt")) == (wrong, "")
 
 
 @needs_shakespeare

@@ -82,6 +82,15 @@ def test_launch_sh_report_runs_the_report(tmp_path):
   assert result.returncode == 1 and result.stderr == "Error: missing does not exist.\n"
 
 
+@pytest.mark.parametrize("command, args, error", [
+    ("sample", ["--workdir=missing"], "Error: missing has no latest checkpoint.\n"),
+    ("bench", ["--text_sizes=x"], "Error: --text_sizes=x: give sizes in bytes, e.g. 1e6,1e8.\n")])
+def test_launch_sh_runs_sample_and_bench(tmp_path, command, args, error):
+  result = subprocess.run([str(REPO / "launch.sh"), command, *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and result.stderr == error
+
+
 @pytest.mark.parametrize("how", [{"RANDYGPT_STACK": "mps"}, "--stack=mps", "--stack=metal"])
 def test_launch_sh_keeps_apple_s_stacks_to_a_mac(tmp_path, how):
   """Elsewhere their plugins do not install (their lines' markers leave out even JAX): one

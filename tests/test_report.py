@@ -129,12 +129,27 @@ def test_format_table_aligns_columns():
 def test_plot_draws_every_run_into_a_png(sweep, tmp_path):
   pytest.importorskip("matplotlib")
   runs = [report.load(p, p.name) for p in report.find_runs([str(sweep)])]
+  for run in runs:
+    run.flags["data"] = "data/tinyshakespeare.txt"
   figure = report.plot(runs, str(tmp_path / "curves.png"))
   png = (tmp_path / "curves.png").read_bytes()
   assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
   labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
-  assert labels == ["lr1e-3 train", "lr1e-3 val", "lr3e-3 train", "lr3e-3 val"]
+  assert labels == ["learning_rate=0.001", "learning_rate=0.003"]  # What the runs compare.
   assert [axes.get_xlabel() for axes in figure.axes] == ["iteration", "wall time (s)"]
+  assert figure.get_suptitle().startswith("tinyshakespeare.txt: train loss")
+  figure = report.plot(runs, str(tmp_path / "curves.png"), with_wall_time=False)
+  assert [axes.get_xlabel() for axes in figure.axes] == ["iteration"]
+
+
+def test_runs_that_differ_only_in_their_seed_share_a_label(sweep):
+  runs = [report.load(p, p.name) for p in report.find_runs([str(sweep)])]
+  for run, seed in zip(runs, ("1", "2")):
+    run.flags |= {"seed": seed, "learning_rate": "0.003", "qk_norm": ""}
+  assert report.compared(runs) == ["lr1e-3", "lr3e-3"]  # Nothing else differs: the names.
+  runs[1].flags |= {"noqk_norm": ""}
+  del runs[1].flags["qk_norm"]
+  assert report.compared(runs) == ["qk_norm", "noqk_norm"]
 
 
 def test_plot_without_matplotlib_says_so(sweep, tmp_path, monkeypatch):

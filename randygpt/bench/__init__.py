@@ -7,7 +7,7 @@ text sizes, the loop's ms/iteration), peers (torch_reference, nanoGPT's train.py
 Importing the package defines no flags: only the command does."""
 
 from randygpt.bench.checkpoints import measure_checkpoints
-from randygpt.bench.peers import check_torch_comparable, nanogpt_ms
+from randygpt.bench.peers import check_torch_comparable, nanogpt_ms, prepare_nanogpt
 from randygpt.bench.runs import loop_ms, measure_text_sizes, measure_training_runs
 from randygpt.bench.shapes import SHAPES, measure_shapes, parse_shape, shape_config, shapes_table
 from randygpt.bench.steps import (measure, measure_eval_and_generation, measure_generation,

@@ -20,6 +20,7 @@ from absl import flags
 from randygpt.runtime import cli
 from randygpt import flags as randygpt_flags
 from randygpt.bench.cores import measure_cores, time_runner
+from randygpt.bench.peers import prepare_nanogpt
 from randygpt.bench.runs import measure_text_sizes, measure_training_runs
 from randygpt.bench.shapes import measure_shapes
 from randygpt.bench.steps import measure
@@ -59,11 +60,13 @@ flags.DEFINE_integer("loop_iters", 0, "With --shapes: also time the real trainin
                      "0 skips it.", lower_bound=0)
 flags.DEFINE_integer("nanogpt_iters", 30, "With --shapes: iterations of each nanoGPT run (its "
                      "first 10 untimed); 0 skips nanoGPT.", lower_bound=0)
-flags.DEFINE_string("nanogpt_script", str(Path(__file__).resolve().parents[3] / "shared" /
-                                          "tools" / "nanogpt-bench.sh"),
+flags.DEFINE_string("nanogpt_script", str(Path(__file__).resolve().parents[2] / "tools" /
+                                          "nanogpt-bench.sh"),
                     "With --shapes: the script that times nanoGPT's train.py at a shape "
-                    "(N_LAYER N_HEAD N_EMBD BLOCK BATCH DROPOUT ITERS; needs NANOGPT_GIT on "
-                    "first use).")
+                    "(N_LAYER N_HEAD N_EMBD BLOCK BATCH DROPOUT ITERS).")
+flags.DEFINE_string("nanogpt_git", "", "With --shapes: where to fetch nanoGPT from on first use "
+                    "(a URL such as https://github.com/karpathy/nanoGPT, or a local clone); "
+                    "the script keeps its checkout and never fetches unasked.")
 flags.DEFINE_list("cores", [], "With --shapes: time them on the first k cores of this "
                   "machine for each k given, e.g. 4,8,16: randygpt's automatic placement, half "
                   "and double its devices, torch_reference and nanoGPT, each a process pinned "
@@ -77,7 +80,8 @@ flags.adopt_module_key_flags(randygpt_flags)
 
 # The parent's own flags, which --cores does not pass on to its pinned processes.
 CORES_OWN_FLAGS = ("cores", "core_brackets", "core_runner", "shapes", "json", "shape_repeats",
-                   "num_cpu_devices", "nanogpt_iters", "nanogpt_script", "loop_iters")
+                   "num_cpu_devices", "nanogpt_iters", "nanogpt_script", "nanogpt_git",
+                   "loop_iters")
 
 
 def child_argv(argv: list[str]) -> list[str]:
@@ -139,6 +143,8 @@ def bench():
       import torch  # noqa: F401
     except ImportError:
       raise UserError("--shapes needs PyTorch: pip install torch==2.13.0") from None
+    if flags.FLAGS.nanogpt_iters:
+      prepare_nanogpt(flags.FLAGS.nanogpt_script, flags.FLAGS.nanogpt_git)
     if flags.FLAGS.cores:
       bench_cores(config)
       return

@@ -98,9 +98,6 @@ def measure_cores(config, specs, counts, *, argv: list[str], repeats: int, nanog
   from randygpt.bench.shapes import parse_shape
   for spec in specs:
     parse_shape(spec)
-  if nanogpt_iters and not os.access(script, os.X_OK):
-    raise UserError(f"--nanogpt_script={script} is not an executable script; "
-                    "--nanogpt_iters=0 leaves nanoGPT out.")
   sets = core_sets(counts)
   rounds = {}
   with tempfile.TemporaryDirectory() as cache:

@@ -1,8 +1,10 @@
 """The PyTorch peers randygpt is timed beside: randygpt/torch_reference.py (the same model in
-PyTorch eager, in this process) and nanoGPT's own train.py (through a script outside the
-repository, --nanogpt_script)."""
+PyTorch eager, in this process) and nanoGPT's own train.py (through --nanogpt_script,
+tools/nanogpt-bench.sh by default)."""
 
+import os
 import subprocess
+import sys
 
 from randygpt.errors import UserError
 
@@ -32,8 +34,23 @@ def torch_reference_timing(model_config, tc, tokens, steps: int, warmup_steps: i
   return reference
 
 
+def prepare_nanogpt(script: str, git: str) -> None:
+  """The nanoGPT script's one-time work (its checkout, from `git` if given, and its data) done
+  before any timing, and its environment for the timings: this interpreter (it has torch)."""
+  if not os.access(script, os.X_OK):
+    raise UserError(f"--nanogpt_script={script} is not an executable script; "
+                    "--nanogpt_iters=0 leaves nanoGPT out.")
+  os.environ.setdefault("NANOGPT_PYTHON", sys.executable)
+  if git:
+    os.environ["NANOGPT_GIT"] = git
+  done = subprocess.run([script, "--prepare"], capture_output=True, text=True)
+  if done.returncode:
+    raise UserError(f"The nanoGPT timing failed ({script}): "
+                    f"{(done.stdout + done.stderr).strip()[-300:]}")
+
+
 def nanogpt_ms(script: str, config, iters: int, wrap=list, env: dict | None = None) -> float:
-  """nanoGPT's train.py median ms/iteration at this shape, from the shared script (its
+  """nanoGPT's train.py median ms/iteration at this shape, from the script (its
   command line through `wrap`, e.g. pinned to some cores; its environment `env`)."""
   mc, tc = config.model, config.train
   done = subprocess.run(wrap([script, *map(str, (mc.n_layer, mc.n_head, mc.n_embd,
