@@ -16,7 +16,7 @@ import pytest
 from randygpt import data
 from randygpt.errors import UserError
 
-from conftest import SHAKESPEARE, make_corpus, needs_shakespeare
+from conftest import SHAKESPEARE, make_corpus, needs_shakespeare, raises_user_error
 
 
 def load(path, tmp_path, **kwargs) -> data.Corpus:
@@ -128,6 +128,38 @@ def test_a_cache_file_cut_short_is_not_trusted(tmp_path):
     f.truncate(cache.stat().st_size - 10)
   again = load(path, tmp_path)
   assert again.built_s is not None and len(again.tokens) == 3000
+
+
+def test_flipped_bytes_in_the_token_cache_rebuild_it(tmp_path, capsys):
+  path = tmp_path / "t.txt"
+  path.write_text(make_corpus(3000), encoding="utf-8")
+  cache = load(path, tmp_path).cache_path
+  good = cache.read_bytes()
+  with open(cache, "r+b") as f:  # One byte of the tokens, the size unchanged.
+    f.seek(len(good) - 1000)
+    f.write(bytes([good[-1000] ^ 0x01]))
+  capsys.readouterr()
+  again = load(path, tmp_path)
+  assert again.built_s is not None and cache.read_bytes() == good
+  assert (f"⚠ The token cache {cache} differs from its checksum (damaged on disk): "
+          "rebuilding it.") in capsys.readouterr().out
+  assert again.tokenizer.decode(again.tokens) == path.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("make", ["writable", "link"])
+def test_a_cache_entry_another_user_could_write_is_not_loaded(tmp_path, make):
+  path = tmp_path / "t.txt"
+  path.write_text(make_corpus(3000), encoding="utf-8")
+  cache = load(path, tmp_path).cache_path
+  if make == "writable":
+    cache.chmod(0o666)
+  else:  # A link to a good cache elsewhere: still not this run's file.
+    elsewhere = tmp_path / "elsewhere.tokens"
+    cache.rename(elsewhere)
+    cache.symlink_to(elsewhere)
+  again = load(path, tmp_path)
+  assert again.built_s is not None and not cache.is_symlink()
+  assert cache.stat().st_mode & 0o777 == 0o600
 
 
 def test_two_runs_building_the_same_cache_at_once_both_succeed(tmp_path):
@@ -342,6 +374,45 @@ def test_download_with_wrong_checksum_saves_nothing(tmp_path, http_server, known
   with pytest.raises(UserError, match="does not match"):
     data.load_corpus(str(dest), tmp_path / "cache", url=f"{url}/input.txt")
   assert not dest.parent.exists() or not any(dest.parent.iterdir())
+
+
+def test_a_download_longer_than_the_known_size_stops_there(tmp_path, known_corpus):
+  """A server that sends without end (a wrong URL, a hostile server): the download stops
+  one byte past the known size and saves nothing; the server sees the connection closed
+  long before its 1 GiB is sent."""
+  sent, ended = [], threading.Event()
+
+  class Endless(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # pylint: disable=invalid-name
+      self.send_response(200)
+      self.end_headers()
+      block, total = b"x" * (1 << 20), 0
+      try:
+        while total < 1 << 30:
+          self.wfile.write(block)
+          total += len(block)
+      except OSError:
+        pass
+      sent.append(total)
+      ended.set()
+
+    def log_message(self, *args):
+      pass
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  dest = tmp_path / "data" / "known.txt"
+  url = f"http://127.0.0.1:{server.server_address[1]}/input.txt"
+  try:
+    with raises_user_error(f"Downloaded {url} is longer than the expected "
+                           f"{len(known_corpus):,} bytes: stopped there. Nothing was saved; "
+                           f"download it yourself to {dest} or pass --data=PATH."):
+      data.load_corpus(str(dest), tmp_path / "cache", url=url)
+    assert not any(dest.parent.iterdir())
+    ended.wait(60)
+  finally:
+    server.shutdown()
+  assert sent and sent[0] < 1 << 30
 
 
 def test_download_failure_says_where_to_put_the_file(tmp_path, http_server, known_corpus):

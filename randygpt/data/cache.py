@@ -15,13 +15,14 @@ from typing import Iterator
 
 import numpy as np
 
-from randygpt.data import bpe, sources, windowing
+from randygpt.data import bpe, sources, trust, windowing
 from randygpt.data.bpe import BpeTokenizer
 from randygpt.data.token_file import TokenFile
 from randygpt.data.tokenizers import CharTokenizer, _latin1, code_points
 from randygpt.errors import UserError
 
-CACHE_FORMAT = "randygpt-tokens-1"
+# Format 2 adds the SHA-256 of the tokens to the header.
+CACHE_FORMAT = "randygpt-tokens-2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,40 +125,69 @@ def _encoded_chunks(files: list[Path], encoding: str, tokenizer: CharTokenizer,
 
 _MAGIC = b"RGTOKENS"
 _HEADER_ALIGN = 64
+_UNKNOWN = "0" * 64  # The checksum's place, until the tokens are written.
 
 
 def _header(tokenizer: CharTokenizer | BpeTokenizer, n_tokens: int, size: int = 0,
-            **split) -> bytes:
-  """The header of a cache of `n_tokens` tokens, padded to `size` bytes (at least). A
-  character cache holds its characters; a BPE cache its tokenizer and its `split`
-  (train_tokens, text_chars)."""
+            sha256: str = _UNKNOWN, **split) -> bytes:
+  """The header of a cache of `n_tokens` tokens (their bytes' `sha256`), padded to `size`
+  bytes (at least). A character cache holds its characters; a BPE cache its tokenizer and
+  its `split` (train_tokens, text_chars)."""
   vocab = ({"bpe": tokenizer.model, **split} if isinstance(tokenizer, BpeTokenizer)
            else {"chars": list(tokenizer.chars)})
   meta = json.dumps({"format": CACHE_FORMAT, **vocab, "dtype": tokenizer.dtype.name,
-                     "tokens": n_tokens}).encode()
+                     "tokens": n_tokens, "sha256": sha256}).encode()
   size = max(size, -(-(len(_MAGIC) + 8 + len(meta)) // _HEADER_ALIGN) * _HEADER_ALIGN)
   return (_MAGIC + (size).to_bytes(8, "little") + meta).ljust(size, b" ")
 
 
-def open_cache(path: Path) -> tuple[CharTokenizer | BpeTokenizer, TokenFile, dict] | None:
+class _Hashing:
+  """A file's writer that hashes what it writes (the tokens, for the header)."""
+
+  def __init__(self, out):
+    self.out, self.digest = out, hashlib.sha256()
+
+  def write(self, data: bytes) -> int:
+    self.digest.update(data)
+    return self.out.write(data)
+
+
+def _sha256_from(fd: int, offset: int) -> str:
+  digest = hashlib.sha256()
+  while (chunk := os.pread(fd, sources.CHUNK_BYTES, offset)):
+    digest.update(chunk)
+    offset += len(chunk)
+  return digest.hexdigest()
+
+
+def open_cache(path: Path, verify: bool = True):
   """The tokenizer, the tokens and the header of a complete cache file; None for a missing,
-  foreign or incomplete one."""
+  foreign, incomplete or untrusted one (a link, or a file another user could write:
+  trust.py), and "damaged" for one whose tokens differ from their checksum (`verify`)."""
   try:
-    with open(path, "rb") as f:
-      head = f.read(len(_MAGIC) + 8)
-      size = int.from_bytes(head[len(_MAGIC):], "little")
-      if head[:len(_MAGIC)] != _MAGIC or size > 1 << 30:
-        return None
-      meta = json.loads(f.read(size - len(head)))
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+  except OSError:
+    return None
+  f = os.fdopen(fd, "rb")
+  try:
+    head = f.read(len(_MAGIC) + 8)
+    size = int.from_bytes(head[len(_MAGIC):], "little")
+    if head[:len(_MAGIC)] != _MAGIC or size > 1 << 30 or not trust.trusted_entry(
+        os.fstat(fd)):
+      return f.close()
+    meta = json.loads(f.read(size - len(head)))
     dtype = np.dtype(meta["dtype"])
     expected_bytes = size + meta["tokens"] * dtype.itemsize
-    if meta["format"] != CACHE_FORMAT or path.stat().st_size != expected_bytes:
-      return None
-    tokens = TokenFile(path, size, dtype, 0, meta["tokens"])
+    if meta["format"] != CACHE_FORMAT or os.fstat(fd).st_size != expected_bytes:
+      return f.close()
+    if verify and _sha256_from(fd, size) != meta["sha256"]:
+      f.close()
+      return "damaged"
+    tokens = TokenFile(path, size, dtype, 0, meta["tokens"], f)
     tokenizer = (BpeTokenizer.from_json(meta["bpe"]) if "bpe" in meta
                  else CharTokenizer(tuple(meta["chars"])))
   except (OSError, ValueError, KeyError, TypeError):
-    return None
+    return f.close()
   return tokenizer, tokens, meta
 
 
@@ -202,11 +232,12 @@ def _write_bpe(out, files: list[Path], encoding: str, vocab_size: int) -> None:
   # Tokens are never more than characters: the header written last fits in this one's room.
   room = len(_header(tokenizer, n_chars, train_tokens=n_chars, text_chars=[n_chars] * 2))
   out.write(b" " * room)
-  train_tokens = _write_tokens(out, tokenizer, _parts(files, encoding, n_train, 0))
-  n_tokens = train_tokens + _write_tokens(out, tokenizer, _parts(files, encoding, n_train, 1))
+  hashed = _Hashing(out)
+  train_tokens = _write_tokens(hashed, tokenizer, _parts(files, encoding, n_train, 0))
+  n_tokens = train_tokens + _write_tokens(hashed, tokenizer, _parts(files, encoding, n_train, 1))
   out.seek(0)
-  out.write(_header(tokenizer, n_tokens, room, train_tokens=train_tokens,
-                    text_chars=[n_train, n_chars - n_train]))
+  out.write(_header(tokenizer, n_tokens, room, hashed.digest.hexdigest(),
+                    train_tokens=train_tokens, text_chars=[n_train, n_chars - n_train]))
 
 
 def _write_chars(out, files: list[Path], encoding: str, tokenizer_name: str) -> bool:
@@ -215,12 +246,16 @@ def _write_chars(out, files: list[Path], encoding: str, tokenizer_name: str) -> 
   tokenizer, n_tokens = _scan(files, encoding, tokenizer_name)
   header = _header(tokenizer, n_tokens)
   out.write(header)
+  hashed = _Hashing(out)
   try:
     for chunk in _encoded_chunks(files, encoding, tokenizer, tokenizer_name):
-      out.write(chunk)
+      hashed.write(chunk)
   except IndexError:  # A character the first pass did not see.
     return False
-  return out.tell() - len(header) == n_tokens * tokenizer.dtype.itemsize
+  complete = out.tell() - len(header) == n_tokens * tokenizer.dtype.itemsize
+  out.seek(0)
+  out.write(_header(tokenizer, n_tokens, len(header), hashed.digest.hexdigest()))
+  return complete
 
 
 def build_cache(path: Path, files: list[Path], encoding: str, tokenizer_name: str,
@@ -271,12 +306,15 @@ def load_corpus(data: str, cache_dir: Path, *, url: str = "", encoding: str = "u
   name = f"{bpe.RECIPE}-{bpe_vocab_size}" if tokenizer == "bpe" else tokenizer
   path = cache_dir / f"{_cache_key(files, encoding, name)[:32]}.tokens"
   built_s = None
-  if (opened := open_cache(path)) is None:
+  if (opened := open_cache(path)) in (None, "damaged"):
+    if opened == "damaged":
+      print(f"⚠ The token cache {path} differs from its checksum (damaged on disk): "
+            "rebuilding it.", flush=True)
     start = time.perf_counter()
     print(f"Encoding {description} into the token cache...", flush=True)
     build_cache(path, paths, encoding, tokenizer, bpe_vocab_size)
     built_s = time.perf_counter() - start
-    opened = open_cache(path)
+    opened = open_cache(path, verify=False)  # Just written by this process.
   tok, tokens, meta = opened
   train_tokens = meta.get("train_tokens", windowing.train_length(len(tokens)))
   text_chars = tuple(meta.get("text_chars", (train_tokens, len(tokens) - train_tokens)))
