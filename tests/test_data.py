@@ -1,4 +1,3 @@
-import concurrent.futures
 import functools
 import hashlib
 import http.server
@@ -6,6 +5,8 @@ import os
 import random
 import resource
 import signal
+import subprocess
+import sys
 import threading
 
 import jax
@@ -16,7 +17,7 @@ import pytest
 from randygpt import data
 from randygpt.errors import UserError
 
-from conftest import SHAKESPEARE, make_corpus, needs_shakespeare, raises_user_error
+from conftest import REPO, SHAKESPEARE, make_corpus, needs_shakespeare, raises_user_error
 
 
 def load(path, tmp_path, **kwargs) -> data.Corpus:
@@ -162,19 +163,43 @@ def test_a_cache_entry_another_user_could_write_is_not_loaded(tmp_path, make):
   assert cache.stat().st_mode & 0o777 == 0o600
 
 
-def test_two_runs_building_the_same_cache_at_once_both_succeed(tmp_path):
+# Each process builds the cache, then waits at its rename until the other has built it too
+# (or 60 s: then the other did not build, and the test fails on what it prints).
+BUILD_BOTH = """
+import os, sys, time
+from pathlib import Path
+from randygpt import data
+text, cache, arrived, me = sys.argv[1:]
+rename = os.replace
+def rename_once_both_built(source, target):
+  (Path(arrived) / me).touch()
+  deadline = time.monotonic() + 60
+  while len(os.listdir(arrived)) < 2 and time.monotonic() < deadline:
+    time.sleep(0.01)
+  rename(source, target)
+os.replace = rename_once_both_built
+corpus = data.load_corpus(text, Path(cache))
+print(corpus.built_s is not None, corpus.cache_path.name, corpus.tokenizer.decode(corpus.tokens) ==
+      Path(text).read_text(encoding="utf-8"))
+"""
+
+
+def test_two_processes_building_the_same_cache_at_once_both_build_it(tmp_path):
   path = tmp_path / "t.txt"
   path.write_text(make_corpus(200_000), encoding="utf-8")
-  barrier = threading.Barrier(2)
-
-  def build(_):
-    barrier.wait()
-    return load(path, tmp_path)
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    corpora = list(pool.map(build, range(2)))
-  assert corpora[0].cache_path == corpora[1].cache_path
-  assert [p.name for p in (tmp_path / "cache").iterdir()] == [corpora[0].cache_path.name]
-  np.testing.assert_array_equal(corpora[0].tokens, corpora[1].tokens)
+  arrived = tmp_path / "arrived"
+  arrived.mkdir()
+  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  procs = [subprocess.Popen([sys.executable, "-c", BUILD_BOTH, str(path), str(tmp_path / "cache"),
+                             str(arrived), str(rank)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for rank in range(2)]
+  outputs = [proc.communicate(timeout=300) for proc in procs]
+  assert [proc.returncode for proc in procs] == [0, 0], outputs
+  results = [out.strip().splitlines()[-1].split() for out, _ in outputs]
+  name = results[0][1]
+  assert results == [["True", name, "True"]] * 2, outputs  # Both built it, both read it whole.
+  assert sorted(os.listdir(arrived)) == ["0", "1"]
+  assert [p.name for p in (tmp_path / "cache").iterdir()] == [name]
 
 
 def test_a_full_disk_while_writing_the_cache_leaves_nothing_half_written(tmp_path):

@@ -117,7 +117,7 @@ def test_sigkill_on_a_seeded_schedule_always_resumes_from_the_newest_state(
   summary killed and resumes from the newest complete checkpoint, losing only what came
   after it. About 10 s a run on two busy cores, most of it start-up."""
   schedule = random.Random(29)
-  kills, in_saves, workdir = 20, 0, tmp_path / "w"
+  kills, in_saves, workdir, tmp_seen = 20, 0, tmp_path / "w", set()
   for kill in range(kills):
     newest = checkpoint.Checkpoints(workdir).newest()
     proc = start(cli_env, tmp_path, *(["--resume"] if kill else []))
@@ -125,9 +125,14 @@ def test_sigkill_on_a_seeded_schedule_always_resumes_from_the_newest_state(
     assert not kill or "ended without a word" in seen, seen  # The last kill's summary.
     assert not newest or f"Resumed from {newest.relative_to(tmp_path)} at" in seen, seen
     time.sleep(schedule.uniform(0.2, 1.5))
+    # Stopped, the process shows what the kill lands in: a save's temporary directory that
+    # no earlier run left (Orbax removes those at this run's first save, not before).
+    proc.send_signal(signal.SIGSTOP)
+    tmp = {p.relative_to(workdir) for p in workdir.glob("checkpoints/*/*.orbax-checkpoint-tmp*")}
+    in_saves += bool(tmp - tmp_seen)
+    tmp_seen |= tmp
     proc.kill()
     proc.communicate(timeout=60)
-    in_saves += bool(list(workdir.glob("checkpoints/*/*.orbax-checkpoint-tmp*")))
     assert summary(workdir)["status"] == "running"
   print(f"{kills} kills, {in_saves} inside a save")  # -s shows it.
   assert in_saves >= 2, "too few kills landed in saves to test them: change the schedule"
