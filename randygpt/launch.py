@@ -11,6 +11,7 @@ with the failing status.
 """
 
 import importlib
+import os
 import signal
 import socket
 import subprocess
@@ -29,10 +30,11 @@ def free_port() -> int:
 
 def launch(n_processes: int, args: list[str]) -> int:
   address = f"127.0.0.1:{free_port()}"
+  env = {**os.environ, "RANDYGPT_LAUNCHED": "1"}  # Deaths are the launcher's to report.
   processes = [
       subprocess.Popen([sys.executable, "-m", "randygpt.main", *args,
                         f"--coordinator_address={address}", f"--num_processes={n_processes}",
-                        f"--process_id={rank}"])
+                        f"--process_id={rank}"], env=env)
       for rank in range(n_processes)]
 
   # What a death's report needs (JAX, Orbax), imported while the processes start: a

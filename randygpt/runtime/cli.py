@@ -211,7 +211,7 @@ def entry_point(work):
     sys.stdout, sys.stderr = _HangupSafe(sys.stdout), _HangupSafe(sys.stderr)
     memory.configure_malloc()  # Before JAX starts its threads.
     import jax  # After flag parsing: --help and flag errors stay fast.
-    from randygpt.runtime import cores, devices, exported, placement, platforms
+    from randygpt.runtime import cores, devices, exported, placement, platforms, watch
     try:
       jax.config.update("jax_compilation_cache_dir", str(cache_dir("jax")))
       exported.configure(cache_dir("lowered"))
@@ -234,11 +234,16 @@ def entry_point(work):
     if not devices.is_main_process():
       sys.stdout = open(os.devnull, "w")  # One log stream: process 0 speaks for the run.
     try:
+      if jax.process_count() > 1:  # A dead process ends the others at once (watch.py).
+        watch.start(flags.FLAGS.workdir, jax.process_index(), jax.process_count(),
+                    flags.FLAGS.distributed_timeout)
       result = work() or {}
     except UserError as e:
+      watch.finished(completed=False)
       _exit_with_error(str(e))
     except KeyboardInterrupt:
       sys.exit(128 + signal.SIGINT)
+    watch.finished(completed=True)
     if "signal" in result:
       # End by the signal itself, so that a shell loop running a sweep stops too.
       signal.signal(result["signal"], signal.SIG_DFL)
