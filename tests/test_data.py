@@ -131,10 +131,14 @@ def test_a_cache_file_cut_short_is_not_trusted(tmp_path):
   assert again.built_s is not None and len(again.tokens) == 3000
 
 
-def test_flipped_bytes_in_the_token_cache_rebuild_it(tmp_path, capsys):
+@pytest.mark.parametrize("piece_bytes", [64 << 20, 700])  # One piece; several, hashed apart.
+def test_flipped_bytes_in_the_token_cache_rebuild_it(tmp_path, capsys, monkeypatch,
+                                                     piece_bytes):
+  monkeypatch.setattr(data.cache, "PIECE_BYTES", piece_bytes)
   path = tmp_path / "t.txt"
   path.write_text(make_corpus(3000), encoding="utf-8")
   cache = load(path, tmp_path).cache_path
+  assert load(path, tmp_path, hash_threads=2).built_s is None  # Its checksum holds.
   good = cache.read_bytes()
   with open(cache, "r+b") as f:  # One byte of the tokens, the size unchanged.
     f.seek(len(good) - 1000)

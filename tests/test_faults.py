@@ -109,11 +109,16 @@ def test_a_summary_left_running_is_marked_killed_at_the_next_start(tmp_path, cap
 
 # Kills.
 
+def saves_in_flight(workdir) -> set:
+  """The temporary directories of unfinished saves in `workdir`."""
+  return {p.relative_to(workdir) for p in workdir.glob("checkpoints/*/*.orbax-checkpoint-tmp*")}
+
+
 @pytest.mark.slow
 def test_sigkill_on_a_seeded_schedule_always_resumes_from_the_newest_state(
     cli_env, corpus, tmp_path, capsys):
-  """20 runs each killed at a random moment (seeded; every other one just after a save
-  starts), some while a save is in flight, as the stopped process shows; each next start
+  """20 runs each killed at a random moment (seeded), or, every other one, once a save's
+  temporary directory appears: some while a save is in flight, as the stopped process shows; each next start
   marks the summary killed and resumes from the newest complete checkpoint, losing only
   what came after it. About 15 s a run on two busy cores, most of it start-up."""
   schedule = random.Random(29)
@@ -124,15 +129,17 @@ def test_sigkill_on_a_seeded_schedule_always_resumes_from_the_newest_state(
     seen = wait_for(proc, f"\niter {int(newest.name) + 1 if newest else 1:4d} ")
     assert not kill or "ended without a word" in seen, seen  # The last kill's summary.
     assert not newest or f"Resumed from {newest.relative_to(tmp_path)} at" in seen, seen
-    if kill % 2:  # Every other kill aims at a save: just after one starts.
+    if kill % 2:  # Every other kill aims at a save: once its temporary directory appears.
       wait_for(proc, "Saving checkpoint at iteration")
-      time.sleep(schedule.uniform(0.0, 0.1))
+      deadline = time.monotonic() + 5
+      while not saves_in_flight(workdir) - tmp_seen and time.monotonic() < deadline:
+        time.sleep(0.002)
     else:
       time.sleep(schedule.uniform(0.2, 1.5))
     # Stopped, the process shows what the kill lands in: a save's temporary directory that
     # no earlier run left (Orbax removes those at this run's first save, not before).
     proc.send_signal(signal.SIGSTOP)
-    tmp = {p.relative_to(workdir) for p in workdir.glob("checkpoints/*/*.orbax-checkpoint-tmp*")}
+    tmp = saves_in_flight(workdir)
     in_saves += bool(tmp - tmp_seen)
     tmp_seen |= tmp
     proc.kill()

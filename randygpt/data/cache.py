@@ -53,27 +53,35 @@ class Corpus:
     return {"files": list(self.files), "tokens": len(self.tokens)}
 
 
-def content_hash(path: Path, piece_bytes: int = 64 << 20, threads: int = 1) -> str:
+PIECE_BYTES = 64 << 20  # What one thread hashes at a time.
+
+
+def content_hash(path: Path, piece_bytes: int = PIECE_BYTES, threads: int = 1) -> str:
   """SHA-256 of the SHA-256s of the file's 64 MB pieces, hashed on `threads` threads
   (hashlib works outside the GIL; the caller gives the CPUs this process may use,
   runtime/cores.py): a hash of the content that takes half the time on two cores."""
   try:
-    size = path.stat().st_size
-
-    def piece(start: int) -> bytes:
-      digest = hashlib.sha256()
-      with open(path, "rb") as f:
-        f.seek(start)
-        left = min(piece_bytes, size - start)
-        while left > 0 and (chunk := f.read(min(sources.CHUNK_BYTES, left))):
-          digest.update(chunk)
-          left -= len(chunk)
-      return digest.digest()
-
-    with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
-      pieces = list(pool.map(piece, range(0, max(size, 1), piece_bytes)))
+    return _pieces_hash(path, 0, piece_bytes, threads)
   except OSError as e:
     raise UserError(f"Cannot read --data={path}: {e.strerror}.") from None
+
+
+def _pieces_hash(path: Path, start: int, piece_bytes: int = 0, threads: int = 1) -> str:
+  """content_hash of the file's bytes from `start` on; OSError when it cannot be read."""
+  end, piece_bytes = path.stat().st_size, piece_bytes or PIECE_BYTES
+
+  def piece(offset: int) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+      f.seek(offset)
+      left = min(piece_bytes, end - offset)
+      while left > 0 and (chunk := f.read(min(sources.CHUNK_BYTES, left))):
+        digest.update(chunk)
+        left -= len(chunk)
+    return digest.digest()
+
+  with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
+    pieces = list(pool.map(piece, range(start, max(end, start + 1), piece_bytes)))
   return hashlib.sha256(b"".join(pieces)).hexdigest()
 
 
@@ -142,28 +150,34 @@ def _header(tokenizer: CharTokenizer | BpeTokenizer, n_tokens: int, size: int = 
 
 
 class _Hashing:
-  """A file's writer that hashes what it writes (the tokens, for the header)."""
+  """A file's writer that hashes what it writes (the tokens, for the header) as
+  _pieces_hash does: the SHA-256 of its 64 MB pieces' SHA-256s."""
 
   def __init__(self, out):
-    self.out, self.digest = out, hashlib.sha256()
+    self.out, self.pieces, self.piece, self.filled = out, [], hashlib.sha256(), 0
 
   def write(self, data: bytes) -> int:
-    self.digest.update(data)
+    view = memoryview(data)
+    while len(view):
+      taken = view[:PIECE_BYTES - self.filled]
+      self.piece.update(taken)
+      self.filled += len(taken)
+      view = view[len(taken):]
+      if self.filled == PIECE_BYTES:
+        self.pieces.append(self.piece.digest())
+        self.piece, self.filled = hashlib.sha256(), 0
     return self.out.write(data)
 
-
-def _sha256_from(fd: int, offset: int) -> str:
-  digest = hashlib.sha256()
-  while (chunk := os.pread(fd, sources.CHUNK_BYTES, offset)):
-    digest.update(chunk)
-    offset += len(chunk)
-  return digest.hexdigest()
+  def hexdigest(self) -> str:
+    last = [self.piece.digest()] if self.filled or not self.pieces else []
+    return hashlib.sha256(b"".join(self.pieces + last)).hexdigest()
 
 
-def open_cache(path: Path, verify: bool = True):
+def open_cache(path: Path, verify: bool = True, threads: int = 1):
   """The tokenizer, the tokens and the header of a complete cache file; None for a missing,
   foreign, incomplete or untrusted one (a link, or a file another user could write:
-  trust.py), and "damaged" for one whose tokens differ from their checksum (`verify`)."""
+  trust.py), and "damaged" for one whose tokens differ from their checksum (`verify`, hashed
+  on `threads` threads)."""
   try:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
   except OSError:
@@ -180,7 +194,7 @@ def open_cache(path: Path, verify: bool = True):
     expected_bytes = size + meta["tokens"] * dtype.itemsize
     if meta["format"] != CACHE_FORMAT or os.fstat(fd).st_size != expected_bytes:
       return f.close()
-    if verify and _sha256_from(fd, size) != meta["sha256"]:
+    if verify and _pieces_hash(path, size, threads=threads) != meta["sha256"]:
       f.close()
       return "damaged"
     tokens = TokenFile(path, size, dtype, 0, meta["tokens"], f)
@@ -236,7 +250,7 @@ def _write_bpe(out, files: list[Path], encoding: str, vocab_size: int) -> None:
   train_tokens = _write_tokens(hashed, tokenizer, _parts(files, encoding, n_train, 0))
   n_tokens = train_tokens + _write_tokens(hashed, tokenizer, _parts(files, encoding, n_train, 1))
   out.seek(0)
-  out.write(_header(tokenizer, n_tokens, room, hashed.digest.hexdigest(),
+  out.write(_header(tokenizer, n_tokens, room, hashed.hexdigest(),
                     train_tokens=train_tokens, text_chars=[n_train, n_chars - n_train]))
 
 
@@ -254,7 +268,7 @@ def _write_chars(out, files: list[Path], encoding: str, tokenizer_name: str) -> 
     return False
   complete = out.tell() - len(header) == n_tokens * tokenizer.dtype.itemsize
   out.seek(0)
-  out.write(_header(tokenizer, n_tokens, len(header), hashed.digest.hexdigest()))
+  out.write(_header(tokenizer, n_tokens, len(header), hashed.hexdigest()))
   return complete
 
 
@@ -306,7 +320,7 @@ def load_corpus(data: str, cache_dir: Path, *, url: str = "", encoding: str = "u
   name = f"{bpe.RECIPE}-{bpe_vocab_size}" if tokenizer == "bpe" else tokenizer
   path = cache_dir / f"{_cache_key(files, encoding, name)[:32]}.tokens"
   built_s = None
-  if (opened := open_cache(path)) in (None, "damaged"):
+  if (opened := open_cache(path, threads=hash_threads)) in (None, "damaged"):
     if opened == "damaged":
       print(f"⚠ The token cache {path} differs from its checksum (damaged on disk): "
             "rebuilding it.", flush=True)
