@@ -27,7 +27,7 @@ import pytest
 from randygpt import checkpoint, data, metrics
 from randygpt.runtime import cli, rundir
 
-from conftest import (as_args, raises_user_error, run_training, tiny, tree_bytes, wait_for,
+from conftest import (as_args, raises_user_error, run_training, tiny, wait_for,
                       write_corpus)
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
