@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from randygpt.runtime.watch import LAUNCHED_ENV
+
 POLL_S = 0.2  # How often the launcher looks at its processes.
 
 
@@ -30,17 +32,13 @@ def free_port() -> int:
 
 def launch(n_processes: int, args: list[str]) -> int:
   address = f"127.0.0.1:{free_port()}"
-  env = {**os.environ, "RANDYGPT_LAUNCHED": "1"}  # Deaths are the launcher's to report.
+  env = {**os.environ, LAUNCHED_ENV: "1"}  # Deaths are the launcher's to report.
   processes = [
       subprocess.Popen([sys.executable, "-m", "randygpt.main", *args,
                         f"--coordinator_address={address}", f"--num_processes={n_processes}",
                         f"--process_id={rank}"], env=env)
       for rank in range(n_processes)]
 
-  # What a death's report needs (JAX, Orbax), imported while the processes start: a
-  # report seconds late would leave the user waiting on a run that is over.
-  _workdir(args)
-  importlib.import_module("randygpt.checkpoint")
   stopping = []  # The signals forwarded: the processes stop together, and save.
 
   def forward(signum, frame):
@@ -51,6 +49,10 @@ def launch(n_processes: int, args: list[str]) -> int:
 
   signal.signal(signal.SIGINT, forward)
   signal.signal(signal.SIGTERM, forward)
+  # What a death's report needs (JAX, Orbax), imported while the processes start: a
+  # report seconds late would leave the user waiting on a run that is over.
+  _workdir(args)
+  importlib.import_module("randygpt.checkpoint")
   while True:
     codes = [p.poll() for p in processes]
     failed = [(rank, c) for rank, c in enumerate(codes) if c not in (None, 0)]
