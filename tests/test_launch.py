@@ -92,9 +92,9 @@ def test_when_one_process_dies_the_launcher_stops_the_others(start_launcher, cor
 @pytest.mark.parametrize("victim", [1, 0])
 def test_started_by_hand_a_dead_process_ends_the_other_with_one_line(start_cli, corpus,
                                                                      tmp_path, victim):
-  """Without the launcher (by hand, SLURM), the survivor's watch sees the dead one's
-  connection close and ends it at once; JAX's heartbeat (600 s here) would end it only long
-  after the 120 s the test waits."""
+  """Without the launcher (by hand, SLURM), the survivor's watch (its helper process) sees
+  the dead one's connection close and kills it at once; JAX's heartbeat (600 s here) would
+  end it only long after the 120 s the test waits."""
   from randygpt.launch import free_port
   address = f"127.0.0.1:{free_port()}"
   procs = [start_cli(*FLAGS, "--iters=100000", "--workdir=w", "--distributed_timeout=600",
@@ -111,11 +111,11 @@ def test_started_by_hand_a_dead_process_ends_the_other_with_one_line(start_cli, 
     pytest.fail(f"still running 120 s after the kill; stderr: {survivor.communicate()[1]}")
   procs[victim].communicate(timeout=60)
   newest = checkpoint.Checkpoints(tmp_path / "w").newest()
-  assert survivor.returncode == 1 and "Traceback" not in stderr, stderr
+  assert survivor.returncode == -signal.SIGKILL and "Traceback" not in stderr, stderr
   assert stderr.splitlines()[-1] == (
       f"Error: Process {victim} of 2 ended without finishing the run; this process stops too "
       "(a save needs every process, so none was made). The last complete checkpoint is "
-      f"{newest.relative_to(tmp_path)}: resume with --resume.")
+      f"{newest.relative_to(tmp_path)}: resume with --resume."), stderr
   if victim == 1:  # Process 0 writes the run's files.
     assert json.loads((tmp_path / "w" / "summary.json").read_text())["status"] == "failed"
 
