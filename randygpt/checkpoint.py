@@ -27,13 +27,16 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.path import atomicity
 
-from randygpt import data, train
+from randygpt import checksums, data, train
 from randygpt.errors import UserError, write_advice
 
 KINDS = ("latest", "best")
 FORMAT_NAME = "randygpt-checkpoint"
-# Format 2 stacks the blocks' weights by layer (model.py); format 1 held a list of blocks.
-FORMAT = f"{FORMAT_NAME}-2"
+# Format 3 adds the arrays' checksums to the metadata (checksums.py); format 2 stacks the
+# blocks' weights by layer (model.py), and is read without the check; format 1 held a list
+# of blocks.
+FORMAT = f"{FORMAT_NAME}-3"
+READS = (f"{FORMAT_NAME}-2", FORMAT)
 
 
 def fsync(*paths: Path) -> None:
@@ -101,13 +104,17 @@ def _restore(path: Path, **items):
     with contextlib.redirect_stderr(io.StringIO()):
       time.sleep(0.5)
     reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    others = [p for p in Checkpoints(path.parent.parent.parent).existing().values()
-              if p != path]
-    hint = (f" The checkpoint {others[0]} may be used instead: --resume_from={others[0]}"
-            if others else "")
-    raise UserError(f"Checkpoint {path} is corrupt or incomplete ({reason}).{hint}") from None
+    raise corrupt(path, reason) from None
   sys.stderr.write(held.getvalue())
   return restored
+
+
+def corrupt(path: Path, reason: str) -> UserError:
+  """The refusal of the broken checkpoint at `path`, naming the other one if there is one."""
+  others = [p for p in Checkpoints(path.parent.parent.parent).existing().values() if p != path]
+  hint = (f" The checkpoint {others[0]} may be used instead: --resume_from={others[0]}"
+          if others else "")
+  return UserError(f"Checkpoint {path} is corrupt or incomplete ({reason}).{hint}")
 
 
 def _failure(error: Exception | None) -> tuple[str, int | None]:
@@ -168,6 +175,7 @@ class Checkpoints:
       if kind not in self._managers:
         self._managers[kind] = _manager(self.root / kind, self.durable)
       # Orbax first waits for this kind's previous save: its failure shows here.
+      meta = meta | {"checksums": checksums.tree_checksums(state)}  # Before donation.
       self._managers[kind].save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     except Exception as e:  # Orbax and tensorstore raise many kinds; all mean the same here.
@@ -286,10 +294,10 @@ def check_vocab(saved_chars, tokenizer, path: Path, data_path: str) -> None:
 def read_meta(path: Path) -> dict:
   meta = _restore(path, meta=ocp.args.JsonRestore())["meta"]
   found = meta.get("format") if isinstance(meta, dict) else None
-  if isinstance(found, str) and found.startswith(FORMAT_NAME + "-") and found != FORMAT:
+  if isinstance(found, str) and found.startswith(FORMAT_NAME + "-") and found not in READS:
     raise UserError(f"{path} is a {found!r} checkpoint, which this randygpt cannot read (it "
                     f"reads {FORMAT!r}): train a new run, or use the randygpt that wrote it.")
-  if found != FORMAT:
+  if found not in READS:
     raise UserError(f"{path} is not a randygpt checkpoint (its metadata has no {FORMAT!r}).")
   return meta
 
@@ -306,8 +314,16 @@ def restore_train_state(path: Path, model_config, tc, sharding: jax.sharding.Sha
 
 
 def restore_state(path: Path, abstract_state):
-  """The train state at `path`, shaped and placed like `abstract_state` (ShapeDtypeStructs)."""
-  return _restore(path, state=ocp.args.StandardRestore(abstract_state))["state"]
+  """The train state at `path`, shaped and placed like `abstract_state` (ShapeDtypeStructs),
+  checked against the checksums saved with it (format 3 on)."""
+  restored = _restore(path, state=ocp.args.StandardRestore(abstract_state),
+                      meta=ocp.args.JsonRestore())
+  meta = restored["meta"]
+  if isinstance(meta, dict) and meta.get("format", FORMAT) != READS[0]:
+    if (bad := checksums.mismatched(restored["state"], meta.get("checksums") or {})):
+      more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+      raise corrupt(path, f"{bad[0]}{more} differ from the checksums saved with them")
+  return restored["state"]
 
 
 def abstract_like(state_shapes, sharding: jax.sharding.Sharding):

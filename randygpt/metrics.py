@@ -140,7 +140,9 @@ def write_text(path: Path, text: str) -> None:
   the file holds the old text or the new one (synced before the rename that shows it)."""
   tmp = path.with_name(path.name + ".tmp")
   try:
-    with open(tmp, "w", encoding="utf-8") as f:
+    tmp.unlink(missing_ok=True)  # A link left there is removed, not written through.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with open(fd, "w", encoding="utf-8") as f:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())

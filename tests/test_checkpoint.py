@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from randygpt import checkpoint, data, optim, train
+from randygpt import checkpoint, checksums, data, optim, train
 from randygpt.config import ModelConfig, TrainConfig
 from randygpt.errors import UserError
 
@@ -50,7 +50,8 @@ def test_round_trip_is_exact(tmp_path):
   state = new_state()
   path = save(tmp_path, "latest", 3, state)
   assert_trees_equal(restore(path), state)
-  assert checkpoint.read_meta(path) == META
+  meta = checkpoint.read_meta(path)
+  assert meta.pop("checksums") == checksums.tree_checksums(state) and meta == META
 
 
 def test_keeps_one_checkpoint_of_each_kind(tmp_path):
@@ -114,6 +115,48 @@ def test_corrupt_checkpoint_is_refused_naming_the_other_one(tmp_path):
   with pytest.raises(UserError, match=f"corrupt or incomplete.*--resume_from={best}"):
     restore(latest)
   assert_trees_equal(restore(best), new_state())
+
+
+def test_arrays_that_read_but_hold_other_bytes_are_refused_naming_the_other_one(
+    tmp_path, monkeypatch):
+  """The fault audit's case: a few bytes damaged inside an array's data (a disk, a copy)
+  read without an error, as other weights. Made here, whatever Orbax's storage, by giving
+  the checkpoint the stored arrays of a state that differs in one element."""
+  import shutil
+  state = new_state()
+  latest = save(tmp_path, "latest", 5, state)
+  best = save(tmp_path, "best", 4, state)
+  damaged = jax.tree.map(lambda x: x, state)
+  damaged["params"]["wte"] = damaged["params"]["wte"].at[7, 3].multiply(-1.0)
+  other = save(tmp_path / "other", "latest", 5, damaged)
+  shutil.rmtree(latest / "state")
+  shutil.copytree(other / "state", latest / "state")
+  with pytest.raises(UserError, match=(
+      rf"^Checkpoint {latest} is corrupt or incomplete \(\['params'\]\['wte'\] differ from the "
+      rf"checksums saved with them\)\. The checkpoint {best} may be used instead: "
+      rf"--resume_from={best}$")):
+    restore(latest)
+  assert_trees_equal(restore(best), state)
+  monkeypatch.setattr(checksums, "mismatched", lambda tree, saved: [])  # Without the check:
+  assert_trees_equal(restore(latest), damaged)  # the other weights, without a word.
+
+
+def test_a_checkpoint_of_format_3_without_checksums_is_refused(tmp_path, monkeypatch):
+  monkeypatch.setattr(checksums, "tree_checksums", lambda tree: {})
+  path = save(tmp_path, "latest", 5, new_state())
+  monkeypatch.undo()
+  with pytest.raises(UserError, match=r"corrupt or incomplete \(\[.* and \d+ more differ"):
+    restore(path)
+
+
+def test_checksums_do_not_depend_on_the_sharding():
+  state = new_state()
+  mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:2]), ("data",))
+  replicated = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  assert checksums.tree_checksums(replicated) == checksums.tree_checksums(state)
+  one = jax.tree.map(lambda x: x, state)
+  one["params"]["wte"] = one["params"]["wte"].at[3, 1].add(1e-6)
+  assert checksums.mismatched(one, checksums.tree_checksums(state)) == ["['params']['wte']"]
 
 
 def test_metadata_of_another_program_is_refused(tmp_path):
@@ -293,8 +336,9 @@ def test_fork_from_best_into_a_new_workdir(trained, tmp_path):
 # tests/data/randygpt-checkpoint-2 is the workdir of a tiny run (its checkpoints, vocab.json
 # and flags.cfg; its metrics, samples, summary and run.json removed), in the format
 # randygpt-checkpoint-2, written by the CLI at commit cc88fb7 with jax 0.10.2 and
-# orbax-checkpoint 0.12.8, and read by both environments of .ci/run. A change of what a
-# checkpoint holds must either keep this test passing, or bump checkpoint.FORMAT: then
+# orbax-checkpoint 0.12.8, and read by both environments of .ci/run. Format 3 (the arrays'
+# checksums in the metadata) still reads it, unchecked: this test keeps passing. A change
+# of what a checkpoint holds must either keep it passing, or bump checkpoint.FORMAT: then
 # read_meta refuses this checkpoint naming its format (as the test of the older-format
 # refusal above checks), this test should assert that refusal, and a checkpoint of the new
 # format should be committed beside it with a test like this one. To write one, from an

@@ -13,6 +13,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 from randygpt import flags as randygpt_flags  # noqa: F401  defines the flags parsed here
+from randygpt.errors import UserError
 from randygpt.runtime import cli
 
 
@@ -120,3 +121,38 @@ def test_a_write_the_closed_terminal_refuses_does_not_raise(monkeypatch):
   assert left == [True] and hung_up.getvalue() == "iter    4\n"
   with pytest.raises(OSError, match="No space left"):
     print("iter    4", file=cli._HangupSafe(Refusing(errno.ENOSPC)), flush=True)
+
+
+@pytest.mark.parametrize("mode, shared, refused", [
+    (0o700, "", False), (0o755, "", False), (0o777, "", True),
+    (0o777, "1", False)])
+def test_a_cache_others_can_write_is_refused_unless_shared(tmp_path, monkeypatch, mode, shared,
+                                                            refused):
+  root = tmp_path / "cache"
+  root.mkdir()
+  root.chmod(mode)
+  monkeypatch.setenv("RANDYGPT_CACHE", str(root))
+  monkeypatch.setenv("RANDYGPT_SHARED_CACHE", shared)
+  if not refused:
+    assert cli.cache_dir("jax") == root / "jax"
+    return
+  with pytest.raises(UserError) as info:
+    cli.cache_dir("jax")
+  assert str(info.value) == (
+      f"The cache {root}/jax can be written by other users ({root} is writable by every "
+      "user), and randygpt loads code and data from it. Set RANDYGPT_CACHE to a directory "
+      "only you can write, or RANDYGPT_SHARED_CACHE=1 to trust a shared team cache.")
+
+
+def test_a_cache_below_a_directory_others_can_write_is_refused(tmp_path, monkeypatch):
+  """Whoever can write the directory above can rename the cache and put theirs there; a
+  sticky directory above (/tmp) keeps them from it."""
+  above = tmp_path / "above"
+  (above / "cache").mkdir(parents=True)
+  above.chmod(0o777)
+  monkeypatch.setenv("RANDYGPT_CACHE", str(above / "cache"))
+  monkeypatch.delenv("RANDYGPT_SHARED_CACHE", raising=False)
+  with pytest.raises(UserError, match=f"\\({above} is writable by every user\\)"):
+    cli.cache_dir("tokens")
+  above.chmod(0o1777)
+  assert cli.cache_dir("tokens") == above / "cache" / "tokens"

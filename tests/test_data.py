@@ -1,4 +1,3 @@
-import concurrent.futures
 import functools
 import hashlib
 import http.server
@@ -6,6 +5,8 @@ import os
 import random
 import resource
 import signal
+import subprocess
+import sys
 import threading
 
 import jax
@@ -16,7 +17,8 @@ import pytest
 from randygpt import data
 from randygpt.errors import UserError
 
-from conftest import SHAKESPEARE, find_shakespeare, make_corpus, needs_shakespeare
+from conftest import (REPO, SHAKESPEARE, find_shakespeare, make_corpus, needs_shakespeare,
+                      raises_user_error)
 
 
 def load(path, tmp_path, **kwargs) -> data.Corpus:
@@ -130,19 +132,79 @@ def test_a_cache_file_cut_short_is_not_trusted(tmp_path):
   assert again.built_s is not None and len(again.tokens) == 3000
 
 
-def test_two_runs_building_the_same_cache_at_once_both_succeed(tmp_path):
+@pytest.mark.parametrize("piece_bytes", [64 << 20, 700])  # One piece; several, hashed apart.
+def test_flipped_bytes_in_the_token_cache_rebuild_it(tmp_path, capsys, monkeypatch,
+                                                     piece_bytes):
+  monkeypatch.setattr(data.cache, "PIECE_BYTES", piece_bytes)
+  path = tmp_path / "t.txt"
+  path.write_text(make_corpus(3000), encoding="utf-8")
+  cache = load(path, tmp_path).cache_path
+  assert load(path, tmp_path, hash_threads=2).built_s is None  # Its checksum holds.
+  good = cache.read_bytes()
+  with open(cache, "r+b") as f:  # One byte of the tokens, the size unchanged.
+    f.seek(len(good) - 1000)
+    f.write(bytes([good[-1000] ^ 0x01]))
+  capsys.readouterr()
+  again = load(path, tmp_path)
+  assert again.built_s is not None and cache.read_bytes() == good
+  assert (f"⚠ The token cache {cache} differs from its checksum (damaged on disk): "
+          "rebuilding it.") in capsys.readouterr().out
+  assert again.tokenizer.decode(again.tokens) == path.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("make", ["writable", "link"])
+def test_a_cache_entry_another_user_could_write_is_not_loaded(tmp_path, make):
+  path = tmp_path / "t.txt"
+  path.write_text(make_corpus(3000), encoding="utf-8")
+  cache = load(path, tmp_path).cache_path
+  if make == "writable":
+    cache.chmod(0o666)
+  else:  # A link to a good cache elsewhere: still not this run's file.
+    elsewhere = tmp_path / "elsewhere.tokens"
+    cache.rename(elsewhere)
+    cache.symlink_to(elsewhere)
+  again = load(path, tmp_path)
+  assert again.built_s is not None and not cache.is_symlink()
+  assert cache.stat().st_mode & 0o777 == 0o600
+
+
+# Each process builds the cache, then waits at its rename until the other has built it too
+# (or 60 s: then the other did not build, and the test fails on what it prints).
+BUILD_BOTH = """
+import os, sys, time
+from pathlib import Path
+from randygpt import data
+text, cache, arrived, me = sys.argv[1:]
+rename = os.replace
+def rename_once_both_built(source, target):
+  (Path(arrived) / me).touch()
+  deadline = time.monotonic() + 60
+  while len(os.listdir(arrived)) < 2 and time.monotonic() < deadline:
+    time.sleep(0.01)
+  rename(source, target)
+os.replace = rename_once_both_built
+corpus = data.load_corpus(text, Path(cache))
+print(corpus.built_s is not None, corpus.cache_path.name, corpus.tokenizer.decode(corpus.tokens) ==
+      Path(text).read_text(encoding="utf-8"))
+"""
+
+
+def test_two_processes_building_the_same_cache_at_once_both_build_it(tmp_path):
   path = tmp_path / "t.txt"
   path.write_text(make_corpus(200_000), encoding="utf-8")
-  barrier = threading.Barrier(2)
-
-  def build(_):
-    barrier.wait()
-    return load(path, tmp_path)
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    corpora = list(pool.map(build, range(2)))
-  assert corpora[0].cache_path == corpora[1].cache_path
-  assert [p.name for p in (tmp_path / "cache").iterdir()] == [corpora[0].cache_path.name]
-  np.testing.assert_array_equal(corpora[0].tokens, corpora[1].tokens)
+  arrived = tmp_path / "arrived"
+  arrived.mkdir()
+  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  procs = [subprocess.Popen([sys.executable, "-c", BUILD_BOTH, str(path), str(tmp_path / "cache"),
+                             str(arrived), str(rank)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for rank in range(2)]
+  outputs = [proc.communicate(timeout=300) for proc in procs]
+  assert [proc.returncode for proc in procs] == [0, 0], outputs
+  results = [out.strip().splitlines()[-1].split() for out, _ in outputs]
+  name = results[0][1]
+  assert results == [["True", name, "True"]] * 2, outputs  # Both built it, both read it whole.
+  assert sorted(os.listdir(arrived)) == ["0", "1"]
+  assert [p.name for p in (tmp_path / "cache").iterdir()] == [name]
 
 
 def test_a_full_disk_while_writing_the_cache_leaves_nothing_half_written(tmp_path):
@@ -342,6 +404,45 @@ def test_download_with_wrong_checksum_saves_nothing(tmp_path, http_server, known
   with pytest.raises(UserError, match="does not match"):
     data.load_corpus(str(dest), tmp_path / "cache", url=f"{url}/input.txt")
   assert not dest.parent.exists() or not any(dest.parent.iterdir())
+
+
+def test_a_download_longer_than_the_known_size_stops_there(tmp_path, known_corpus):
+  """A server that sends without end (a wrong URL, a hostile server): the download stops
+  one byte past the known size and saves nothing; the server sees the connection closed
+  long before its 1 GiB is sent."""
+  sent, ended = [], threading.Event()
+
+  class Endless(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # pylint: disable=invalid-name
+      self.send_response(200)
+      self.end_headers()
+      block, total = b"x" * (1 << 20), 0
+      try:
+        while total < 1 << 30:
+          self.wfile.write(block)
+          total += len(block)
+      except OSError:
+        pass
+      sent.append(total)
+      ended.set()
+
+    def log_message(self, *args):
+      pass
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  dest = tmp_path / "data" / "known.txt"
+  url = f"http://127.0.0.1:{server.server_address[1]}/input.txt"
+  try:
+    with raises_user_error(f"Downloaded {url} is longer than the expected "
+                           f"{len(known_corpus):,} bytes: stopped there. Nothing was saved; "
+                           f"download it yourself to {dest} or pass --data=PATH."):
+      data.load_corpus(str(dest), tmp_path / "cache", url=url)
+    assert not any(dest.parent.iterdir())
+    ended.wait(60)
+  finally:
+    server.shutdown()
+  assert sent and sent[0] < 1 << 30
 
 
 def test_download_failure_says_where_to_put_the_file(tmp_path, http_server, known_corpus):

@@ -87,6 +87,16 @@ def test_an_unreadable_entry_is_replaced(run, cache):
   assert entry.stat().st_size > 1000 and not list(cache.glob("*.partial"))
 
 
+def test_an_entry_another_user_could_write_is_not_unpickled(run, cache, monkeypatch):
+  kept_step(run)
+  [entry] = cache.glob("*.lowered")
+  entry.chmod(0o646)
+  unpickled = []
+  monkeypatch.setattr(exported.pickle, "loads", lambda data: unpickled.append(data))
+  kept_step(run)  # Lowered again and saved, replacing the entry with one of this run's.
+  assert unpickled == [] and entry.stat().st_mode & 0o777 == 0o600
+
+
 def test_a_function_is_kept_by_its_trace(cache, monkeypatch):
   """The window sampler closes over its key: the same seed loads the kept lowering, another
   seed is another entry; each draws what its plain jitted function draws."""

@@ -27,7 +27,7 @@ import pytest
 from randygpt import checkpoint, data, metrics
 from randygpt.runtime import cli, rundir
 
-from conftest import (as_args, raises_user_error, run_training, tiny, tree_bytes, wait_for,
+from conftest import (as_args, raises_user_error, run_training, tiny, wait_for,
                       write_corpus)
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -109,25 +109,41 @@ def test_a_summary_left_running_is_marked_killed_at_the_next_start(tmp_path, cap
 
 # Kills.
 
+def saves_in_flight(workdir) -> set:
+  """The temporary directories of unfinished saves in `workdir`."""
+  return {p.relative_to(workdir) for p in workdir.glob("checkpoints/*/*.orbax-checkpoint-tmp*")}
+
+
 @pytest.mark.slow
 def test_sigkill_on_a_seeded_schedule_always_resumes_from_the_newest_state(
     cli_env, corpus, tmp_path, capsys):
-  """20 runs each killed at a random moment (seeded), most while a save is in flight (a
-  save of this shape takes longer than the steps between two); each next start marks the
-  summary killed and resumes from the newest complete checkpoint, losing only what came
-  after it. About 10 s a run on two busy cores, most of it start-up."""
+  """20 runs each killed at a random moment (seeded), or, every other one, once a save's
+  temporary directory appears: some while a save is in flight, as the stopped process shows; each next start
+  marks the summary killed and resumes from the newest complete checkpoint, losing only
+  what came after it. About 15 s a run on two busy cores, most of it start-up."""
   schedule = random.Random(29)
-  kills, in_saves, workdir = 20, 0, tmp_path / "w"
+  kills, in_saves, workdir, tmp_seen = 20, 0, tmp_path / "w", set()
   for kill in range(kills):
     newest = checkpoint.Checkpoints(workdir).newest()
     proc = start(cli_env, tmp_path, *(["--resume"] if kill else []))
     seen = wait_for(proc, f"\niter {int(newest.name) + 1 if newest else 1:4d} ")
     assert not kill or "ended without a word" in seen, seen  # The last kill's summary.
     assert not newest or f"Resumed from {newest.relative_to(tmp_path)} at" in seen, seen
-    time.sleep(schedule.uniform(0.2, 1.5))
+    if kill % 2:  # Every other kill aims at a save: once its temporary directory appears.
+      wait_for(proc, "Saving checkpoint at iteration")
+      deadline = time.monotonic() + 5
+      while not saves_in_flight(workdir) - tmp_seen and time.monotonic() < deadline:
+        time.sleep(0.002)
+    else:
+      time.sleep(schedule.uniform(0.2, 1.5))
+    # Stopped, the process shows what the kill lands in: a save's temporary directory that
+    # no earlier run left (Orbax removes those at this run's first save, not before).
+    proc.send_signal(signal.SIGSTOP)
+    tmp = saves_in_flight(workdir)
+    in_saves += bool(tmp - tmp_seen)
+    tmp_seen |= tmp
     proc.kill()
     proc.communicate(timeout=60)
-    in_saves += bool(list(workdir.glob("checkpoints/*/*.orbax-checkpoint-tmp*")))
     assert summary(workdir)["status"] == "running"
   print(f"{kills} kills, {in_saves} inside a save")  # -s shows it.
   assert in_saves >= 2, "too few kills landed in saves to test them: change the schedule"

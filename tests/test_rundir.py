@@ -135,3 +135,27 @@ def test_training_refuses_a_workdir_a_live_run_holds(tmp_path):
     holder.kill()
     holder.wait()
   assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["run.lock"]
+
+
+def test_a_lock_that_is_a_link_is_refused_and_its_target_untouched(tmp_path):
+  target = tmp_path / "precious.txt"
+  target.write_text("keep me\n")
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  (workdir / rundir.LOCK_NAME).symlink_to(target)
+  with raises_user_error(f"{workdir / rundir.LOCK_NAME} is a symbolic link, which a run never "
+                         "makes: remove it (rm it), then run again."):
+    with rundir.claim(workdir):
+      pass
+  assert target.read_text() == "keep me\n" and not rundir.is_held(workdir)
+
+
+def test_a_temporary_file_that_is_a_link_is_not_written_through(tmp_path):
+  from randygpt import metrics
+  target = tmp_path / "precious.txt"
+  target.write_text("keep me\n")
+  (tmp_path / "summary.json.tmp").symlink_to(target)
+  metrics.write_text(tmp_path / "summary.json", "{}\n")
+  assert target.read_text() == "keep me\n"
+  assert (tmp_path / "summary.json").read_text() == "{}\n"
+  assert not (tmp_path / "summary.json.tmp").exists()

@@ -15,14 +15,15 @@ from typing import Iterator
 
 import numpy as np
 
-from randygpt.data import bpe, sources, windowing
+from randygpt.data import bpe, sources, trust, windowing
 from randygpt.data.bpe import BpeTokenizer
 from randygpt.data.randygpt_bpe import RandygptBpeTokenizer
 from randygpt.data.token_file import TokenFile
 from randygpt.data.tokenizers import CharTokenizer, _latin1, code_points
 from randygpt.errors import UserError
 
-CACHE_FORMAT = "randygpt-tokens-1"
+# Format 2 adds the SHA-256 of the tokens to the header.
+CACHE_FORMAT = "randygpt-tokens-2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,27 +54,35 @@ class Corpus:
     return {"files": list(self.files), "tokens": len(self.tokens)}
 
 
-def content_hash(path: Path, piece_bytes: int = 64 << 20, threads: int = 1) -> str:
+PIECE_BYTES = 64 << 20  # What one thread hashes at a time.
+
+
+def content_hash(path: Path, piece_bytes: int = PIECE_BYTES, threads: int = 1) -> str:
   """SHA-256 of the SHA-256s of the file's 64 MB pieces, hashed on `threads` threads
   (hashlib works outside the GIL; the caller gives the CPUs this process may use,
   runtime/cores.py): a hash of the content that takes half the time on two cores."""
   try:
-    size = path.stat().st_size
-
-    def piece(start: int) -> bytes:
-      digest = hashlib.sha256()
-      with open(path, "rb") as f:
-        f.seek(start)
-        left = min(piece_bytes, size - start)
-        while left > 0 and (chunk := f.read(min(sources.CHUNK_BYTES, left))):
-          digest.update(chunk)
-          left -= len(chunk)
-      return digest.digest()
-
-    with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
-      pieces = list(pool.map(piece, range(0, max(size, 1), piece_bytes)))
+    return _pieces_hash(path, 0, piece_bytes, threads)
   except OSError as e:
     raise UserError(f"Cannot read --data={path}: {e.strerror}.") from None
+
+
+def _pieces_hash(path: Path, start: int, piece_bytes: int = 0, threads: int = 1) -> str:
+  """content_hash of the file's bytes from `start` on; OSError when it cannot be read."""
+  end, piece_bytes = path.stat().st_size, piece_bytes or PIECE_BYTES
+
+  def piece(offset: int) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+      f.seek(offset)
+      left = min(piece_bytes, end - offset)
+      while left > 0 and (chunk := f.read(min(sources.CHUNK_BYTES, left))):
+        digest.update(chunk)
+        left -= len(chunk)
+    return digest.digest()
+
+  with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
+    pieces = list(pool.map(piece, range(start, max(end, start + 1), piece_bytes)))
   return hashlib.sha256(b"".join(pieces)).hexdigest()
 
 
@@ -125,12 +134,14 @@ def _encoded_chunks(files: list[Path], encoding: str, tokenizer: CharTokenizer,
 
 _MAGIC = b"RGTOKENS"
 _HEADER_ALIGN = 64
+_UNKNOWN = "0" * 64  # The checksum's place, until the tokens are written.
 
 
-def _header(tokenizer, n_tokens: int, size: int = 0, **split) -> bytes:
-  """The header of a cache of `n_tokens` tokens, padded to `size` bytes (at least). A
-  character cache holds its characters; a BPE cache its tokenizer and its `split`
-  (train_tokens, text_chars)."""
+def _header(tokenizer, n_tokens: int, size: int = 0, sha256: str = _UNKNOWN,
+            **split) -> bytes:
+  """The header of a cache of `n_tokens` tokens (their bytes' `sha256`), padded to `size`
+  bytes (at least). A character cache holds its characters; a BPE cache its tokenizer and
+  its `split` (train_tokens, text_chars)."""
   if isinstance(tokenizer, BpeTokenizer):
     vocab = {"bpe": tokenizer.model, **split}
   elif isinstance(tokenizer, RandygptBpeTokenizer):
@@ -138,26 +149,60 @@ def _header(tokenizer, n_tokens: int, size: int = 0, **split) -> bytes:
   else:
     vocab = {"chars": list(tokenizer.chars)}
   meta = json.dumps({"format": CACHE_FORMAT, **vocab, "dtype": tokenizer.dtype.name,
-                     "tokens": n_tokens}).encode()
+                     "tokens": n_tokens, "sha256": sha256}).encode()
   size = max(size, -(-(len(_MAGIC) + 8 + len(meta)) // _HEADER_ALIGN) * _HEADER_ALIGN)
   return (_MAGIC + (size).to_bytes(8, "little") + meta).ljust(size, b" ")
 
 
-def open_cache(path: Path) -> tuple[CharTokenizer | BpeTokenizer, TokenFile, dict] | None:
+class _Hashing:
+  """A file's writer that hashes what it writes (the tokens, for the header) as
+  _pieces_hash does: the SHA-256 of its 64 MB pieces' SHA-256s."""
+
+  def __init__(self, out):
+    self.out, self.pieces, self.piece, self.filled = out, [], hashlib.sha256(), 0
+
+  def write(self, data: bytes) -> int:
+    view = memoryview(data)
+    while len(view):
+      taken = view[:PIECE_BYTES - self.filled]
+      self.piece.update(taken)
+      self.filled += len(taken)
+      view = view[len(taken):]
+      if self.filled == PIECE_BYTES:
+        self.pieces.append(self.piece.digest())
+        self.piece, self.filled = hashlib.sha256(), 0
+    return self.out.write(data)
+
+  def hexdigest(self) -> str:
+    last = [self.piece.digest()] if self.filled or not self.pieces else []
+    return hashlib.sha256(b"".join(self.pieces + last)).hexdigest()
+
+
+def open_cache(path: Path, verify: bool = True, threads: int = 1):
   """The tokenizer, the tokens and the header of a complete cache file; None for a missing,
-  foreign or incomplete one."""
+  foreign, incomplete or untrusted one (a link, or a file another user could write:
+  trust.py), and "damaged" for one whose tokens differ from their checksum (`verify`, hashed
+  on `threads` threads)."""
   try:
-    with open(path, "rb") as f:
-      head = f.read(len(_MAGIC) + 8)
-      size = int.from_bytes(head[len(_MAGIC):], "little")
-      if head[:len(_MAGIC)] != _MAGIC or size > 1 << 30:
-        return None
-      meta = json.loads(f.read(size - len(head)))
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+  except OSError:
+    return None
+  f = os.fdopen(fd, "rb")
+  try:
+    head = f.read(len(_MAGIC) + 8)
+    size = int.from_bytes(head[len(_MAGIC):], "little")
+    if head[:len(_MAGIC)] != _MAGIC or size > 1 << 30 or not trust.trusted_entry(
+        os.fstat(fd)):
+      return f.close()
+    meta = json.loads(f.read(size - len(head)))
     dtype = np.dtype(meta["dtype"])
     expected_bytes = size + meta["tokens"] * dtype.itemsize
-    if meta["format"] != CACHE_FORMAT or path.stat().st_size != expected_bytes:
-      return None
-    tokens = TokenFile(path, size, dtype, 0, meta["tokens"])
+    if meta["format"] != CACHE_FORMAT or os.fstat(fd).st_size != expected_bytes:
+      return f.close()
+    if verify and _pieces_hash(path, size, threads=threads) != meta["sha256"]:
+      f.close()
+      return "damaged"
+    tokens = TokenFile(path, size, dtype, 0, meta["tokens"], f)
     if "bpe" in meta:
       tokenizer = BpeTokenizer.from_json(meta["bpe"])
     elif "randygpt_bpe" in meta:
@@ -165,7 +210,7 @@ def open_cache(path: Path) -> tuple[CharTokenizer | BpeTokenizer, TokenFile, dic
     else:
       tokenizer = CharTokenizer(tuple(meta["chars"]))
   except (OSError, ValueError, KeyError, TypeError):
-    return None
+    return f.close()
   return tokenizer, tokens, meta
 
 
@@ -210,11 +255,12 @@ def _write_bpe(out, files: list[Path], encoding: str, vocab_size: int) -> None:
   # Tokens are never more than characters: the header written last fits in this one's room.
   room = len(_header(tokenizer, n_chars, train_tokens=n_chars, text_chars=[n_chars] * 2))
   out.write(b" " * room)
-  train_tokens = _write_tokens(out, tokenizer, _parts(files, encoding, n_train, 0))
-  n_tokens = train_tokens + _write_tokens(out, tokenizer, _parts(files, encoding, n_train, 1))
+  hashed = _Hashing(out)
+  train_tokens = _write_tokens(hashed, tokenizer, _parts(files, encoding, n_train, 0))
+  n_tokens = train_tokens + _write_tokens(hashed, tokenizer, _parts(files, encoding, n_train, 1))
   out.seek(0)
-  out.write(_header(tokenizer, n_tokens, room, train_tokens=train_tokens,
-                    text_chars=[n_train, n_chars - n_train]))
+  out.write(_header(tokenizer, n_tokens, room, hashed.hexdigest(),
+                    train_tokens=train_tokens, text_chars=[n_train, n_chars - n_train]))
 
 
 def _write_randygpt_bpe(out, files: list[Path], encoding: str,
@@ -224,10 +270,10 @@ def _write_randygpt_bpe(out, files: list[Path], encoding: str,
   room = len(_header(tokenizer, 10**15, train_tokens=10**15, text_chars=[10**15] * 2))
   out.write(b" " * room)
   read = []  # The length of each piece of text read.
-  n_tokens = 0
+  n_tokens, hashed = 0, _Hashing(out)
   for ids in tokenizer.encode_pieces(_counted(
       sources.text_chunks(files, encoding, "randygpt"), read)):
-    out.write(ids.tobytes())
+    hashed.write(ids.tobytes())
     n_tokens += len(ids)
   train_tokens = windowing.train_length(n_tokens)
   lengths = np.array([len(s) for s in tokenizer.chars], np.int64)
@@ -238,7 +284,7 @@ def _write_randygpt_bpe(out, files: list[Path], encoding: str,
     print(f"⚠ {sum(read) - n_chars:,} characters of the text are not in the --bpe_vocab "
           "vocabulary: left out, as randyGPT leaves them out.", flush=True)
   out.seek(0)
-  out.write(_header(tokenizer, n_tokens, room, train_tokens=train_tokens,
+  out.write(_header(tokenizer, n_tokens, room, hashed.hexdigest(), train_tokens=train_tokens,
                     text_chars=[train_chars, n_chars - train_chars]))
 
 
@@ -267,12 +313,16 @@ def _write_chars(out, files: list[Path], encoding: str, tokenizer_name: str) -> 
   tokenizer, n_tokens = _scan(files, encoding, tokenizer_name)
   header = _header(tokenizer, n_tokens)
   out.write(header)
+  hashed = _Hashing(out)
   try:
     for chunk in _encoded_chunks(files, encoding, tokenizer, tokenizer_name):
-      out.write(chunk)
+      hashed.write(chunk)
   except IndexError:  # A character the first pass did not see.
     return False
-  return out.tell() - len(header) == n_tokens * tokenizer.dtype.itemsize
+  complete = out.tell() - len(header) == n_tokens * tokenizer.dtype.itemsize
+  out.seek(0)
+  out.write(_header(tokenizer, n_tokens, len(header), hashed.hexdigest()))
+  return complete
 
 
 def build_cache(path: Path, files: list[Path], encoding: str, tokenizer_name: str,
@@ -329,12 +379,15 @@ def load_corpus(data: str, cache_dir: Path, *, url: str = "", encoding: str = "u
     name += "-" + hashlib.sha256(json.dumps(vocab.record()).encode()).hexdigest()
   path = cache_dir / f"{_cache_key(files, encoding, name)[:32]}.tokens"
   built_s = None
-  if (opened := open_cache(path)) is None:
+  if (opened := open_cache(path, threads=hash_threads)) in (None, "damaged"):
+    if opened == "damaged":
+      print(f"⚠ The token cache {path} differs from its checksum (damaged on disk): "
+            "rebuilding it.", flush=True)
     start = time.perf_counter()
     print(f"Encoding {description} into the token cache...", flush=True)
     build_cache(path, paths, encoding, tokenizer, bpe_vocab_size, vocab)
     built_s = time.perf_counter() - start
-    opened = open_cache(path)
+    opened = open_cache(path, verify=False)  # Just written by this process.
   tok, tokens, meta = opened
   train_tokens = meta.get("train_tokens", windowing.train_length(len(tokens)))
   text_chars = tuple(meta.get("text_chars", (train_tokens, len(tokens) - train_tokens)))

@@ -46,7 +46,8 @@ def _sha256(path: Path) -> str:
 
 
 def download(url: str, dest: Path, known: KnownDataset, timeout: float = 30.0) -> None:
-  """Fetch `url` into `dest`, atomically, only if its size and SHA-256 match `known`."""
+  """Fetch `url` into `dest`, atomically, only if its size and SHA-256 match `known`; a
+  response longer than `known.size` is stopped there."""
   try:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
@@ -56,8 +57,14 @@ def download(url: str, dest: Path, known: KnownDataset, timeout: float = 30.0) -
   tmp = Path(tmp_name)
   try:
     with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-      while chunk := response.read(1 << 20):
+      # Never more than the known size (and one byte, to tell a longer file): a wrong URL
+      # or server cannot fill the disk.
+      while chunk := response.read(min(1 << 20, known.size + 1 - out.tell())):
         out.write(chunk)
+      if out.tell() > known.size:
+        raise UserError(f"Downloaded {url} is longer than the expected {known.size:,} bytes: "
+                        f"stopped there. Nothing was saved; download it yourself to {dest} "
+                        "or pass --data=PATH.")
     size, digest = tmp.stat().st_size, _sha256(tmp)
     if size != known.size or digest != known.sha256:
       raise UserError(

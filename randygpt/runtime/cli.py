@@ -127,10 +127,17 @@ def _wake_the_thread(signum, frame) -> None:
 
 def cache_dir(kind: str) -> Path:
   """Where caches of `kind` ("jax" compilations, "tokens" of texts) outlive runs: under
-  $RANDYGPT_CACHE, else $XDG_CACHE_HOME/randygpt (~/.cache/randygpt). Deleting it is safe."""
+  $RANDYGPT_CACHE, else $XDG_CACHE_HOME/randygpt (~/.cache/randygpt). Deleting it is safe.
+  Refused when another user could write to it (data/trust.py)."""
+  from randygpt.data import trust  # pylint: disable=import-outside-toplevel  # Keeps --help fast.
   root = os.environ.get("RANDYGPT_CACHE") or Path(
       os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "randygpt"
-  return Path(root) / kind
+  path = Path(root) / kind
+  if (why := trust.untrusted_directory(path)):
+    raise UserError(f"The cache {path} can be written by other users ({why}), and randygpt "
+                    "loads code and data from it. Set RANDYGPT_CACHE to a directory only you "
+                    f"can write, or {trust.SHARED_ENV}=1 to trust a shared team cache.")
+  return path
 
 
 def _exit_with_error(message: str) -> None:
@@ -204,9 +211,12 @@ def entry_point(work):
     sys.stdout, sys.stderr = _HangupSafe(sys.stdout), _HangupSafe(sys.stderr)
     memory.configure_malloc()  # Before JAX starts its threads.
     import jax  # After flag parsing: --help and flag errors stay fast.
-    from randygpt.runtime import cores, devices, exported, placement, platforms
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir("jax")))
-    exported.configure(cache_dir("lowered"))
+    from randygpt.runtime import cores, devices, exported, placement, platforms, watch
+    try:
+      jax.config.update("jax_compilation_cache_dir", str(cache_dir("jax")))
+      exported.configure(cache_dir("lowered"))
+    except UserError as e:
+      _exit_with_error(str(e))
     # Every compilation, not only those over 1 s: a run's ~25 small ones cost ~1.5 s of
     # start-up compiled afresh (docs/measurements.md, "Start-up").
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -224,11 +234,16 @@ def entry_point(work):
     if not devices.is_main_process():
       sys.stdout = open(os.devnull, "w")  # One log stream: process 0 speaks for the run.
     try:
+      if jax.process_count() > 1:  # A dead process ends the others at once (watch.py).
+        watch.start(flags.FLAGS.workdir, jax.process_index(), jax.process_count(),
+                    flags.FLAGS.distributed_timeout)
       result = work() or {}
     except UserError as e:
+      watch.finished(completed=False)
       _exit_with_error(str(e))
     except KeyboardInterrupt:
       sys.exit(128 + signal.SIGINT)
+    watch.finished(completed=True)
     if "signal" in result:
       # End by the signal itself, so that a shell loop running a sweep stops too.
       signal.signal(result["signal"], signal.SIG_DFL)

@@ -24,6 +24,8 @@ import numpy as np
 import optax
 from jax import export
 
+from randygpt.data import trust
+
 PACKAGE = Path(__file__).resolve().parent.parent
 _CACHE = {"dir": None}  # Set once per process by `configure`.
 
@@ -77,8 +79,13 @@ def _bits(leaves, impls) -> list:
 
 
 def _load(path: Path):
+  """The entry at `path`; None when there is none, or when another user could have written
+  it (unpickling it would run their code: data/trust.py)."""
   try:
-    data = path.read_bytes()
+    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
+      if not trust.trusted_entry(os.fstat(f.fileno())):
+        return None
+      data = f.read()
   except OSError:  # Not saved yet.
     return None
   try:
@@ -102,7 +109,10 @@ def _export_and_save(jitted, in_tree, impls, donated, path: Path, bits):
   try:
     entry = pickle.dumps((exported.serialize(), out_trees[0]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial.write_bytes(entry)
+    partial.unlink(missing_ok=True)  # Never written through a link someone left there.
+    with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600),
+              "wb") as f:
+      f.write(entry)
     partial.replace(path)  # Whole or absent, whoever reads it.
   except (ImportError, OSError):  # No flatbuffers, or a cache we cannot write: not kept.
     partial.unlink(missing_ok=True)

@@ -35,6 +35,19 @@ def _try_lock(file) -> bool:
     return False
 
 
+def _open_lock(workdir: Path, flags: int = os.O_RDWR | os.O_CREAT) -> int:
+  """The lock file's descriptor, never opened through a symbolic link (one left there by
+  someone else could make the run write where it points)."""
+  path = workdir / LOCK_NAME
+  try:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      raise UserError(f"{path} is a symbolic link, which a run never makes: remove it "
+                      "(rm it), then run again.") from None
+    raise
+
+
 @contextlib.contextmanager
 def claim(workdir: Path, lock: bool = True):
   """Creates `workdir` and holds it (with `lock`) for one run; refuses one that a live run
@@ -51,9 +64,8 @@ def claim(workdir: Path, lock: bool = True):
   if not lock:
     yield
     return
-  with open(workdir / LOCK_NAME, "a+", encoding="utf-8") as file:
+  with open(_open_lock(workdir), "r+", encoding="utf-8") as file:
     if not _try_lock(file):
-      file.seek(0)
       holder = file.read().strip() or "unknown"
       raise UserError(f"--workdir={workdir} is in use by another run (process {holder}). "
                       "Wait for it to end, or choose another --workdir.")
@@ -82,10 +94,11 @@ def mark_ended(workdir: Path, status: str) -> bool:
 
 def is_held(workdir: Path) -> bool:
   """Whether a live process holds `workdir` (a run in progress)."""
-  path = workdir / LOCK_NAME
-  if not path.is_file():
+  try:
+    fd = _open_lock(workdir, os.O_RDONLY)
+  except (OSError, UserError):  # None, or not a lock a run made.
     return False
-  with open(path, "rb") as file:
+  with open(fd, "rb") as file:
     return not _try_lock(file)  # Closing the file releases a lock taken here.
 
 
