@@ -15,7 +15,8 @@ changed in their own module.
 """
 
 from randygpt.data.bpe import BpeTokenizer
-from randygpt.data.cache import (CACHE_FORMAT, Corpus, build_cache, content_hash, load_corpus,
+from randygpt.data.cache_header import CACHE_FORMAT
+from randygpt.data.cache import (Corpus, build_cache, content_hash, load_corpus,
                                  open_cache)
 from randygpt.data.randygpt_bpe import RandygptBpeTokenizer
 from randygpt.data.randygpt_text import RANDYGPT_SLOTS, RandygptLines, as_randygpt_reads

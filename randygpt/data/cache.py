@@ -15,16 +15,12 @@ from typing import Iterator
 
 import numpy as np
 
-from randygpt.data import bpe, sources, trust, windowing
+from randygpt.data import bpe, cache_header, sources, trust, windowing
 from randygpt.data.bpe import BpeTokenizer
 from randygpt.data.randygpt_bpe import RandygptBpeTokenizer
 from randygpt.data.token_file import TokenFile
 from randygpt.data.tokenizers import CharTokenizer, _latin1, code_points
 from randygpt.errors import UserError
-
-# Format 2 adds the SHA-256 of the tokens to the header.
-CACHE_FORMAT = "randygpt-tokens-2"
-
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
@@ -91,7 +87,7 @@ def _cache_key(files: tuple[dict, ...], encoding: str, tokenizer: str) -> str:
     encoding = codecs.lookup(encoding).name
   except LookupError:
     raise UserError(f"Unknown --data_encoding={encoding}.") from None
-  key = {"format": CACHE_FORMAT, "encoding": encoding, "tokenizer": tokenizer,
+  key = {"format": cache_header.CACHE_FORMAT, "encoding": encoding, "tokenizer": tokenizer,
          "files": [f["hash"] for f in files]}
   return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
@@ -132,52 +128,6 @@ def _encoded_chunks(files: list[Path], encoding: str, tokenizer: CharTokenizer,
     yield latin1.translate(byte_table) if latin1 is not None else table[code_points(text)].tobytes()
 
 
-_MAGIC = b"RGTOKENS"
-_HEADER_ALIGN = 64
-_UNKNOWN = "0" * 64  # The checksum's place, until the tokens are written.
-
-
-def _header(tokenizer, n_tokens: int, size: int = 0, sha256: str = _UNKNOWN,
-            **split) -> bytes:
-  """The header of a cache of `n_tokens` tokens (their bytes' `sha256`), padded to `size`
-  bytes (at least). A character cache holds its characters; a BPE cache its tokenizer and
-  its `split` (train_tokens, text_chars)."""
-  if isinstance(tokenizer, BpeTokenizer):
-    vocab = {"bpe": tokenizer.model, **split}
-  elif isinstance(tokenizer, RandygptBpeTokenizer):
-    vocab = {"randygpt_bpe": tokenizer.record(), **split}
-  else:
-    vocab = {"chars": list(tokenizer.chars)}
-  meta = json.dumps({"format": CACHE_FORMAT, **vocab, "dtype": tokenizer.dtype.name,
-                     "tokens": n_tokens, "sha256": sha256}).encode()
-  size = max(size, -(-(len(_MAGIC) + 8 + len(meta)) // _HEADER_ALIGN) * _HEADER_ALIGN)
-  return (_MAGIC + (size).to_bytes(8, "little") + meta).ljust(size, b" ")
-
-
-class _Hashing:
-  """A file's writer that hashes what it writes (the tokens, for the header) as
-  _pieces_hash does: the SHA-256 of its 64 MB pieces' SHA-256s."""
-
-  def __init__(self, out):
-    self.out, self.pieces, self.piece, self.filled = out, [], hashlib.sha256(), 0
-
-  def write(self, data: bytes) -> int:
-    view = memoryview(data)
-    while len(view):
-      taken = view[:PIECE_BYTES - self.filled]
-      self.piece.update(taken)
-      self.filled += len(taken)
-      view = view[len(taken):]
-      if self.filled == PIECE_BYTES:
-        self.pieces.append(self.piece.digest())
-        self.piece, self.filled = hashlib.sha256(), 0
-    return self.out.write(data)
-
-  def hexdigest(self) -> str:
-    last = [self.piece.digest()] if self.filled or not self.pieces else []
-    return hashlib.sha256(b"".join(self.pieces + last)).hexdigest()
-
-
 def open_cache(path: Path, verify: bool = True, threads: int = 1):
   """The tokenizer, the tokens and the header of a complete cache file; None for a missing,
   foreign, incomplete or untrusted one (a link, or a file another user could write:
@@ -189,15 +139,16 @@ def open_cache(path: Path, verify: bool = True, threads: int = 1):
     return None
   f = os.fdopen(fd, "rb")
   try:
-    head = f.read(len(_MAGIC) + 8)
-    size = int.from_bytes(head[len(_MAGIC):], "little")
-    if head[:len(_MAGIC)] != _MAGIC or size > 1 << 30 or not trust.trusted_entry(
-        os.fstat(fd)):
+    magic = cache_header.MAGIC
+    head = f.read(len(magic) + 8)
+    size = int.from_bytes(head[len(magic):], "little")
+    if head[:len(magic)] != magic or size > 1 << 30 or not trust.trusted_entry(os.fstat(fd)):
       return f.close()
     meta = json.loads(f.read(size - len(head)))
     dtype = np.dtype(meta["dtype"])
     expected_bytes = size + meta["tokens"] * dtype.itemsize
-    if meta["format"] != CACHE_FORMAT or os.fstat(fd).st_size != expected_bytes:
+    if (meta["format"] != cache_header.CACHE_FORMAT
+        or os.fstat(fd).st_size != expected_bytes):
       return f.close()
     if verify and _pieces_hash(path, size, threads=threads) != meta["sha256"]:
       f.close()
@@ -253,24 +204,27 @@ def _write_bpe(out, files: list[Path], encoding: str, vocab_size: int) -> None:
         f"{min(n_train, bpe.TRAIN_CHARS):,} of the training split's {n_train:,} characters "
         f"in {time.perf_counter() - start:.1f}s", flush=True)
   # Tokens are never more than characters: the header written last fits in this one's room.
-  room = len(_header(tokenizer, n_chars, train_tokens=n_chars, text_chars=[n_chars] * 2))
+  room = len(cache_header.header(tokenizer, n_chars, train_tokens=n_chars,
+                                 text_chars=[n_chars] * 2))
   out.write(b" " * room)
-  hashed = _Hashing(out)
+  hashed = cache_header.Hashing(out, PIECE_BYTES)
   train_tokens = _write_tokens(hashed, tokenizer, _parts(files, encoding, n_train, 0))
   n_tokens = train_tokens + _write_tokens(hashed, tokenizer, _parts(files, encoding, n_train, 1))
   out.seek(0)
-  out.write(_header(tokenizer, n_tokens, room, hashed.hexdigest(),
-                    train_tokens=train_tokens, text_chars=[n_train, n_chars - n_train]))
+  out.write(cache_header.header(tokenizer, n_tokens, room, hashed.hexdigest(),
+                                train_tokens=train_tokens,
+                                text_chars=[n_train, n_chars - n_train]))
 
 
 def _write_randygpt_bpe(out, files: list[Path], encoding: str,
                         tokenizer: RandygptBpeTokenizer) -> None:
   """A cache of randyGPT's BPE tokens of the text as randyGPT reads it, split as randyGPT
   splits them: the first 90% of the tokens train."""
-  room = len(_header(tokenizer, 10**15, train_tokens=10**15, text_chars=[10**15] * 2))
+  room = len(cache_header.header(tokenizer, 10**15, train_tokens=10**15,
+                                 text_chars=[10**15] * 2))
   out.write(b" " * room)
   read = []  # The length of each piece of text read.
-  n_tokens, hashed = 0, _Hashing(out)
+  n_tokens, hashed = 0, cache_header.Hashing(out, PIECE_BYTES)
   for ids in tokenizer.encode_pieces(_counted(
       sources.text_chunks(files, encoding, "randygpt"), read)):
     hashed.write(ids.tobytes())
@@ -284,8 +238,9 @@ def _write_randygpt_bpe(out, files: list[Path], encoding: str,
     print(f"⚠ {sum(read) - n_chars:,} characters of the text are not in the --bpe_vocab "
           "vocabulary: left out, as randyGPT leaves them out.", flush=True)
   out.seek(0)
-  out.write(_header(tokenizer, n_tokens, room, hashed.hexdigest(), train_tokens=train_tokens,
-                    text_chars=[train_chars, n_chars - train_chars]))
+  out.write(cache_header.header(tokenizer, n_tokens, room, hashed.hexdigest(),
+                                train_tokens=train_tokens,
+                                text_chars=[train_chars, n_chars - train_chars]))
 
 
 def _counted(pieces: Iterator[str], lengths: list[int]) -> Iterator[str]:
@@ -311,9 +266,9 @@ def _write_chars(out, files: list[Path], encoding: str, tokenizer_name: str) -> 
   """Writes a character tokenizer's cache (its header, then its tokens) to `out`; whether the
   second reading of the text found the text of the first (its characters, its length)."""
   tokenizer, n_tokens = _scan(files, encoding, tokenizer_name)
-  header = _header(tokenizer, n_tokens)
+  header = cache_header.header(tokenizer, n_tokens)
   out.write(header)
-  hashed = _Hashing(out)
+  hashed = cache_header.Hashing(out, PIECE_BYTES)
   try:
     for chunk in _encoded_chunks(files, encoding, tokenizer, tokenizer_name):
       hashed.write(chunk)
@@ -321,7 +276,7 @@ def _write_chars(out, files: list[Path], encoding: str, tokenizer_name: str) -> 
     return False
   complete = out.tell() - len(header) == n_tokens * tokenizer.dtype.itemsize
   out.seek(0)
-  out.write(_header(tokenizer, n_tokens, len(header), hashed.hexdigest()))
+  out.write(cache_header.header(tokenizer, n_tokens, len(header), hashed.hexdigest()))
   return complete
 
 
