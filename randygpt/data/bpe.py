@@ -19,6 +19,7 @@ import numpy as np
 import tokenizers
 from tokenizers import models, pre_tokenizers, trainers
 
+from randygpt.data.tokenizers import id_dtype
 from randygpt.errors import UserError
 
 # Newlines alone; words with their leading space; other whitespace, its last space left to
@@ -63,7 +64,7 @@ class BpeTokenizer:
 
   @property
   def dtype(self) -> np.dtype:
-    return np.dtype(np.uint16 if self.vocab_size <= 1 << 16 else np.uint32)
+    return id_dtype(self.vocab_size, np.uint16)
 
   def record(self) -> dict:
     """What a checkpoint's metadata keeps: enough to sample without the text."""

@@ -25,6 +25,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from randygpt.data.tokenizers import id_dtype
 from randygpt.errors import UserError
 
 BOS, EOS = "<|bos|>", "<|eos|>"
@@ -74,7 +75,7 @@ class RandygptBpeTokenizer:
 
   @property
   def dtype(self) -> np.dtype:
-    return np.dtype(np.uint16 if self.vocab_size <= 1 << 16 else np.uint32)
+    return id_dtype(self.vocab_size, np.uint16)
 
   def record(self) -> dict:
     """What a checkpoint's metadata keeps: enough to sample without the files."""

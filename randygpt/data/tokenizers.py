@@ -10,6 +10,15 @@ import numpy as np
 from randygpt.data.randygpt_text import RANDYGPT_SLOTS
 
 
+def id_dtype(vocab_size: int, smallest=np.uint8) -> np.dtype:
+  """The smallest unsigned type, from `smallest` up, that holds every id of `vocab_size`
+  tokens (the BPE tokenizers' caches start at uint16)."""
+  for dtype in (np.uint8, np.uint16):
+    if np.iinfo(dtype).bits >= np.iinfo(smallest).bits and vocab_size <= np.iinfo(dtype).max + 1:
+      return np.dtype(dtype)
+  return np.dtype(np.uint32)
+
+
 @dataclasses.dataclass(frozen=True)
 class CharTokenizer:
   """One token per Unicode code point present in the training text, in sorted order."""
@@ -31,11 +40,7 @@ class CharTokenizer:
 
   @property
   def dtype(self) -> np.dtype:
-    """The smallest unsigned type that holds every token id."""
-    for dtype in (np.uint8, np.uint16):
-      if self.vocab_size <= np.iinfo(dtype).max + 1:
-        return np.dtype(dtype)
-    return np.dtype(np.uint32)
+    return id_dtype(self.vocab_size)
 
   def record(self) -> None:
     """A checkpoint keeps the characters alone (its "vocab"), nothing more."""
