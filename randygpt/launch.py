@@ -55,7 +55,9 @@ def launch(n_processes: int, args: list[str]) -> int:
   importlib.import_module("randygpt.checkpoint")
   while True:
     codes = [p.poll() for p in processes]
-    failed = [(rank, c) for rank, c in enumerate(codes) if c not in (None, 0)]
+    # A process killed by a signal first: the others' failures follow from it.
+    failed = sorted(((rank, c) for rank, c in enumerate(codes) if c not in (None, 0)),
+                    key=lambda failure: failure[1] >= 0)
     if failed and not stopping:
       for p in processes:
         if p.poll() is None:

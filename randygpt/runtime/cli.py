@@ -25,6 +25,9 @@ from randygpt.errors import UserError
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PATIENCE_S = 3.0  # A second signal this long after the first leaves at once.
+# How long a process whose collective failed waits for the launcher or its watch to end it
+# (they do within seconds: docs/measurements.md, "Multi-process faults").
+PEER_GRACE_S = 10.0
 
 
 def _say(text: str) -> None:
@@ -243,12 +246,27 @@ def entry_point(work):
       _exit_with_error(str(e))
     except KeyboardInterrupt:
       sys.exit(128 + signal.SIGINT)
+    except jax.errors.JaxRuntimeError as e:
+      if jax.process_count() == 1:
+        raise
+      _peer_lost(e)
     watch.finished(completed=True)
     if "signal" in result:
       # End by the signal itself, so that a shell loop running a sweep stops too.
       signal.signal(result["signal"], signal.SIG_DFL)
       os.kill(os.getpid(), result["signal"])
   return main
+
+
+def _peer_lost(error: Exception) -> None:
+  """A collective failed in a multi-process run: another process has ended (Gloo saw its
+  connection close). The launcher, or this process's watch (watch.py), ends this one within
+  seconds with the line that names the dead one; should neither, one line, no traceback."""
+  from randygpt.runtime import platforms
+  time.sleep(PEER_GRACE_S)
+  _exit_with_error(f"A collective with the run's other processes failed "
+                   f"({platforms.error_line(error)}): one of them has ended. No save was made "
+                   "(a save needs every process); resume the run with --resume.")
 
 
 def light_entry_point(work):
