@@ -295,9 +295,9 @@ def read_meta(path: Path) -> dict:
   meta = _restore(path, meta=ocp.args.JsonRestore())["meta"]
   found = meta.get("format") if isinstance(meta, dict) else None
   if isinstance(found, str) and found.startswith(FORMAT_NAME + "-") and found not in READS:
+    readable = " and ".join(map(repr, READS))
     raise UserError(f"{path} is a {found!r} checkpoint, which this randygpt cannot read (it "
-                    f"reads {' and '.join(map(repr, READS))}): train a new run, or use the randygpt that "
-                    "wrote it.")
+                    f"reads {readable}): train a new run, or use the randygpt that wrote it.")
   if found not in READS:
     raise UserError(f"{path} is not a randygpt checkpoint (its metadata has no {FORMAT!r}).")
   return meta

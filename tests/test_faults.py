@@ -118,8 +118,8 @@ def saves_in_flight(workdir) -> set:
 def test_sigkill_on_a_seeded_schedule_always_resumes_from_the_newest_state(
     cli_env, corpus, tmp_path, capsys):
   """20 runs each killed at a random moment (seeded), or, every other one, once a save's
-  temporary directory appears: some while a save is in flight, as the stopped process shows; each next start
-  marks the summary killed and resumes from the newest complete checkpoint, losing only
+  temporary directory appears: some while a save is in flight, as the stopped process
+  shows; each next start marks the summary killed and resumes from the newest complete checkpoint, losing only
   what came after it. About 15 s a run on two busy cores, most of it start-up."""
   schedule = random.Random(29)
   kills, in_saves, workdir, tmp_seen = 20, 0, tmp_path / "w", set()

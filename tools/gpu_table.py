@@ -18,8 +18,10 @@ def nanogpt(out: Path) -> dict | None:
   if not path.exists():
     return None
   log = path.read_text(errors="replace")
-  iters = [(int(i), float(ms)) for i, ms in re.findall(r"^iter (\d+): .*time ([\d.]+)ms", log, re.M)]
-  vals = [float(v) for v in re.findall(r"^step \d+: train loss [\d.]+, val loss ([\d.]+)", log, re.M)]
+  iters = [(int(i), float(ms))
+           for i, ms in re.findall(r"^iter (\d+): .*time ([\d.]+)ms", log, re.M)]
+  vals = [float(v)
+          for v in re.findall(r"^step \d+: train loss [\d.]+, val loss ([\d.]+)", log, re.M)]
   peak = re.search(r"^peak_gpu_bytes (\d+)", log, re.M)
   status, wall = _status(log)
   interval = re.search(r"^Overriding: eval_interval = (\d+)", log, re.M)
