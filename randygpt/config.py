@@ -39,6 +39,12 @@ class ModelConfig:
                        "their dot product (docs/levers.md).")
   final_norm: bool = flag(False, "A gain-free RMSNorm of the last residual stream before the "
                           "lm_head (randyGPT has none; docs/levers.md).")
+  logit_softcap: float = flag(0.0, "Bound the logits smoothly to (-cap, cap): cap·tanh(logits / "
+                              "cap), as the modded-nanogpt speedrun does; 0 is off "
+                              "(docs/levers.md).", lower_bound=0.0)
+  zero_init: bool = flag(False, "Start the blocks' output projections (attention's wo, the "
+                         "MLP's w2) and the lm_head at zero, as the modded-nanogpt speedrun "
+                         "does (docs/levers.md).")
   # How the step computes, not what: the parameters and optimizer state stay float32.
   compute_dtype: str = flag(
       "auto", "The matmuls' dtype: `float32`, or `bfloat16` with float32 parameters, "
@@ -206,7 +212,8 @@ def flag_fields() -> list[dataclasses.Field]:
 # What a resumed run takes from its checkpoint whatever the flags say: the parameter tree's
 # shape, the function it computes, the optimizer state's kind, and the seed.
 FIXED_ON_RESUME = ("n_embd", "n_head", "n_layer", "block_size", "position", "qk_norm",
-                   "final_norm", "optimizer", "seed", "tokenizer", "bpe_vocab_size")
+                   "final_norm", "logit_softcap", "zero_init", "optimizer", "seed", "tokenizer",
+                   "bpe_vocab_size")
 # The location flags a run records and a resume keeps unless given again (--num_cpu_devices
 # too, but before JAX starts: runtime/cli.py).
 KEPT_LOCATION = ("train_platform",)

@@ -4,11 +4,12 @@ Pre-norm blocks with gain-free RMSNorm, causal multi-head attention, a squared-R
 MLP of width 4*n_embd, no biases, learned token and position embeddings and an
 untied lm_head applied to the last residual stream (randyGPT has no final norm).
 
-Three levers change the architecture, each off by default (docs/levers.md):
+Four levers change the architecture, each off by default (docs/levers.md):
 `position="rope"` rotates each head's query and key by its absolute position (rotary
 embeddings, so attention sees relative positions) and drops the learned `wpe`; `qk_norm`
 RMS-normalises each head's query and key, gain-free; `final_norm` RMS-normalises the last
-residual stream before the lm_head, gain-free. None of them adds a parameter.
+residual stream before the lm_head, gain-free; `logit_softcap` bounds the logits to (-cap,
+cap) with a tanh. None of them adds a parameter. `zero_init` changes the init only.
 
 Two settings change how, not what, the model computes (docs/accelerators.md):
 `compute_dtype="bfloat16"` runs every matmul in bfloat16 on float32 weights cast at their
@@ -66,6 +67,10 @@ def init_params(key: jax.Array, config: ModelConfig) -> dict:
             "blocks": jax.vmap(block)(jax.random.split(k_blocks, config.n_layer))}
   if config.position == "rope":  # Same keys for the rest: only wpe differs from "learned".
     del params["wpe"]
+  if config.zero_init:  # Each block starts as the identity, the logits uniform.
+    params["lm_head"] = jnp.zeros_like(params["lm_head"])
+    for part, name in (("attn", "wo"), ("mlp", "w2")):
+      params["blocks"][part][name] = jnp.zeros_like(params["blocks"][part][name])
   return params
 
 
@@ -204,6 +209,8 @@ def _transformer(params, tokens_BxT, config: ModelConfig, keep_Lx2xNxD, cache, p
   if config.final_norm:
     x_NxD = rmsnorm(x_NxD)
   logits_NxV = _dense(x_NxD, params["lm_head"], config).astype(jnp.float32)
+  if config.logit_softcap:
+    logits_NxV = config.logit_softcap * jnp.tanh(logits_NxV / config.logit_softcap)
   return logits_NxV.reshape(batch, t, config.vocab_size), new_cache
 
 

@@ -10,7 +10,7 @@ Parameters are nested dicts of arrays laid out as randygpt's: wte (V, D), wpe (b
 (absent with rotary positions), lm_head (D, V), and blocks/attn/{wqkv (L, D, 3D), wo (L, D,
 D)}, blocks/mlp/{w1 (L, D, 4D), w2 (L, 4D, D)}, each block's matrices stacked along L. A
 `config` is anything with randygpt's ModelConfig fields (n_embd, n_head, n_layer, block_size,
-vocab_size, dropout, position, qk_norm, final_norm).
+vocab_size, dropout, position, qk_norm, final_norm, logit_softcap).
 """
 
 import math
@@ -102,7 +102,8 @@ def forward(params, tokens_BxT, config, keep_Lx2xNxD=None):
   Each block (pre-norm): x += Drop(Attn(RMSNorm(x))); x += Drop(MLP(RMSNorm(x))). Attn: q,
   k, v from x Wqkv (in that order, each D wide, H heads of K = D/H), q and k RMS-normalised
   per head (qk_norm), rotated (rotary positions), causal softmax(q k^T / sqrt(K)) v, heads
-  concatenated, times Wo. MLP: relu(x W1)^2 W2. Then RMSNorm (final_norm) and lm_head."""
+  concatenated, times Wo. MLP: relu(x W1)^2 W2. Then RMSNorm (final_norm), lm_head, and
+  cap·tanh(logits / cap) (logit_softcap, when not 0)."""
   p = float64(params)
   tokens_BxT = np.asarray(tokens_BxT)
   b, t = tokens_BxT.shape
@@ -146,6 +147,8 @@ def forward(params, tokens_BxT, config, keep_Lx2xNxD=None):
     x, acts["r_final"] = rms_norm(x)
   acts["x_head"] = x
   logits = x @ p["lm_head"]
+  if config.logit_softcap:
+    logits = config.logit_softcap * np.tanh(logits / config.logit_softcap)
   return logits.reshape(b, t, config.vocab_size), acts
 
 
@@ -178,6 +181,8 @@ def loss_and_grads(params, batch, config, keep_Lx2xNxD=None):
   dlogits = softmax(logits)
   dlogits[np.arange(n), targets_BxT.ravel()] -= 1.0
   dlogits /= n
+  if config.logit_softcap:  # d cap·tanh(u / cap) / du = 1 - tanh², tanh = logits / cap.
+    dlogits *= 1.0 - (logits / config.logit_softcap) ** 2
   grads = {"lm_head": acts["x_head"].T @ dlogits}
   dx = dlogits @ p["lm_head"].T
   if config.final_norm:

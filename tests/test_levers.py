@@ -4,6 +4,7 @@ key/value cache. Each lever's forward is checked against the float64 NumPy refer
 tests/test_reference.py."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,8 @@ import reference
 
 BASE = ModelConfig(vocab_size=11, n_embd=16, n_head=2, n_layer=2, block_size=8, dropout=0.1)
 LEVERS = {"base": {}, "rope": {"position": "rope"}, "qk_norm": {"qk_norm": True},
-          "final_norm": {"final_norm": True},
-          "all": {"position": "rope", "qk_norm": True, "final_norm": True}}
+          "final_norm": {"final_norm": True}, "softcap": {"logit_softcap": 1.0},
+          "all": {"position": "rope", "qk_norm": True, "final_norm": True, "logit_softcap": 1.0}}
 needs_muon = pytest.mark.skipif(not optim.muon_supported(),
                                 reason=f"optax {optax.__version__} has no Muon for stacked "
                                 "matrices")
@@ -61,7 +62,7 @@ def test_the_reference_tells_the_levers_apart():
   # Each lever changes the function: a reference that ignored one would still pass above.
   params, x = init_large(BASE), tokens()
   base = np_forward(params, x, BASE)
-  for lever in ("qk_norm", "final_norm"):
+  for lever in ("qk_norm", "final_norm", "softcap"):
     assert np.abs(np_forward(params, x, config_of(lever)) - base).max() > 0.1
   rope_params = init_large(config_of("rope"))
   assert np.abs(np_forward(rope_params, x, config_of("rope"))
@@ -78,9 +79,26 @@ def test_rope_drops_the_position_embedding_and_nothing_else():
                rope)
 
 
-def test_qk_norm_and_final_norm_add_no_parameters():
-  for lever in ("qk_norm", "final_norm"):
+def test_qk_norm_final_norm_and_softcap_add_no_parameters():
+  for lever in ("qk_norm", "final_norm", "softcap"):
     jax.tree.map(np.testing.assert_array_equal, init(config_of(lever)), init(BASE))
+
+
+def test_softcap_bounds_the_logits():
+  config = config_of("softcap")
+  logits = model.forward(init_large(config), tokens(), config)
+  assert np.abs(np.asarray(logits)).max() < 1.0
+  assert np.abs(np.asarray(model.forward(init_large(BASE), tokens(), BASE))).max() > 1.0
+
+
+def test_zero_init_zeroes_the_output_projections_and_lm_head_only():
+  zeroed, base = init(dataclasses.replace(BASE, zero_init=True)), init(BASE)
+  for path in (("lm_head",), ("blocks", "attn", "wo"), ("blocks", "mlp", "w2")):
+    leaf = functools.reduce(lambda tree, key: tree[key], path, zeroed)
+    assert not np.any(leaf) and np.any(functools.reduce(lambda t, k: t[k], path, base)), path
+  for path in (("wte",), ("wpe",), ("blocks", "attn", "wqkv"), ("blocks", "mlp", "w1")):
+    np.testing.assert_array_equal(functools.reduce(lambda tree, key: tree[key], path, zeroed),
+                                  functools.reduce(lambda tree, key: tree[key], path, base))
 
 
 @pytest.mark.parametrize("lever", ["rope", "all"])

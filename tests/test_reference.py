@@ -25,8 +25,8 @@ from randygpt.config import ModelConfig, TrainConfig
 
 CONFIG = ModelConfig(vocab_size=11, n_embd=16, n_head=2, n_layer=2, block_size=8, dropout=0.1)
 LEVERS = {"base": {}, "rope": {"position": "rope"}, "qk_norm": {"qk_norm": True},
-          "final_norm": {"final_norm": True},
-          "all": {"position": "rope", "qk_norm": True, "final_norm": True}}
+          "final_norm": {"final_norm": True}, "softcap": {"logit_softcap": 1.0},
+          "all": {"position": "rope", "qk_norm": True, "final_norm": True, "logit_softcap": 1.0}}
 B, T = 3, CONFIG.block_size
 LOSS_RTOL = 1e-5
 GRAD_TOL = 1e-5  # Of each gradient array's largest entry.

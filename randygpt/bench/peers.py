@@ -13,7 +13,8 @@ def check_torch_comparable(config) -> None:
   """torch_reference.py is randyGPT's architecture with AdamW: refuses a config with levers."""
   levers = [f"--{name}" for name, on in (
       ("position", config.model.position != "learned"), ("qk_norm", config.model.qk_norm),
-      ("final_norm", config.model.final_norm), ("optimizer", config.train.optimizer != "adamw"))
+      ("final_norm", config.model.final_norm), ("logit_softcap", config.model.logit_softcap),
+      ("zero_init", config.model.zero_init), ("optimizer", config.train.optimizer != "adamw"))
       if on]
   if levers:
     raise UserError(f"--torch times randyGPT's architecture with AdamW, not {', '.join(levers)}: "
