@@ -181,14 +181,18 @@ def format_table(columns: list[str], table: list[dict]) -> str:
                    for line in cells)
 
 
+MAX_LABEL = 60  # Characters of a legend entry; presets that differ in many flags get names.
+
+
 def compared(runs: list[Run]) -> list[str]:
   """Each run's label by what is compared: the flags that differ between the runs other than
   the seed and the workdir, so runs that differ only in their seed share a label (and a
-  colour); the run's name where nothing else differs."""
+  colour); the run's name where nothing else differs, or where that is too long to read."""
   names = [n for n in varying_flags(runs) if n not in ("seed", "workdir")]
   labels = [", ".join(n if run.flags[n] == "" else f"{n}={run.flags[n]}"
                       for n in names if n in run.flags) for run in runs]
-  return [label or run.name for label, run in zip(labels, runs)]
+  return [label if 0 < len(label) <= MAX_LABEL else run.name
+          for label, run in zip(labels, runs)]
 
 
 def plot(runs: list[Run], path: str, with_wall_time: bool = True):

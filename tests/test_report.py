@@ -150,6 +150,9 @@ def test_runs_that_differ_only_in_their_seed_share_a_label(sweep):
   runs[1].flags |= {"noqk_norm": ""}
   del runs[1].flags["qk_norm"]
   assert report.compared(runs) == ["qk_norm", "noqk_norm"]
+  for run, value in zip(runs, "xy"):  # Too much to read: the names.
+    run.flags |= {f"flag_{i}": value for i in range(8)}
+  assert report.compared(runs) == ["lr1e-3", "lr3e-3"]
 
 
 def test_plot_without_matplotlib_says_so(sweep, tmp_path, monkeypatch):
