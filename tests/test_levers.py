@@ -4,7 +4,6 @@ key/value cache. Each lever's forward is checked against the float64 NumPy refer
 tests/test_reference.py."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -92,13 +91,19 @@ def test_softcap_bounds_the_logits():
 
 
 def test_zero_init_zeroes_the_output_projections_and_lm_head_only():
-  zeroed, base = init(dataclasses.replace(BASE, zero_init=True)), init(BASE)
-  for path in (("lm_head",), ("blocks", "attn", "wo"), ("blocks", "mlp", "w2")):
-    leaf = functools.reduce(lambda tree, key: tree[key], path, zeroed)
-    assert not np.any(leaf) and np.any(functools.reduce(lambda t, k: t[k], path, base)), path
-  for path in (("wte",), ("wpe",), ("blocks", "attn", "wqkv"), ("blocks", "mlp", "w1")):
-    np.testing.assert_array_equal(functools.reduce(lambda tree, key: tree[key], path, zeroed),
-                                  functools.reduce(lambda tree, key: tree[key], path, base))
+  zeroed_paths = {"['lm_head']", "['blocks']['attn']['wo']", "['blocks']['mlp']['w2']"}
+  seen = []
+
+  def check(path, got, want):  # Every leaf: the three zeroed, the rest drawn as before.
+    if jax.tree_util.keystr(path) in zeroed_paths:
+      seen.append(jax.tree_util.keystr(path))
+      assert not np.any(got) and np.any(want), path
+    else:
+      np.testing.assert_array_equal(got, want)
+
+  jax.tree_util.tree_map_with_path(check, init(dataclasses.replace(BASE, zero_init=True)),
+                                   init(BASE))
+  assert sorted(seen) == sorted(zeroed_paths)
 
 
 @pytest.mark.parametrize("lever", ["rope", "all"])
