@@ -190,9 +190,10 @@ class LocationConfig:
   time_budget: str = flag(
       "", "Train for about this long (e.g. 90s, 10m, 1h30m) instead of --iters: a fresh start "
       "times a few steps and one evaluation after compiling, then trains the iterations that "
-      "fit, evaluations and saves included (the header says how many). flags.cfg records "
-      "them as --iters, so a repeat from it trains as many without timing; a resume keeps "
-      "them (docs/runs.md).")
+      "fit, evaluations and saves included (the header says how many; with "
+      "--lr_schedule=wsd a first estimate, fixed when the decay starts from the loop's pace). "
+      "flags.cfg records them as --iters, so a repeat from it trains as many without timing; "
+      "a resume keeps them (docs/runs.md).")
   distributed_timeout: int = flag(60, "Seconds to wait for the other processes at start-up, "
                                   "and for a missing one before giving up.", lower_bound=1)
 

@@ -1,13 +1,15 @@
 """--time_budget (randygpt/trainer/budget.py): the iterations a duration buys, and a budget
 run that a repeat from its flags.cfg, interrupted and resumed, follows bit for bit."""
 
+import dataclasses
+import json
 import re
 import signal
 
 import numpy as np
 import pytest
 
-from randygpt import trainer
+from randygpt import optim, trainer
 from randygpt.config import TrainConfig
 from randygpt.trainer import Trainer, budget
 
@@ -57,23 +59,38 @@ def test_processes_choose_from_the_same_numbers():
       chosen.iters)
 
 
-@pytest.mark.slow
-def test_a_repeat_from_flags_cfg_interrupted_and_resumed_gives_the_same_losses(
-    tmp_path, capsys, monkeypatch):
-  corpus = write_corpus(tmp_path / "c.txt")
-  first = tmp_path / "first"
-  summary = run_training(first, **tiny(data=corpus, time_budget="2s", lr_decay_iters=0,
-                                       lr_schedule="wsd", eval_interval=25, log_interval=1,
-                                       checkpoint_interval=100))
-  out, iters = capsys.readouterr().out, summary["iters"]
-  assert summary["status"] == "completed" and iters > 15, iters  # Room for a stop at 12.
-  assert re.search(rf"time budget 2s: {iters:,} iterations \(calibrated on \d+ steps", out)
-  recorded = (first / "flags.cfg").read_text().splitlines()
-  assert recorded[0].startswith(f"# --time_budget=2s chose --iters={iters} on its first start")
-  assert f"--iters={iters}" in recorded and f"--lr_decay_iters={iters}" in recorded
-  assert not [line for line in recorded if line.startswith("--time_budget")]
+def test_the_decay_starts_when_the_steps_left_are_its_share_of_the_horizon():
+  # 100 s for the loop, a quarter of the horizon for the decay, the first estimate's at 300.
+  timer = budget.DecayTimer(100.0, 0.25, warmup=10, first_start=300)
+  timer.begin(0, now=0.0)
+  assert timer.horizon(5, now=0.5) is None  # In the warmup: the horizon does not matter.
+  assert timer.horizon(70, now=70.0) is None  # 1 s a step: 30 more, a quarter of 100 is 25.
+  assert timer.horizon(75, now=75.0) == 100  # 25 more: the decay starts with step 76.
+  assert timer.pace(75, now=75.0) == 1.0
+  assert timer.horizon(60, now=90.0) == 66  # Slower (1.5 s a step): 6 more of 66.
+  fast = budget.DecayTimer(100.0, 0.25, warmup=10, first_start=300)
+  fast.begin(0, now=0.0, overhead_s=10.0)  # A rebuild to come: 90 s for the steps.
+  assert fast.horizon(299, now=29.9) is None and fast.horizon(300, now=30.0) == 900
+  for step, horizon in ((10, 11), (37, 100), (75, 100), (299, 900), (4999, 5000)):
+    tc = TrainConfig(lr_schedule="wsd", warmup_iters=10,
+                     **budget.fixed_decay(step, horizon))
+    assert optim.decay_start(tc) == step and tc.iters == tc.lr_decay_iters == horizon
 
-  # The repeat, stopped as by Ctrl-C after iteration 12 (the stop is read a step behind).
+
+def test_only_a_fresh_wsd_budget_run_with_its_horizon_open_fixes_the_decay_late():
+  chosen = budget.choose("1m", 60.0, (20, 0.5), (1.0, 1.0), 0.0, 2, TC)
+  wsd = dict(lr_schedule="wsd", warmup_iters=10, iters=100, lr_decay_iters=100)
+  timer = budget.decay_timer(chosen, TrainConfig(**wsd))
+  assert (timer.loop_s, timer.first_start, timer.decay_fraction) == (59.0, 80, 0.2)
+  assert budget.decay_timer(None, TrainConfig(**wsd)) is None  # A resume, or a repeat.
+  for other in (dict(lr_schedule="cosine"), dict(lr_decay_iters=90), dict(warmup_iters=90)):
+    assert budget.decay_timer(chosen, TrainConfig(**(wsd | other))) is None, other
+
+
+def repeat_interrupted_and_resumed(first, iters, tmp_path, capsys, monkeypatch):
+  """Repeats the run in `first` from its flags.cfg, stopped as by Ctrl-C after iteration 12
+  (the stop is read a step behind), resumed with the command it printed; checks that every
+  loss is the first run's."""
   record = Trainer.record
 
   def record_then_stop(self, step, *args, **kwargs):
@@ -81,21 +98,80 @@ def test_a_repeat_from_flags_cfg_interrupted_and_resumed_gives_the_same_losses(
     if step == 11:
       self.stop(signal.SIGINT)
   monkeypatch.setattr(Trainer, "record", record_then_stop)
-  again = tmp_path / "again"
+  again = tmp_path / f"{first.name}-again"
   stopped = trainer.run(parse_args(f"--flagfile={first / 'flags.cfg'}", f"--workdir={again}"))
   assert (stopped["status"], stopped["iters"]) == ("interrupted", 12)
   monkeypatch.setattr(Trainer, "record", record)
   out = capsys.readouterr().out
-  assert "Timing the train step" not in out and f"--resume --workdir={again} --iters={iters}" in out
+  assert "Timing the train step" not in out and "Decay starts" not in out
+  assert f"--resume --workdir={again} --iters={iters}" in out
   resumed = run_training(again, resume=True, iters=iters)  # The command it printed.
   assert resumed["status"] == "completed" and resumed["iters"] == iters
-
   same = ("iter", "train_loss", "val_loss", "lr")
   assert ([{k: r.get(k) for k in same} for r in read_metrics(again)]
           == [{k: r.get(k) for k in same} for r in read_metrics(first)])
-  assert resumed["final_val_full"] == summary["final_val_full"]
+  assert resumed["final_val_full"] == json.loads((first / "summary.json").read_text())[
+      "final_val_full"]
+
+
+BUDGET_RUN = tiny(time_budget="2s", lr_decay_iters=0, eval_interval=25, log_interval=1,
+                  checkpoint_interval=100)
+
+
+@pytest.mark.slow
+def test_a_repeat_from_flags_cfg_interrupted_and_resumed_gives_the_same_losses(
+    tmp_path, capsys, monkeypatch):
+  corpus = write_corpus(tmp_path / "c.txt")
+  first = tmp_path / "first"
+  summary = run_training(first, **BUDGET_RUN, data=corpus)  # Cosine: fixed before training.
+  out, iters = capsys.readouterr().out, summary["iters"]
+  assert summary["status"] == "completed" and iters > 15, iters  # Room for a stop at 12.
+  assert re.search(rf"time budget 2s: {iters:,} iterations \(calibrated on \d+ steps", out)
+  recorded = (first / "flags.cfg").read_text().splitlines()
+  assert recorded[0].startswith(f"# --time_budget=2s chose --iters={iters} on its first start")
+  assert f"--iters={iters}" in recorded and f"--lr_decay_iters={iters}" in recorded
+  assert not [line for line in recorded if line.startswith("--time_budget")]
+  repeat_interrupted_and_resumed(first, iters, tmp_path, capsys, monkeypatch)
 
   # The budget run resumed with its budget keeps its target: nothing is left to train.
   assert run_training(first, resume=True, time_budget="1h")["status"] == "nothing to train"
   assert (f"--time_budget=1h is not timed again on a resume: the run keeps the target of its "
           f"checkpoint, iteration {iters}." in capsys.readouterr().out)
+
+
+class DecaysAfter20(budget.DecayTimer):
+  """A DecayTimer whose loop runs out of time at iteration 20, with 20 steps left."""
+
+  def horizon(self, step: int, now: float) -> int | None:
+    return 40 if step >= 20 else None
+
+
+@pytest.mark.slow
+def test_a_wsd_budget_run_fixes_its_horizon_when_the_decay_starts(tmp_path, capsys,
+                                                                   monkeypatch):
+  """The decay starts where the timer says (its rule is tested above), before the first
+  estimate's: the step is rebuilt for the horizon, flags.cfg and run.json record it, and a
+  repeat from flags.cfg follows the run bit for bit."""
+  make_timer = budget.decay_timer
+  monkeypatch.setattr(budget, "decay_timer", lambda calibration, tc: make_timer(
+      calibration, tc) and DecaysAfter20(**dataclasses.asdict(make_timer(calibration, tc))))
+  first = tmp_path / "wsd"
+  summary = run_training(first, **BUDGET_RUN, lr_schedule="wsd", decay_fraction=0.5,
+                         data=write_corpus(tmp_path / "c.txt"))
+  monkeypatch.setattr(budget, "decay_timer", make_timer)
+  out = capsys.readouterr().out
+  estimate = int(re.search(r"time budget 2s: ([\d,]+) iterations .*the horizon is fixed "
+                           r"when the decay starts", out)[1].replace(",", ""))
+  assert estimate > 60 and "Decay starts after iteration 20: target 40 iterations" in out
+  assert (summary["status"], summary["iters"]) == ("completed", 40)
+  recorded = (first / "flags.cfg").read_text().splitlines()
+  assert recorded[0].startswith("# --time_budget=2s chose --iters=40 when its decay started "
+                                f"after iteration 20 (") and f"first estimate {estimate})" in (
+                                    recorded[0])
+  config = parse_args(f"--flagfile={first / 'flags.cfg'}").train
+  assert (config.iters, config.lr_decay_iters, optim.decay_start(config)) == (40, 40, 20)
+  lrs = {r["iter"]: r["lr"] for r in read_metrics(first)}
+  assert lrs[19] == lrs[21] > lrs[22] > lrs[40]  # Held to the decay's first update, then down.
+  decay = json.loads((first / "run.json").read_text())["starts"][0]["decay_fixed"]
+  assert (decay["after_iter"], decay["iters"]) == (20, 40)
+  repeat_interrupted_and_resumed(first, 40, tmp_path, capsys, monkeypatch)

@@ -178,13 +178,19 @@ def _initialise(workdir: Path, config, tokenizer, start_iter: int, discard,
   for path in discard:
     shutil.rmtree(path)
   tokenizer.save(workdir / "vocab.json")
-  notes = [f"# {note}"] if note else [] if new_history else _notes(workdir / "flags.cfg")
-  metrics.write_text(workdir / "flags.cfg", "".join(f"{n}\n" for n in notes)
-                     + config.flagfile())
+  write_flags(workdir, config, note, keep_notes=not new_history)
   if new_history:
     metrics.write_text(workdir / "metrics.jsonl", "")
   record_start(workdir, start_iter, new_history, **details)
   metrics.write_json(workdir / "summary.json", {"status": "running", "iters": start_iter})
+
+
+def write_flags(workdir: Path, config, note: str | None, keep_notes: bool = False) -> None:
+  """flags.cfg: `config`'s flags, `note` a comment atop them (else, with `keep_notes`, the
+  comments it had)."""
+  notes = [f"# {note}"] if note else _notes(workdir / "flags.cfg") if keep_notes else []
+  metrics.write_text(workdir / "flags.cfg", "".join(f"{n}\n" for n in notes)
+                     + config.flagfile())
 
 
 def _notes(path: Path) -> list[str]:

@@ -4,15 +4,17 @@ are, the samples, how to go on.
 """
 
 import contextlib
+import dataclasses
 import signal
 import time
 
 import jax
 import numpy as np
 
-from randygpt import checkpoint, metrics, model, train
+from randygpt import checkpoint, metrics, model, optim, train
 from randygpt.errors import UserError
 from randygpt.runtime import cli, devices, fallback, memory, platforms, rundir
+from randygpt.trainer import budget
 from randygpt.trainer.setup import Setup, compile_step, place_batch, stream_key
 
 
@@ -50,14 +52,20 @@ class Trainer:
     self.note_fallback(setup.start_iter)  # The start-up probe's.
     self.startup_s, self.memory_mb = None, {"after_imports": after_imports_mb}
     self.compile_s = None  # The train step's, once compiled.
+    self.decay_timer = budget.decay_timer(setup.calibration, self.tc)
     self.loop_start = time.perf_counter()
 
   def loop(self) -> str:
     """Trains to the target iteration or until stopped; returns the run's status."""
-    tc, pending, stopping = self.tc, None, False  # pending: read one step behind.
+    pending, stopping, step = None, False, self.setup.start_iter  # pending: one step behind.
     self.compile()
-    for step in range(self.setup.start_iter + 1, tc.iters + 1):
+    if self.decay_timer:
+      self.decay_timer.begin(step, time.perf_counter(), overhead_s=self.compile_s)
+    while step < self.tc.iters:  # A DecayTimer may move the target.
+      step += 1
       step_metrics = self.step(step)
+      self.fix_decay(step)  # Before this step's saves, which then hold the horizon.
+      tc = self.tc
       self.check_saves()
       if pending and pending[0] % tc.log_interval == 0:
         self.record(*pending)
@@ -97,6 +105,40 @@ class Trainer:
     print(f"done in {self.compile_s:.1f}s", flush=True)
     self.memory_mb["compile_peak"] = memory.peak_resident_mb()
     self.throughput.mark(self.setup.start_iter)
+
+  def fix_decay(self, step: int) -> None:
+    """A --time_budget run with --lr_schedule=wsd: fixes the horizon once the loop's pace
+    says the decay starts with the next step (budget.DecayTimer); rebuilds the step for it
+    unless the compiled one already decays there, and rewrites flags.cfg."""
+    if self.decay_timer is None:
+      return
+    now = time.perf_counter()
+    horizon = self.decay_timer.horizon(step, now) or 0
+    horizon = int(devices.from_process_0(np.int64(horizon)))  # Process 0's choice, for all.
+    if not horizon:
+      return
+    config, pace_s = self.setup.config, self.decay_timer.pace(step, now)
+    if (horizon, step) != (self.tc.iters, optim.decay_start(self.tc)):  # Else compiled.
+      config = config.replace(**budget.fixed_decay(step, horizon))
+      self.rebuild(config, step)
+    calibration, self.decay_timer = self.setup.calibration, None
+    print(f"Decay starts after iteration {step}: target {horizon:,} iterations (the loop's "
+          f"{1e3 * pace_s:.0f} ms/it; first estimate {calibration.iters:,}).", flush=True)
+    if self.is_main:
+      rundir.write_flags(self.setup.workdir, config,
+                         calibration.fixed_comment(step, horizon, pace_s))
+      rundir.update_start(self.setup.workdir, decay_fixed={
+          "after_iter": step, "iters": horizon, "loop_s_per_iter": pace_s})
+
+  def rebuild(self, config, step: int) -> None:
+    """The train step built and compiled for `config`, which the run goes on with."""
+    setup = self.setup
+    step_fn = train.jit_train_step(config.model, config.train, setup.mesh,
+                                   config.train.microbatches)
+    self.step_fn = compile_step(step_fn, config, self.state, self.batch(step + 1),
+                                self.dropout_key)
+    self.setup = dataclasses.replace(setup, config=config, step_fn=step_fn)
+    self.tc = config.train
 
   def step(self, step: int) -> dict:
     """Dispatches one train step; returns its metrics (still on the device)."""

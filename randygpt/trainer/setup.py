@@ -208,6 +208,8 @@ def calibrate(config: RunConfig, horizon: int, plan: placement.Plan, splits: dic
       config.location.time_budget, budget_s, timed, evals, save_s,
       -(-windows // evaluate.eval_windows(config.train)), config.train, devices.from_process_0)
   config = config.replace(iters=calibration.iters, lr_decay_iters=horizon or calibration.iters)
+  calibration = dataclasses.replace(
+      calibration, decay_from_loop=budget.decay_timer(calibration, config.train) is not None)
   return config, place_state(config, plan, splits, None, executor), calibration
 
 
