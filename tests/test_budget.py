@@ -4,6 +4,7 @@ run that a repeat from its flags.cfg, interrupted and resumed, follows bit for b
 import dataclasses
 import json
 import re
+import shutil
 import signal
 
 import numpy as np
@@ -150,15 +151,24 @@ class DecaysAfter20(budget.DecayTimer):
 def test_a_wsd_budget_run_fixes_its_horizon_when_the_decay_starts(tmp_path, capsys,
                                                                    monkeypatch):
   """The decay starts where the timer says (its rule is tested above), before the first
-  estimate's: the step is rebuilt for the horizon, flags.cfg and run.json record it, and a
-  repeat from flags.cfg follows the run bit for bit."""
+  estimate's: the step is rebuilt for the horizon, flags.cfg and run.json record it, the
+  latest checkpoint holds it at once (a killed run resumes to it), and a repeat from
+  flags.cfg follows the run bit for bit."""
   make_timer = budget.decay_timer
   monkeypatch.setattr(budget, "decay_timer", lambda calibration, tc: make_timer(
       calibration, tc) and DecaysAfter20(**dataclasses.asdict(make_timer(calibration, tc))))
-  first = tmp_path / "wsd"
+  first, killed, step = tmp_path / "wsd", tmp_path / "killed", Trainer.step
+
+  def step_after_a_copy(self, number):  # The workdir as a kill before step 23 leaves it.
+    if number == 23:
+      self.check_saves(wait=True)
+      shutil.copytree(self.setup.workdir, killed)
+    return step(self, number)
+  monkeypatch.setattr(Trainer, "step", step_after_a_copy)
   summary = run_training(first, **BUDGET_RUN, lr_schedule="wsd", decay_fraction=0.5,
                          data=write_corpus(tmp_path / "c.txt"))
   monkeypatch.setattr(budget, "decay_timer", make_timer)
+  monkeypatch.setattr(Trainer, "step", step)
   out = capsys.readouterr().out
   estimate = int(re.search(r"time budget 2s: ([\d,]+) iterations .*the horizon is fixed "
                            r"when the decay starts", out)[1].replace(",", ""))
@@ -174,4 +184,10 @@ def test_a_wsd_budget_run_fixes_its_horizon_when_the_decay_starts(tmp_path, caps
   assert lrs[19] == lrs[21] > lrs[22] > lrs[40]  # Held to the decay's first update, then down.
   decay = json.loads((first / "run.json").read_text())["starts"][0]["decay_fixed"]
   assert (decay["after_iter"], decay["iters"]) == (20, 40)
+  # The fix saved at once (--checkpoint_interval=100): the killed run resumes to its horizon.
+  resumed = run_training(killed, resume=True)
+  assert (resumed["status"], resumed["iters"]) == ("completed", 40)
+  same = ("train_loss", "val_loss", "lr")
+  assert ({r["iter"]: [r.get(k) for k in same] for r in read_metrics(killed)}
+          == {r["iter"]: [r.get(k) for k in same] for r in read_metrics(first)})
   repeat_interrupted_and_resumed(first, 40, tmp_path, capsys, monkeypatch)

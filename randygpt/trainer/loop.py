@@ -64,7 +64,7 @@ class Trainer:
     while step < self.tc.iters:  # A DecayTimer may move the target.
       step += 1
       step_metrics = self.step(step)
-      self.fix_decay(step)  # Before this step's saves, which then hold the horizon.
+      fixed = self.fix_decay(step)  # Saved at once: a resume after a kill keeps the horizon.
       tc = self.tc
       self.check_saves()
       if pending and pending[0] % tc.log_interval == 0:
@@ -74,7 +74,7 @@ class Trainer:
       if step % tc.eval_interval == 0 or step == tc.iters or stopping:
         self.record(step, step_metrics, with_eval=not stopping)
         pending = None
-      if step % tc.checkpoint_interval == 0 or step == tc.iters or stopping:
+      if step % tc.checkpoint_interval == 0 or step == tc.iters or stopping or fixed:
         if pending and pending[0] % tc.log_interval == 0:  # Its throughput, before the save.
           self.record(*pending)
           pending = None
@@ -106,17 +106,18 @@ class Trainer:
     self.memory_mb["compile_peak"] = memory.peak_resident_mb()
     self.throughput.mark(self.setup.start_iter)
 
-  def fix_decay(self, step: int) -> None:
+  def fix_decay(self, step: int) -> bool:
     """A --time_budget run with --lr_schedule=wsd: fixes the horizon once the loop's pace
     says the decay starts with the next step (budget.DecayTimer); rebuilds the step for it
-    unless the compiled one already decays there, and rewrites flags.cfg."""
+    unless the compiled one already decays there, and rewrites flags.cfg. True when it
+    fixed it at this step."""
     if self.decay_timer is None:
-      return
+      return False
     now = time.perf_counter()
     horizon = self.decay_timer.horizon(step, now) or 0
     horizon = int(devices.from_process_0(np.int64(horizon)))  # Process 0's choice, for all.
     if not horizon:
-      return
+      return False
     config, pace_s = self.setup.config, self.decay_timer.pace(step, now)
     if (horizon, step) != (self.tc.iters, optim.decay_start(self.tc)):  # Else compiled.
       config = config.replace(**budget.fixed_decay(step, horizon))
@@ -129,6 +130,7 @@ class Trainer:
                          calibration.fixed_comment(step, horizon, pace_s))
       rundir.update_start(self.setup.workdir, decay_fixed={
           "after_iter": step, "iters": horizon, "loop_s_per_iter": pace_s})
+    return True
 
   def rebuild(self, config, step: int) -> None:
     """The train step built and compiled for `config`, which the run goes on with."""
