@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import signal
+import types
 
 import numpy as np
 import pytest
@@ -88,6 +89,20 @@ def test_only_a_fresh_wsd_budget_run_with_its_horizon_open_fixes_the_decay_late(
     assert budget.decay_timer(chosen, TrainConfig(**(wsd | other))) is None, other
 
 
+def test_the_loop_asks_the_timer_every_log_interval_steps():
+  """Each asking is a collective in a multi-process run: not every step; but always where
+  the step compiled for the first estimate (25) would start decaying."""
+  asked = []
+
+  class Recorded(budget.DecayTimer):
+    def horizon(self, step, now):
+      asked.append(step)
+  timer = Recorded(loop_s=60.0, decay_fraction=0.2, warmup=5, first_start=25)
+  loop = types.SimpleNamespace(decay_timer=timer, tc=TrainConfig(log_interval=10))
+  assert not any(Trainer.fix_decay(loop, step) for step in range(1, 36))
+  assert asked == [10, 20, 25, 30]
+
+
 def repeat_interrupted_and_resumed(first, iters, tmp_path, capsys, monkeypatch):
   """Repeats the run in `first` from its flags.cfg, stopped as by Ctrl-C after iteration 12
   (the stop is read a step behind), resumed with the command it printed; checks that every
@@ -165,17 +180,19 @@ def test_a_wsd_budget_run_fixes_its_horizon_when_the_decay_starts(tmp_path, caps
       shutil.copytree(self.setup.workdir, killed)
     return step(self, number)
   monkeypatch.setattr(Trainer, "step", step_after_a_copy)
-  summary = run_training(first, **BUDGET_RUN, lr_schedule="wsd", decay_fraction=0.5,
-                         data=write_corpus(tmp_path / "c.txt"))
+  # The timer ends it at 40: a longer budget costs nothing, and leaves a loaded machine a
+  # first estimate whose decay starts after the warmup.
+  summary = run_training(first, **(BUDGET_RUN | dict(time_budget="30s")), lr_schedule="wsd",
+                         decay_fraction=0.5, data=write_corpus(tmp_path / "c.txt"))
   monkeypatch.setattr(budget, "decay_timer", make_timer)
   monkeypatch.setattr(Trainer, "step", step)
   out = capsys.readouterr().out
-  estimate = int(re.search(r"time budget 2s: ([\d,]+) iterations .*the horizon is fixed "
+  estimate = int(re.search(r"time budget 30s: ([\d,]+) iterations .*the horizon is fixed "
                            r"when the decay starts", out)[1].replace(",", ""))
   assert estimate > 60 and "Decay starts after iteration 20: target 40 iterations" in out
   assert (summary["status"], summary["iters"]) == ("completed", 40)
   recorded = (first / "flags.cfg").read_text().splitlines()
-  assert recorded[0].startswith("# --time_budget=2s chose --iters=40 when its decay started "
+  assert recorded[0].startswith("# --time_budget=30s chose --iters=40 when its decay started "
                                 f"after iteration 20 (") and f"first estimate {estimate})" in (
                                     recorded[0])
   config = parse_args(f"--flagfile={first / 'flags.cfg'}").train

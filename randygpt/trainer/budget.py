@@ -128,7 +128,7 @@ class DecayTimer:
   """When a --time_budget run with --lr_schedule=wsd starts its decay, and its horizon.
 
   The stable phase's learning rate does not depend on the horizon, so it is fixed as late
-  as the decay allows: after each step past the warmup, the loop's pace so far (evaluations
+  as the decay allows: every few steps past the warmup, the loop's pace so far (evaluations
   and saves included) says how many more steps fit what is left of the budget; when those
   are no more than the decay's share of the horizon, or the step compiled for the first
   estimate would start decaying, the decay starts with the next step."""
@@ -148,6 +148,11 @@ class DecayTimer:
   def pace(self, step: int, now: float) -> float:
     """The loop's seconds per step so far, after `step`."""
     return (now - self.started) / max(step - self.start_iter, 1)
+
+  def asks(self, step: int, every: int) -> bool:
+    """Whether the loop asks for the horizon after `step`, asking every `every` steps: also
+    where the compiled step would start decaying, so that it never decays unasked."""
+    return step % every == 0 or step == self.first_start
 
   def horizon(self, step: int, now: float) -> int | None:
     """After `step`: the horizon to fix if the decay must start with the next step."""

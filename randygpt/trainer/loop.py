@@ -110,8 +110,9 @@ class Trainer:
     """A --time_budget run with --lr_schedule=wsd: fixes the horizon once the loop's pace
     says the decay starts with the next step (budget.DecayTimer); rebuilds the step for it
     unless the compiled one already decays there, and rewrites flags.cfg. True when it
-    fixed it at this step."""
-    if self.decay_timer is None:
+    fixed it at this step. Asked every --log_interval steps: with several processes each
+    asking is a collective."""
+    if self.decay_timer is None or not self.decay_timer.asks(step, self.tc.log_interval):
       return False
     now = time.perf_counter()
     horizon = self.decay_timer.horizon(step, now) or 0
