@@ -103,6 +103,13 @@ def test_the_loop_asks_the_timer_every_log_interval_steps():
   assert asked == [10, 20, 25, 30]
 
 
+def assert_same_losses(run, first):
+  """Every logged iteration of `run` has `first`'s losses and learning rate, bit for bit."""
+  same = ("iter", "train_loss", "val_loss", "lr")
+  assert ([{k: r.get(k) for k in same} for r in read_metrics(run)]
+          == [{k: r.get(k) for k in same} for r in read_metrics(first)])
+
+
 def repeat_interrupted_and_resumed(first, iters, tmp_path, capsys, monkeypatch):
   """Repeats the run in `first` from its flags.cfg, stopped as by Ctrl-C after iteration 12
   (the stop is read a step behind), resumed with the command it printed; checks that every
@@ -123,9 +130,7 @@ def repeat_interrupted_and_resumed(first, iters, tmp_path, capsys, monkeypatch):
   assert f"--resume --workdir={again} --iters={iters}" in out
   resumed = run_training(again, resume=True, iters=iters)  # The command it printed.
   assert resumed["status"] == "completed" and resumed["iters"] == iters
-  same = ("iter", "train_loss", "val_loss", "lr")
-  assert ([{k: r.get(k) for k in same} for r in read_metrics(again)]
-          == [{k: r.get(k) for k in same} for r in read_metrics(first)])
+  assert_same_losses(again, first)
   assert resumed["final_val_full"] == json.loads((first / "summary.json").read_text())[
       "final_val_full"]
 
@@ -204,7 +209,5 @@ def test_a_wsd_budget_run_fixes_its_horizon_when_the_decay_starts(tmp_path, caps
   # The fix saved at once (--checkpoint_interval=100): the killed run resumes to its horizon.
   resumed = run_training(killed, resume=True)
   assert (resumed["status"], resumed["iters"]) == ("completed", 40)
-  same = ("train_loss", "val_loss", "lr")
-  assert ({r["iter"]: [r.get(k) for k in same] for r in read_metrics(killed)}
-          == {r["iter"]: [r.get(k) for k in same] for r in read_metrics(first)})
+  assert_same_losses(killed, first)
   repeat_interrupted_and_resumed(first, 40, tmp_path, capsys, monkeypatch)
