@@ -15,7 +15,7 @@ from randygpt import checkpoint, metrics, model, optim, train
 from randygpt.errors import UserError
 from randygpt.runtime import cli, devices, fallback, memory, platforms, rundir
 from randygpt.trainer import budget
-from randygpt.trainer.setup import Setup, compile_step, place_batch, stream_key
+from randygpt.trainer.setup import Setup, compile_step, jit_step, place_batch, stream_key
 
 
 class Diverged(UserError):
@@ -136,8 +136,7 @@ class Trainer:
   def rebuild(self, config, step: int) -> None:
     """The train step built and compiled for `config`, which the run goes on with."""
     setup = self.setup
-    step_fn = train.jit_train_step(config.model, config.train, setup.mesh,
-                                   config.train.microbatches)
+    step_fn = jit_step(config, setup.mesh)
     self.step_fn = compile_step(step_fn, config, self.state, self.batch(step + 1),
                                 self.dropout_key)
     self.setup = dataclasses.replace(setup, config=config, step_fn=step_fn)

@@ -115,7 +115,12 @@ def build_step(config: RunConfig, plan: placement.Plan, splits: dict,
                         sharding.replicated(plan.mesh))
   sampler = data.WindowSampler(splits["train"], stream_key(config, train.DATA_STREAM),
                                tc.batch_size, mc.block_size, compile=exported.compile_kept)
-  return state, sampler, train.jit_train_step(mc, tc, plan.mesh, tc.microbatches)
+  return state, sampler, jit_step(config, plan.mesh)
+
+
+def jit_step(config: RunConfig, mesh):
+  """The jitted train step of `config` on `mesh`."""
+  return train.jit_train_step(config.model, config.train, mesh, config.train.microbatches)
 
 
 def compile_step(step_fn, config: RunConfig, state: dict, batch, rng: jax.Array):
