@@ -74,7 +74,15 @@ def test_stray_arguments_are_refused_before_any_work(exits):
   assert not work
 
 
-def test_stop_request_takes_the_first_signal_and_restores_the_handlers(capsys):
+@pytest.fixture
+def sighup_handled():
+  """SIGHUP not ignored, as outside nohup: under it StopRequest leaves SIGHUP ignored."""
+  previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+  yield
+  signal.signal(signal.SIGHUP, previous)
+
+
+def test_stop_request_takes_the_first_signal_and_restores_the_handlers(capsys, sighup_handled):
   previous = {s: signal.getsignal(s) for s in cli.STOP_SIGNALS}
   stop = cli.StopRequest()
   with stop.installed():

@@ -160,13 +160,20 @@ def read_until(master: int, text: str) -> str:
   return seen
 
 
+def take_the_terminal():
+  """In the child: the pty as its controlling terminal, and SIGHUP as outside nohup (a suite
+  run under nohup would pass its SIGHUP ignored on)."""
+  signal.signal(signal.SIGHUP, signal.SIG_DFL)
+  fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
 @pytest.mark.slow
 def test_closing_the_terminal_saves_and_ends_by_sighup(cli_env, corpus, tmp_path, capsys):
   """The run is a terminal's session leader (its controlling terminal a pty) when the
   terminal closes: the kernel sends SIGHUP, and writing to the terminal fails (EIO)."""
   master, slave = os.openpty()
   proc = start(cli_env, tmp_path, stdin=slave, stdout=slave, stderr=slave, text=False,
-               start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+               start_new_session=True, preexec_fn=take_the_terminal)
   os.close(slave)
   read_until(master, "\niter    4")
   os.close(master)
