@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -187,12 +188,23 @@ MAX_LABEL = 60  # Characters of a legend entry; presets that differ in many flag
 def compared(runs: list[Run]) -> list[str]:
   """Each run's label by what is compared: the flags that differ between the runs other than
   the seed and the workdir, so runs that differ only in their seed share a label (and a
-  colour); the run's name where nothing else differs, or where that is too long to read."""
+  colour); the run's name where nothing else differs, or where that is too long to read
+  (then the name that its seeds' runs share)."""
   names = [n for n in varying_flags(runs) if n not in ("seed", "workdir")]
   labels = [", ".join(n if run.flags[n] == "" else f"{n}={run.flags[n]}"
                       for n in names if n in run.flags) for run in runs]
-  return [label if 0 < len(label) <= MAX_LABEL else run.name
+  groups = {label: [run.name for run, other in zip(runs, labels) if other == label]
+            for label in labels}
+  return [label if 0 < len(label) <= MAX_LABEL else
+          run.name if not label else _shared_name(groups[label]) or run.name
           for label, run in zip(labels, runs)]
+
+
+def _shared_name(names: list[str]) -> str:
+  """The start the names share, less a trailing seed mark: shakespeare-s1, shakespeare-s2
+  -> shakespeare. One name: itself."""
+  return re.sub(r"[-_.](s|seed)?$", "", os.path.commonprefix(names)) if len(names) > 1 \
+      else names[0]
 
 
 def plot(runs: list[Run], path: str, with_wall_time: bool = True):

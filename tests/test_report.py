@@ -2,6 +2,7 @@
 process on a sweep trained here."""
 
 import csv
+import dataclasses
 import io
 import json
 import sys
@@ -153,6 +154,17 @@ def test_runs_that_differ_only_in_their_seed_share_a_label(sweep):
   for run, value in zip(runs, "xy"):  # Too much to read: the names.
     run.flags |= {f"flag_{i}": value for i in range(8)}
   assert report.compared(runs) == ["lr1e-3", "lr3e-3"]
+
+
+def test_seeds_share_a_name_where_what_differs_is_too_long_to_read(sweep):
+  [a, b] = [report.load(p, p.name) for p in report.find_runs([str(sweep)])]
+  runs = [dataclasses.replace(run, name=f"{stem}-s{seed}", flags=run.flags | {"seed": seed})
+          for run, stem in ((a, "base"), (b, "fast")) for seed in "12"]
+  for run, value in zip(runs, "xxyy"):
+    run.flags |= {f"flag_{i}": value for i in range(8)}
+  assert report.compared(runs) == ["base", "base", "fast", "fast"]
+  runs[3].name = "other"  # Nothing shared: each its own name.
+  assert report.compared(runs) == ["base", "base", "fast-s1", "other"]
 
 
 def test_plot_without_matplotlib_says_so(sweep, tmp_path, monkeypatch):
