@@ -131,12 +131,15 @@ def test_presets_parse_and_have_the_documented_shapes():
                     "shakespeare": (128, 8, 6)}
 
 
-def test_the_fast_preset_keeps_the_shakespeare_shape_and_batch():
+def test_the_fast_preset_keeps_the_shakespeare_width_depth_context_and_batch():
   from conftest import REPO
   base, fast = (parse(f"--flagfile={REPO / 'experiments' / name}")
                 for name in ("shakespeare.cfg", "shakespeare_fast.cfg"))
+  searched = {"position", "qk_norm", "final_norm", "optimizer", "n_head", "dropout",
+              "lr_schedule", "decay_fraction", "eval_interval"}
   for section in ("model", "train", "data", "sample"):
     differ = {k for k, v in getattr(fast, section).__dict__.items()
               if getattr(getattr(base, section), k) != v}
-    assert differ <= {"position", "qk_norm", "final_norm", "optimizer"}, differ
+    assert differ <= searched, differ
+  assert (fast.model.n_embd, fast.model.n_layer) == (base.model.n_embd, base.model.n_layer)
   assert (fast.model.block_size, fast.train.batch_size) == (64, 32)
