@@ -164,3 +164,16 @@ def test_a_cache_below_a_directory_others_can_write_is_refused(tmp_path, monkeyp
     cli.cache_dir("tokens")
   above.chmod(0o1777)
   assert cli.cache_dir("tokens") == above / "cache" / "tokens"
+
+
+def test_a_failed_multi_process_step_waits_then_says_one_line_or_shows_a_bug(monkeypatch, exits):
+  """What the launcher or the watch did not end within the grace: a failed collective is
+  one line; any other error is a bug and keeps its traceback."""
+  import jax
+  from randygpt.runtime import cli
+  slept = []
+  monkeypatch.setattr(cli.time, "sleep", slept.append)
+  with pytest.raises(AssertionError, match="not the same on each process"):
+    cli._peer_lost(AssertionError("not the same on each process"))
+  line = exits(cli._peer_lost, jax.errors.JaxRuntimeError("UNAVAILABLE: Connection reset"))
+  assert "one of them has ended" in line and slept == [cli.PEER_GRACE_S] * 2

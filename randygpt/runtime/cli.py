@@ -246,7 +246,7 @@ def entry_point(work):
       _exit_with_error(str(e))
     except KeyboardInterrupt:
       sys.exit(128 + signal.SIGINT)
-    except jax.errors.JaxRuntimeError as e:
+    except Exception as e:  # pylint: disable=broad-except
       if jax.process_count() == 1:
         raise
       _peer_lost(e)
@@ -259,11 +259,17 @@ def entry_point(work):
 
 
 def _peer_lost(error: Exception) -> None:
-  """A collective failed in a multi-process run: another process has ended (Gloo saw its
-  connection close). The launcher, or this process's watch (watch.py), ends this one within
-  seconds with the line that names the dead one; should neither, one line, no traceback."""
+  """A multi-process run failed, most often because another process has ended: a collective
+  failed (Gloo saw its connection close), or another error came from a step while it died
+  (under CI load, one from device_put's cross-process check of the batch). The launcher, or
+  this process's watch (watch.py), ends this one within seconds with the line that names
+  the dead one; should neither, a failed collective says so in one line, and anything else
+  is a bug, with its traceback."""
+  import jax
   from randygpt.runtime import platforms
   time.sleep(PEER_GRACE_S)
+  if not isinstance(error, jax.errors.JaxRuntimeError):
+    raise error
   _exit_with_error(f"A collective with the run's other processes failed "
                    f"({platforms.error_line(error)}): one of them has ended. No save was made "
                    "(a save needs every process); resume the run with --resume.")
