@@ -193,18 +193,22 @@ def compared(runs: list[Run]) -> list[str]:
   names = [n for n in varying_flags(runs) if n not in ("seed", "workdir")]
   labels = [", ".join(n if run.flags[n] == "" else f"{n}={run.flags[n]}"
                       for n in names if n in run.flags) for run in runs]
-  groups = {label: [run.name for run, other in zip(runs, labels) if other == label]
-            for label in labels}
-  return [label if 0 < len(label) <= MAX_LABEL else
-          run.name if not label else _shared_name(groups[label]) or run.name
+  shared = _shared_names(runs, labels)
+  return [label if 0 < len(label) <= MAX_LABEL else shared.get(label) or run.name
           for label, run in zip(labels, runs)]
 
 
-def _shared_name(names: list[str]) -> str:
-  """The start the names share, less a trailing seed mark: shakespeare-s1, shakespeare-s2
-  -> shakespeare. One name: itself."""
-  return re.sub(r"[-_.](s|seed)?$", "", os.path.commonprefix(names)) if len(names) > 1 \
-      else names[0]
+def _shared_names(runs: list[Run], labels: list[str]) -> dict[str, str]:
+  """For each label too long to read, the start its runs' names share less a trailing seed
+  mark (shakespeare-s1, shakespeare-s2 -> shakespeare), where that names no other setting
+  or run: two settings never share a colour."""
+  groups: dict[str, list[str]] = {}
+  for label, run in zip(labels, runs):
+    groups.setdefault(label, []).append(run.name)
+  shared = {label: re.sub(r"[-_.](s|seed)?$", "", os.path.commonprefix(names))
+            for label, names in groups.items() if len(label) > MAX_LABEL and len(names) > 1}
+  taken = [*shared.values(), *labels, *(run.name for run in runs)]
+  return {label: name for label, name in shared.items() if name and taken.count(name) == 1}
 
 
 def plot(runs: list[Run], path: str, with_wall_time: bool = True):

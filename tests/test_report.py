@@ -165,6 +165,9 @@ def test_seeds_share_a_name_where_what_differs_is_too_long_to_read(sweep):
   assert report.compared(runs) == ["base", "base", "fast", "fast"]
   runs[3].name = "other"  # Nothing shared: each its own name.
   assert report.compared(runs) == ["base", "base", "fast-s1", "other"]
+  for run, name in zip(runs, ("run-1", "run-2", "run-3", "run-4")):
+    run.name = name  # Both settings' runs share "run": each its own name.
+  assert report.compared(runs) == ["run-1", "run-2", "run-3", "run-4"]
 
 
 def test_plot_without_matplotlib_says_so(sweep, tmp_path, monkeypatch):
