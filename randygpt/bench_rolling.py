@@ -120,7 +120,7 @@ def bench_rolling():
   import jax
   import numpy as np
 
-  from randygpt import checkpoint, data
+  from randygpt import checkpoint, data, train
   config = randygpt_flags.run_config()
   path, meta, saved = sample.open_checkpoint(flags.FLAGS.checkpoint,
                                              Path(config.location.workdir))
@@ -140,7 +140,7 @@ def bench_rolling():
   sample_config = dataclasses.replace(
       config.sample, max_new_tokens=(config.sample.max_new_tokens
                                      if "max_new_tokens" in config.explicit else 500))
-  results = measure(state["params"], val_tokens, model_config, sample_config,
+  results = measure(train.eval_params(state), val_tokens, model_config, sample_config,
                     flags.FLAGS.windows, flags.FLAGS.repeats)
   print(json.dumps({"checkpoint": str(path), **results}))
 

@@ -2,13 +2,13 @@
 `checkpoints/best/<iter>`, each keeping one step.
 
 A checkpoint holds the train state `{params, opt}` (the optax state includes the Adam
-moments and the schedule's step count) and JSON metadata: the iteration, the best val
-loss so far, the vocabulary and the run's flags, seed and learning-rate horizon
-included. The data windows and dropout masks are pure functions of (seed, iteration),
-so these are the whole random state. Orbax writes to a temporary directory and renames
-it when complete, so a killed save never leaves something that looks like a checkpoint;
-every file and directory of a save reaches the disk before the rename and before the
-previous step is removed (_Durable), so a power cut leaves one or the other whole.
+moments and the schedule's step count; under --ema_decay `ema` too) and JSON metadata: the
+iteration, the best val loss so far, the vocabulary and the run's flags, seed and
+learning-rate horizon included. The data windows and dropout masks are pure functions of
+(seed, iteration), so these are the whole random state. Orbax writes to a temporary
+directory and renames it when complete, so a killed save never leaves something that looks
+like a checkpoint; every file and directory of a save reaches the disk before the rename and
+before the previous step is removed (_Durable), so a power cut leaves one or the other whole.
 """
 
 import asyncio
@@ -32,11 +32,11 @@ from randygpt.errors import UserError, write_advice
 
 KINDS = ("latest", "best")
 FORMAT_NAME = "randygpt-checkpoint"
-# Format 3 adds the arrays' checksums to the metadata (checksums.py); format 2 stacks the
-# blocks' weights by layer (model.py), and is read without the check; format 1 held a list
-# of blocks.
-FORMAT = f"{FORMAT_NAME}-3"
-READS = (f"{FORMAT_NAME}-2", FORMAT)
+# Format 4 may hold the weights' moving average beside them (--ema_decay, train.py); format 3
+# adds the arrays' checksums to the metadata (checksums.py); format 2 stacks the blocks'
+# weights by layer (model.py), and is read without the check; format 1 held a list of blocks.
+FORMAT = f"{FORMAT_NAME}-4"
+READS = (f"{FORMAT_NAME}-2", f"{FORMAT_NAME}-3", FORMAT)
 
 
 def fsync(*paths: Path) -> None:

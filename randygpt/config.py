@@ -96,6 +96,11 @@ class TrainConfig:
       "Kept in checkpoints unless given.", choices=("cosine", "wsd"))
   decay_fraction: float = flag(0.2, "--lr_schedule=wsd: the share of the horizon that the "
                                "decay takes, in (0, 1].", lower_bound=0.0, upper_bound=1.0)
+  ema_decay: float = flag(
+      0.0, "Keep an exponential moving average of the weights, updated after every step with "
+      "this decay (warmed up as min(decay, (1 + t) / (10 + t)) at update t), and evaluate, "
+      "keep as best and sample it instead of the weights; 0 is off. Fixed at the first start "
+      "(docs/levers.md).", lower_bound=0.0)
   weight_decay: float = flag(0.1, "AdamW weight decay, applied to the weight matrices, not to "
                              "the embeddings.", lower_bound=0.0)
   beta1: float = flag(0.9, "AdamW beta1.", lower_bound=0.0, upper_bound=1.0)
@@ -211,10 +216,11 @@ def flag_fields() -> list[dataclasses.Field]:
 
 
 # What a resumed run takes from its checkpoint whatever the flags say: the parameter tree's
-# shape, the function it computes, the optimizer state's kind, and the seed.
+# shape, the function it computes, the optimizer state's kind, the weights' average, and the
+# seed.
 FIXED_ON_RESUME = ("n_embd", "n_head", "n_layer", "block_size", "position", "qk_norm",
-                   "final_norm", "logit_softcap", "zero_init", "optimizer", "seed", "tokenizer",
-                   "bpe_vocab_size")
+                   "final_norm", "logit_softcap", "zero_init", "optimizer", "ema_decay", "seed",
+                   "tokenizer", "bpe_vocab_size")
 # The location flags a run records and a resume keeps unless given again (--num_cpu_devices
 # too, but before JAX starts: runtime/cli.py).
 KEPT_LOCATION = ("train_platform",)
@@ -289,9 +295,8 @@ class RunConfig:
                if name in self.explicit and saved[name] != current[name]]
     if clashes:
       raise UserError(f"Checkpoint {checkpoint} has {', '.join(clashes)}. A resumed run keeps "
-                      "the checkpoint's shape, levers, optimizer, tokenizer and seed: drop "
-                      "those flags, "
-                      "or start a new run in another --workdir.")
+                      "the checkpoint's shape, levers, optimizer, weight average, tokenizer "
+                      "and seed: drop those flags, or start a new run in another --workdir.")
     merged = {**saved, **{k: v for k, v in current.items() if k in self.explicit or (
         k in LocationConfig.__dataclass_fields__ and k not in KEPT_LOCATION)}}
     merged["prompt"] = tuple(merged["prompt"])

@@ -35,6 +35,8 @@ for _field in config.flag_fields():
   _define(_field)
 
 flags.register_validator("dropout", lambda v: v < 1.0, "--dropout must be below 1.")
+flags.register_validator("ema_decay", lambda v: v < 1.0,  # At 1 the average never moves.
+                         "--ema_decay must be below 1.")
 for _beta in ("beta1", "beta2"):  # At 1, Adam's bias correction divides by zero.
   flags.register_validator(_beta, lambda v: v < 1.0, f"--{_beta} must be below 1.")
 flags.register_validator("top_p", lambda v: 0.0 < v <= 1.0, "--top_p must be in (0, 1].")

@@ -37,7 +37,7 @@ def sample_from_checkpoint(spec: str, config, place=None, executor=None) -> None
   the flags; `executor` runs the work sent to an accelerator (runtime/fallback.py)."""
   import jax
 
-  from randygpt import checkpoint, data, generate
+  from randygpt import checkpoint, data, generate, train
   from randygpt.runtime import fallback, footprint, platforms
 
   path, meta, saved = open_checkpoint(spec, Path(config.location.workdir))
@@ -55,13 +55,13 @@ def sample_from_checkpoint(spec: str, config, place=None, executor=None) -> None
     sampler = fallback.GuardedEvaluator(placement.eval_device, model_config, config.sample,
                                         executor=executor or fallback.run_plainly,
                                         platform=placement.eval_platform)
-    placement = sampler.probe(state["params"], placement)
+    placement = sampler.probe(train.eval_params(state), placement)
     for note in placement.notes:
       print(note)
     seed = config.train.seed if "seed" in config.explicit else saved.train.seed
     print(f"checkpoint: {path} (iteration {meta['iter']}; best val loss so far "
           f"{meta['best_val_loss']})")
-    sampler.write_samples(state["params"], tokenizer, prompts, seed)
+    sampler.write_samples(train.eval_params(state), tokenizer, prompts, seed)
 
 
 def sample():

@@ -1,8 +1,10 @@
 """The train state and the train step: pure functions over pytrees, tested directly.
 
-The state is a plain dict `{"params", "opt"}`; the optax state carries the learning-rate
-schedule's step count. Data windows and dropout masks are pure functions of (seed,
-iteration), so a resumed run continues exactly as if it had never stopped.
+The state is a plain dict `{"params", "opt"}`, with `"ema"` beside them under --ema_decay:
+the moving average of the weights that evaluation, the best checkpoint and sampling use
+(`eval_params`). The optax state carries the learning-rate schedule's step count. Data
+windows and dropout masks are pure functions of (seed, iteration), so a resumed run continues
+exactly as if it had never stopped.
 """
 
 import functools
@@ -20,26 +22,42 @@ INIT_STREAM, DATA_STREAM, DROPOUT_STREAM, EVAL_STREAM = range(4)
 
 
 def init_train_state(key: jax.Array, model_config: ModelConfig,
-                     optimizer: optax.GradientTransformation) -> dict:
+                     optimizer: optax.GradientTransformation, ema: bool = False) -> dict:
+  """Fresh weights and optimizer state; with `ema`, the weights' average starts at them."""
   params = model.init_params(key, model_config)
-  return {"params": params, "opt": optimizer.init(params)}
+  state = {"params": params, "opt": optimizer.init(params)}
+  return state | {"ema": jax.tree.map(jnp.copy, params)} if ema else state  # Own buffers.
 
 
 def state_initializer(model_config: ModelConfig, tc: TrainConfig):
   """key -> a fresh train state of the run's model and optimizer (unjitted; also what a
   checkpoint's state is restored into the shapes of)."""
   return functools.partial(init_train_state, model_config=model_config,
-                           optimizer=optim.make_optimizer(tc))
+                           optimizer=optim.make_optimizer(tc), ema=tc.ema_decay > 0)
+
+
+def eval_params(state: dict) -> dict:
+  """The weights that are evaluated, kept as best and sampled: the average when kept."""
+  return state.get("ema", state["params"])
+
+
+def update_ema(ema: dict, params: dict, decay: float, updates: jax.Array) -> dict:
+  """The weights' exponential moving average after update number `updates` (1, 2...): its
+  decay warmed up as min(decay, (1 + t) / (10 + t)), as TensorFlow's ExponentialMovingAverage
+  does, so that the early average is not mostly the initial weights."""
+  decay_t = jnp.minimum(decay, (1.0 + updates) / (10.0 + updates))
+  return optax.incremental_update(params, ema, 1.0 - decay_t)
 
 
 def train_step(state: dict, batch, rng: jax.Array, *, model_config: ModelConfig,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-               microbatches: int = 1, mesh: jax.sharding.Mesh | None = None
-               ) -> tuple[dict, dict]:
+               microbatches: int = 1, mesh: jax.sharding.Mesh | None = None,
+               ema_decay: float = 0.0) -> tuple[dict, dict]:
   """One optimizer step on the batch loss (with dropout), its gradient summed over
   `microbatches` equal slices of the batch (of each device's rows, on `mesh`) run one after
-  another; returns the new state and the step's metrics: loss, gradient norm and the
-  learning rate it used."""
+  another, and the weights' average moved (`update_ema`) when the state keeps one; returns
+  the new state and the step's metrics: loss, gradient norm and the learning rate it
+  used."""
   loss_and_grads = functools.partial(batch_loss_and_grads, model_config=model_config,
                                      microbatches=microbatches)
   if mesh is None:
@@ -48,9 +66,13 @@ def train_step(state: dict, batch, rng: jax.Array, *, model_config: ModelConfig,
     loss, grads = sharding.on_each_device(loss_and_grads, mesh)(state["params"], batch, rng)
   updates, opt = optimizer.update(grads, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], updates)
+  count = optim.schedule_count(state["opt"])
   metrics = {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads),
-             "lr": schedule(optim.schedule_count(state["opt"]))}
-  return {"params": params, "opt": opt}, metrics
+             "lr": schedule(count)}
+  new_state = {"params": params, "opt": opt}
+  if "ema" in state:
+    new_state["ema"] = update_ema(state["ema"], params, ema_decay, count + 1)
+  return new_state, metrics
 
 
 def batch_loss_and_grads(params: dict, batch, rng: jax.Array, first_row, *,
@@ -85,7 +107,7 @@ def jit_train_step(model_config: ModelConfig, tc: TrainConfig, mesh: jax.shardin
   return jax.jit(functools.partial(
       train_step, model_config=model_config, optimizer=optim.make_optimizer(tc, mesh),
       schedule=optim.lr_schedule(tc), microbatches=microbatches,
-      mesh=mesh if on_each_device else None),
+      mesh=mesh if on_each_device else None, ema_decay=tc.ema_decay),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 

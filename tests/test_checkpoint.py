@@ -165,6 +165,14 @@ def test_metadata_of_another_program_is_refused(tmp_path):
     checkpoint.read_meta(path)
 
 
+def test_a_checkpoint_of_format_3_is_read_and_checked(tmp_path):
+  """Format 4 added the weights' average; a format-3 checkpoint (without it) still reads."""
+  state = new_state()
+  path = save(tmp_path, "latest", 2, state, meta=META | {"format": "randygpt-checkpoint-3"})
+  assert checkpoint.read_meta(path)["format"] == "randygpt-checkpoint-3"
+  assert_trees_equal(restore(path), state)
+
+
 def test_a_checkpoint_of_an_older_format_is_named_as_such(tmp_path):
   path = save(tmp_path, "latest", 1, new_state(), meta=META | {"format": "randygpt-checkpoint-1"})
   with pytest.raises(UserError, match="is a 'randygpt-checkpoint-1' checkpoint, which this "
@@ -208,10 +216,12 @@ def losses(workdir):
           for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())]
 
 
-def test_resume_is_bit_exact(corpus, tmp_path, capsys):
-  """docs/checkpoints.md recipe: 40 in one go == 20, stop, then --resume to 40."""
-  run_training("one", **(RUN | {"data": corpus, "iters": 40, "lr_decay_iters": 40}))
-  run_training("two", **(RUN | {"data": corpus, "iters": 20, "lr_decay_iters": 40}))
+@pytest.mark.parametrize("average", [{}, {"ema_decay": 0.9}], ids=["weights", "ema"])
+def test_resume_is_bit_exact(corpus, tmp_path, capsys, average):
+  """docs/checkpoints.md recipe: 40 in one go == 20, stop, then --resume to 40; with
+  --ema_decay, the estimates and samples are the average's, which the checkpoint keeps."""
+  run_training("one", **(RUN | average | {"data": corpus, "iters": 40, "lr_decay_iters": 40}))
+  run_training("two", **(RUN | average | {"data": corpus, "iters": 20, "lr_decay_iters": 40}))
   capsys.readouterr()
   assert run_training("two", iters=40, resume=True)["status"] == "completed"
   out = capsys.readouterr().out
@@ -219,6 +229,7 @@ def test_resume_is_bit_exact(corpus, tmp_path, capsys):
   assert "(kept from the checkpoint)" in out  # The first start's microbatch count.
   assert losses(tmp_path / "two") == losses(tmp_path / "one")
   assert_trees_equal(restored_state(tmp_path / "two"), restored_state(tmp_path / "one"))
+  assert ("ema" in restored_state(tmp_path / "one")) == bool(average)
   assert ((tmp_path / "two" / "samples.txt").read_text()
           == (tmp_path / "one" / "samples.txt").read_text())
   assert run_training("two", iters=40, resume=True) == {"status": "nothing to train"}
@@ -333,40 +344,44 @@ def test_fork_from_best_into_a_new_workdir(trained, tmp_path):
 
 # A checkpoint written today stays readable.
 #
-# tests/data/randygpt-checkpoint-2 is the workdir of a tiny run (its checkpoints, vocab.json
+# tests/data/randygpt-checkpoint-N is the workdir of a tiny run (its checkpoints, vocab.json
 # and flags.cfg; its metrics, samples, summary and run.json removed), in the format
-# randygpt-checkpoint-2, written by the CLI at commit cc88fb7 with jax 0.10.2 and
-# orbax-checkpoint 0.12.8, and read by both environments of .ci/run. Format 3 (the arrays'
-# checksums in the metadata) still reads it, unchecked: this test keeps passing. A change
-# of what a checkpoint holds must either keep it passing, or bump checkpoint.FORMAT: then
-# read_meta refuses this checkpoint naming its format (as the test of the older-format
-# refusal above checks), this test should assert that refusal, and a checkpoint of the new
-# format should be committed beside it with a test like this one. To write one, from an
-# empty directory (REPO: the repository, python: its .venv's):
+# randygpt-checkpoint-N, written by the CLI with jax 0.10.2 and orbax-checkpoint 0.12.8, and
+# read by both environments of .ci/run: format 2 at commit cc88fb7; format 4 (the weights'
+# moving average beside them) with --ema_decay=0.9 when it came (issue 32). Each later
+# format still reads them (format 2 without the arrays' checksums, which came with format 3):
+# these tests keep passing. A change of what a checkpoint holds must either keep them
+# passing, or bump checkpoint.FORMAT and commit a checkpoint of the new format beside them
+# with its case here; a format no longer read is refused naming it (the test of the
+# older-format refusal above). To write one, from an empty directory (REPO: the repository,
+# python: its .venv's):
 #   PYTHONPATH=$REPO:$REPO/tests python -c "from conftest import make_corpus; \
 #     open('corpus.txt', 'w', encoding='utf-8').write(make_corpus())"
 #   PYTHONPATH=$REPO python -m randygpt.main --data=corpus.txt --n_layer=1 --n_embd=16 \
 #     --n_head=2 --block_size=8 --batch_size=4 --iters=30 --warmup_iters=0 \
 #     --learning_rate=1e-2 --eval_interval=15 --eval_iters=2 --checkpoint_interval=15 \
-#     --log_interval=15 --max_new_tokens=10 --prompt=ANNA --workdir=randygpt-checkpoint-2
-#   rm randygpt-checkpoint-2/{metrics.jsonl,summary.json,samples.txt,run.json,run.lock}
-# and copy the directory into tests/data/ (about 240 KB).
-COMMITTED = REPO / "tests" / "data" / "randygpt-checkpoint-2"
+#     --log_interval=15 --max_new_tokens=10 --prompt=ANNA --workdir=randygpt-checkpoint-N
+#   rm randygpt-checkpoint-N/{metrics.jsonl,summary.json,samples.txt,run.json,run.lock}
+# and copy the directory into tests/data/ (about 350 KB).
+COMMITTED = {2: REPO / "tests" / "data" / "randygpt-checkpoint-2",
+             4: REPO / "tests" / "data" / "randygpt-checkpoint-4"}
 COMMITTED_ITER = 30
 
 
-def test_the_committed_checkpoint_samples_and_resumes(tmp_path, capsys):
+@pytest.mark.parametrize("fmt", sorted(COMMITTED))
+def test_the_committed_checkpoint_samples_and_resumes(tmp_path, capsys, fmt):
   import shutil
 
   from randygpt import metrics, sample, trainer
   from randygpt.config import RunConfig
 
   workdir = tmp_path / "w"
-  shutil.copytree(COMMITTED, workdir)
+  shutil.copytree(COMMITTED[fmt], workdir)
   latest = checkpoint.resolve("latest", workdir)
   saved = checkpoint.read_meta(latest)
   assert (saved["format"], saved["iter"], latest.name) == (
-      "randygpt-checkpoint-2", COMMITTED_ITER, str(COMMITTED_ITER))
+      f"randygpt-checkpoint-{fmt}", COMMITTED_ITER, str(COMMITTED_ITER))
+  assert ("ema" in restored_state(workdir)) == (fmt == 4)
 
   sample.sample_from_checkpoint("latest", RunConfig.from_flags(
       {"workdir": str(workdir), "prompt": ("ANNA",), "max_new_tokens": 15, "temperature": 0.0},

@@ -62,7 +62,7 @@ def test_resume_refuses_flags_that_contradict_the_levers_or_optimizer():
                              explicit={"position", "qk_norm", "optimizer"})
   with pytest.raises(UserError, match=r"position=rope \(flag: learned\), qk_norm=True \(flag: "
                      r"False\), optimizer=adamw \(flag: muon\)\. A resumed run keeps the "
-                     r"checkpoint's shape, levers, optimizer, tokenizer and seed"):
+                     r"checkpoint's shape, levers, optimizer, weight average, tokenizer and seed"):
     now.resumed(saved, "ckpt")
 
 

@@ -31,6 +31,8 @@ def restore_flags():
     (["--top_p=1.5"], "top_p must be in"),
     (["--temperature=-0.5"], "--temperature=-0.5"),
     (["--dropout=1.0"], "dropout must be below 1"),
+    (["--ema_decay=1"], "ema_decay must be below 1"),
+    (["--ema_decay=-0.5"], "ema_decay"),
     (["--learning_rate=0"], "learning_rate must be positive"),
     (["--muon_rms=0"], "muon_rms must be positive"),
     (["--min_lr=1", "--learning_rate=0.1"], "min_lr must not exceed"),

@@ -65,7 +65,7 @@ NUMERIC = sorted(f.name for f in FLAGS.get_flags_for_module(randygpt_flags)
 # Values absl accepts, each run end to end below (with the tiny shape).
 ACCEPTED_ZERO = {"dropout", "grad_clip", "lr_decay_iters", "max_new_tokens", "min_lr",
                  "microbatches", "num_cpu_devices", "process_id", "seed", "temperature", "top_k",
-                 "warmup_iters", "weight_decay", "beta1", "beta2", "logit_softcap"}
+                 "warmup_iters", "weight_decay", "beta1", "beta2", "logit_softcap", "ema_decay"}
 ACCEPTED_NEGATIVE = {"seed"}
 HUGE = {"n_embd": 100_000, "n_layer": 1_000_000, "batch_size": 10**9, "eval_iters": 10**9,
         "max_new_tokens": 10**10, "num_samples": 10**9}

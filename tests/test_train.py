@@ -11,7 +11,7 @@ from randygpt import data, evaluate, model, optim, sharding, train
 from randygpt.config import ModelConfig, TrainConfig
 
 import reference
-from conftest import make_corpus
+from conftest import make_corpus, unjitted
 
 CONFIG = ModelConfig(vocab_size=0, n_embd=32, n_head=4, n_layer=2, block_size=16, dropout=0.1)
 TRAIN = TrainConfig(batch_size=8, learning_rate=1e-2, warmup_iters=5, min_lr=1e-3)
@@ -216,6 +216,36 @@ def test_train_step_advances_the_schedule_count(setup):
     lrs.append(float(step_metrics["lr"]))
   assert int(optim.schedule_count(state["opt"])) == 2
   assert lrs == pytest.approx([0.0, TRAIN.learning_rate / TRAIN.warmup_iters])  # Warming up.
+
+
+def test_the_weights_average_follows_each_update_with_its_warmed_up_decay():
+  """The tiny step with --ema_decay: the average after each update is decay_t·average +
+  (1 - decay_t)·weights, decay_t = min(decay, (1+t)/(10+t)) (here 2/11, then the decay,
+  0.2); jitted and unjitted (conftest.unjitted) alike; eval_params hands it out."""
+  decay = 0.2
+  tc = dataclasses.replace(TINY_TRAIN, ema_decay=decay, microbatches=1)
+  init = functools.partial(train.init_train_state, model_config=TINY_MODEL,
+                           optimizer=optim.make_optimizer(tc), ema=True)
+  step = train_step(TINY_MODEL, tc, tc.microbatches)
+  step = functools.partial(step, ema_decay=decay)
+  batch = data.get_batch(TINY_TOKENS, jax.random.key(0), tc.batch_size, TINY_MODEL.block_size)
+  runs = []
+  for fn_init, fn_step in ((jax.jit(init), jax.jit(step)), (unjitted(init), unjitted(step))):
+    state, want = fn_init(jax.random.key(0)), None
+    assert train.eval_params(state) is state["ema"]
+    for t in (1, 2):
+      before = state["ema"]
+      state, _ = fn_step(state, batch, jax.random.key(t))
+      decay_t = min(decay, (1 + t) / (10 + t))
+      want = jax.tree.map(lambda e, p: decay_t * e + (1 - decay_t) * p, before, state["params"])
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                   state["ema"], want)
+    runs.append(state)
+  assert_states_close(*runs)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **PARAMS_TOL), runs[0]["ema"],
+               runs[1]["ema"])
+  assert train.eval_params(JITTED_TINY_INIT(jax.random.key(0))).keys() == {"wte", "wpe",
+                                                                           "lm_head", "blocks"}
 
 
 def test_training_lowers_the_loss(setup):

@@ -182,7 +182,7 @@ class Trainer:
     metrics.phase(f"Evaluating at iteration {step}...")
     start = time.perf_counter()
     self.evaluating = True  # Left set by an error: it is not the training device's.
-    estimates = self.setup.evaluator(self.state["params"])
+    estimates = self.setup.evaluator(train.eval_params(self.state))
     estimates["val_bpc"] = self.setup.corpus.val_bpc(estimates["val_loss"])
     self.evaluating = False
     self.note_fallback(step)
@@ -199,7 +199,7 @@ class Trainer:
     metrics.phase("Evaluating over the whole val split...")
     start = time.perf_counter()
     self.evaluating = True
-    loss, windows = self.setup.evaluator.full_val(self.state["params"])
+    loss, windows = self.setup.evaluator.full_val(train.eval_params(self.state))
     self.evaluating = False
     self.note_fallback(self.state_iter)
     self.full_val = {"loss": loss, "windows": windows, "seconds": time.perf_counter() - start}
@@ -356,7 +356,7 @@ def finish(trainer: Trainer, summary: dict) -> dict:
     print(f"Final val loss over the whole split: {full['loss']:.4f} ({full['windows']:,} "
           f"windows, {full['seconds']:.1f}s)", flush=True)
   if trainer.is_main and status == "completed":
-    setup.evaluator.write_samples(trainer.state["params"], setup.tokenizer, setup.prompts,
+    setup.evaluator.write_samples(train.eval_params(trainer.state), setup.tokenizer, setup.prompts,
                                   setup.config.train.seed, setup.workdir / "samples.txt",
                                   trainer.stop)
     if trainer.note_fallback(summary["iters"]):  # The CPU took over the sampling.

@@ -233,7 +233,7 @@ def _measure(config: RunConfig, plan: placement.Plan, built,
                       jax.random.fold_in(key, step))
     return fallback.on_training_devices(plan.placement, executor, "train-step", work)
   state, *timed = budget.time_steps(step_once, state, budget_s)
-  evals = tuple(budget.seconds_of(lambda: evaluator(state["params"])) for _ in range(2))
+  evals = tuple(budget.seconds_of(lambda: evaluator(train.eval_params(state))) for _ in range(2))
   return tuple(timed), evals, budget.seconds_of(lambda: jax.device_get(state))
 
 
