@@ -1,5 +1,7 @@
 """The memory check: what it counts, and a run that cannot fit refused before it allocates."""
 
+import dataclasses
+
 import jax
 
 from randygpt import model
@@ -21,6 +23,13 @@ def test_the_state_is_counted_on_every_training_device():
   one, two = total(devices=1), total(devices=2)
   state = footprint.FLOAT_BYTES * footprint.STATE_COPIES * model.n_params(MODEL)
   assert two - one >= state  # A second copy of the state (activations are split).
+
+
+def test_the_weights_average_is_one_more_copy_on_every_training_device():
+  averaged = dataclasses.replace(TRAIN, ema_decay=0.998)
+  weights = footprint.FLOAT_BYTES * model.n_params(MODEL)
+  assert total(tc=averaged, devices=2) - total(devices=2) == 2 * weights
+  assert total(tc=averaged, on_cpu=False) - total(on_cpu=False) == weights
 
 
 def test_microbatches_and_the_eval_chunk_shrink_the_activations():

@@ -65,11 +65,12 @@ def estimate(mc: ModelConfig, sample: SampleConfig, tc: TrainConfig | None = Non
   parts = {"the process after its imports": baseline_bytes,
            "XLA (--n_layer)": XLA_BASE_BYTES + XLA_BYTES_PER_LAYER * mc.n_layer,
            "--num_samples, --max_new_tokens": _sampling(mc, sample)}
+  average = 1 if tc is not None and tc.ema_decay else 0  # --ema_decay's copy of the weights.
   if tc is None or not on_cpu:
-    parts["--n_embd, --n_layer"] = params * (1 if tc is None else 3)
+    parts["--n_embd, --n_layer"] = params * (1 if tc is None else 3 + average)
   else:
     per_device = tc.batch_size * mc.block_size // (microbatches * devices)
-    parts["--n_embd, --n_layer"] = params * STATE_COPIES * devices
+    parts["--n_embd, --n_layer"] = params * (STATE_COPIES + average) * devices
     parts["--batch_size, --block_size, --microbatches"] = devices * activations(
         mc, per_device, backward=True)
   if tc is not None:
