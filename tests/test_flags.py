@@ -138,7 +138,7 @@ def test_the_fast_preset_keeps_the_shakespeare_width_depth_context_and_batch():
   base, fast = (parse(f"--flagfile={REPO / 'experiments' / name}")
                 for name in ("shakespeare.cfg", "shakespeare_fast.cfg"))
   searched = {"position", "qk_norm", "final_norm", "optimizer", "n_head", "dropout",
-              "lr_schedule", "decay_fraction", "eval_interval"}
+              "lr_schedule", "decay_fraction", "eval_interval", "ema_decay"}
   for section in ("model", "train", "data", "sample"):
     differ = {k for k, v in getattr(fast, section).__dict__.items()
               if getattr(getattr(base, section), k) != v}
