@@ -66,6 +66,19 @@ def test_resume_refuses_flags_that_contradict_the_levers_or_optimizer():
     now.resumed(saved, "ckpt")
 
 
+def test_the_weights_average_is_fixed_on_resume():
+  """A checkpoint without an average (one from before --ema_decay too) cannot grow one, nor a
+  checkpoint with one change its decay; not giving the flag keeps the checkpoint's."""
+  older = {k: v for k, v in SAVED.items() if k != "ema_decay"}
+  asked = RunConfig.from_flags({"ema_decay": 0.998}, explicit={"ema_decay"})
+  with pytest.raises(UserError, match=r"ema_decay=0\.0 \(flag: 0\.998\)\. A resumed run keeps"):
+    asked.resumed(older, "ckpt")
+  averaged = {**SAVED, "ema_decay": 0.998}
+  assert RunConfig.from_flags({}).resumed(averaged, "ckpt").train.ema_decay == 0.998
+  with pytest.raises(UserError, match=r"ema_decay=0\.998 \(flag: 0\.9\)"):
+    RunConfig.from_flags({"ema_decay": 0.9}, explicit={"ema_decay"}).resumed(averaged, "ckpt")
+
+
 def test_a_checkpoint_from_before_the_levers_has_them_off():
   older = {k: v for k, v in SAVED.items()
            if k not in ("position", "qk_norm", "final_norm", "optimizer", "muon_rms",
