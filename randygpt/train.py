@@ -26,7 +26,13 @@ def init_train_state(key: jax.Array, model_config: ModelConfig,
   """Fresh weights and optimizer state; with `ema`, the weights' average starts at them."""
   params = model.init_params(key, model_config)
   state = {"params": params, "opt": optimizer.init(params)}
-  return state | {"ema": jax.tree.map(jnp.copy, params)} if ema else state  # Own buffers.
+  return with_average(state) if ema else state
+
+
+def with_average(state: dict) -> dict:
+  """`state` with the weights' average (--ema_decay) started at its weights, in buffers of
+  its own (the step donates both)."""
+  return state | {"ema": jax.tree.map(jnp.copy, state["params"])}
 
 
 def state_initializer(model_config: ModelConfig, tc: TrainConfig):

@@ -176,10 +176,14 @@ def import_checkpoint(*args):
     import_bin.import_bin([a for a in args if not a.startswith("--")])
 
 
-def test_import_then_sample(checkpoint_file, tmp_path, monkeypatch, capsys):
+# With --ema_decay the imported run keeps an average too, starting at the imported weights:
+# its samples are theirs.
+@pytest.mark.parametrize("average", [[], ["--ema_decay=0.9"]], ids=["weights", "ema"])
+def test_import_then_sample(checkpoint_file, tmp_path, monkeypatch, capsys, average):
   path, weights, _, _ = checkpoint_file
   monkeypatch.chdir(tmp_path)
-  import_checkpoint(path.name, "--data=c.txt", "--workdir=w", *SHAPE_FLAGS, *TRAIN_FLAGS)
+  import_checkpoint(path.name, "--data=c.txt", "--workdir=w", *SHAPE_FLAGS, *TRAIN_FLAGS,
+                    *average)
   assert f"Saved latest checkpoint: w/checkpoints/latest/{ITER + 1}" in capsys.readouterr().out
   workdir = tmp_path / "w"
   assert json.loads((workdir / "vocab.json").read_text("utf-8"))["chars"] == randygpt_vocab(TEXT)

@@ -3,7 +3,7 @@
 import dataclasses
 from pathlib import Path
 
-from randygpt import model, optim
+from randygpt import model, optim, train
 from randygpt import flags as randygpt_flags
 from randygpt.errors import UserError
 from randygpt.import_bin.formats import check_size, file_format, read_header, read_tensors
@@ -37,6 +37,8 @@ def import_bin(args: list[str]) -> None:
   # Only the structure of its state is used: the schedule is that of the resumed run.
   state = train_state(params, mu, nu, step=int(header["step"]), iteration=iteration,
                       optimizer=optim.make_optimizer(train_config))
+  if train_config.ema_decay:  # The state a run of these flags resumes: its average too.
+    state = train.with_average(state)
   source = {"path": str(path), "format": fmt.name, "iter": int(header["iter"]),
             "step": int(header["step"]), "best_loss": float(header["best_loss"])}
 
